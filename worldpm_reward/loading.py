@@ -150,7 +150,7 @@ def check_weight_names(
     }
     if not (missing or unexpected or misshaped):
         return
-    lines = [f"{where} does not match WorldPM's reward-model layout; refusing to load it."]
+    lines = [f"{where} does not match the reward model's weight layout; refusing to load it."]
     if "score.weight" in found and any(k.startswith("score.0.") for k in missing):
         lines.append(
             "It has a single-Linear head ('score.weight', the stock AutoModelForSequenceClassification "
@@ -230,7 +230,7 @@ def load_checkpoint(
     if fam == "worldpm":
         model = _load_worldpm(name_or_path, config_dict, kwargs, hub_kwargs, where)
     else:
-        model = _load_generic(name_or_path, kwargs, trust_remote_code, where)
+        model = _load_generic(name_or_path, config_dict, kwargs, hub_kwargs, trust_remote_code, where)
     if device_map is None:
         model.to(device)
     model.eval()
@@ -272,17 +272,35 @@ def _load_worldpm(
 
 
 def _load_generic(
-    name_or_path: str | os.PathLike[str], kwargs: dict[str, Any], trust_remote_code: bool, where: str
+    name_or_path: str | os.PathLike[str],
+    config_dict: dict[str, Any],
+    kwargs: dict[str, Any],
+    hub_kwargs: dict[str, Any],
+    trust_remote_code: bool,
+    where: str,
 ) -> nn.Module:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    hub = {k: v for k, v in kwargs.items() if k in ("revision", "token")}
-    config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **hub)
+    archs = config_dict.get("architectures") or []
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    if not is_classifier and "id2label" not in config_dict and "num_labels" not in config_dict:
+        raise CheckpointError(
+            f"{where} (architectures {archs}) is not a sequence-classification reward model: its config "
+            "has no id2label/num_labels, so a classification head would be created at random. "
+            "WorldPM checkpoints need family='worldpm' (or 'auto')."
+        )
+    config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **hub_kwargs)
     if getattr(config, "num_labels", 1) != 1:
         raise CheckpointError(
             f"{where} is a classifier with num_labels={config.num_labels}; a reward model has one output. "
             "Pass a single-output reward model."
         )
+    found = checkpoint_tensors(name_or_path, **hub_kwargs)
+    if found:
+        with torch.device("meta"):
+            skeleton = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+        check_weight_names(found, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, where)
+        del skeleton
     model, info = AutoModelForSequenceClassification.from_pretrained(
         str(name_or_path), config=config, trust_remote_code=trust_remote_code, **kwargs
     )

@@ -200,20 +200,26 @@ class RewardModel:
         return [float(r.score) for r in results]  # type: ignore[arg-type]
 
     def score_detailed(
-        self, samples: Sequence[SampleLike], *, progress: Callable[[int], None] | None = None
+        self,
+        samples: Sequence[SampleLike],
+        *,
+        progress: Callable[[int], None] | None = None,
+        start_index: int = 0,
     ) -> list[ScoreResult]:
         """One :class:`ScoreResult` per sample, in input order; never raises for a bad sample.
 
         ``progress`` is called with the number of samples finished after each micro-batch.
+        ``start_index`` is added to the sample numbers quoted in error messages (for callers
+        that score a large input in chunks).
         """
         results = [ScoreResult() for _ in samples]
         parsed: list[tuple[int, Any]] = []
         for i, raw in enumerate(samples):
             try:
-                parsed.append((i, parse_sample(raw, i)))
+                parsed.append((i, parse_sample(raw, start_index + i)))
             except SampleError as exc:
                 results[i].error = str(exc)
-        encoded = self.encoder.encode_batch([s for _, s in parsed], [i for i, _ in parsed])
+        encoded = self.encoder.encode_batch([s for _, s in parsed], [start_index + i for i, _ in parsed])
         ready: list[tuple[int, Encoded]] = []
         for (i, _), enc in zip(parsed, encoded):
             if isinstance(enc, SampleError):
@@ -230,7 +236,7 @@ class RewardModel:
         stats = BatchStats(num_samples=len(samples))
         lengths = [len(e.input_ids) for _, e in ready]
         for batch in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
-            self._run_batch([ready[j] for j in batch], results, stats)
+            self._run_batch([ready[j] for j in batch], results, stats, start_index)
             if progress is not None:
                 progress(len(batch))
         stats.num_errors = sum(r.error is not None for r in results)
@@ -241,20 +247,22 @@ class RewardModel:
         return results
 
     # -- internals -------------------------------------------------------------------
-    def _run_batch(self, batch: list[tuple[int, Encoded]], results: list[ScoreResult], stats: BatchStats) -> None:
+    def _run_batch(
+        self, batch: list[tuple[int, Encoded]], results: list[ScoreResult], stats: BatchStats, start_index: int
+    ) -> None:
         try:
             scores = self.forward_ids([e.input_ids for _, e in batch])
         except torch.OutOfMemoryError:
             if len(batch) == 1:
                 i, enc = batch[0]
-                results[i].error = f"sample {i}: out of device memory at {len(enc.input_ids)} tokens; lower max_length"
+                results[i].error = f"sample {start_index + i}: out of device memory at {len(enc.input_ids)} tokens; lower max_length"
                 return
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             half = len(batch) // 2
             logger.warning("out of memory on a batch of %d; retrying in halves", len(batch))
-            self._run_batch(batch[:half], results, stats)
-            self._run_batch(batch[half:], results, stats)
+            self._run_batch(batch[:half], results, stats, start_index)
+            self._run_batch(batch[half:], results, stats, start_index)
             return
         stats.num_batches += 1
         stats.real_tokens += sum(len(e.input_ids) for _, e in batch)

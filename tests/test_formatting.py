@@ -1,0 +1,99 @@
+"""Input validation, WorldPM's input format, and truncation."""
+
+from __future__ import annotations
+
+import pytest
+
+from worldpm_reward import RewardModel, SampleError, parse_sample
+from worldpm_reward.formatting import ChatTemplateEncoder
+from worldpm_reward.testing import QWEN2_CHAT_TEMPLATE, QWEN2_CHAT_TEMPLATE_WITH_EOS, qwen_tokenizer
+
+CONV = [{"role": "user", "content": "Tips for better sleep?"}, {"role": "assistant", "content": "Keep a schedule."}]
+
+
+@pytest.mark.parametrize(
+    ("sample", "field", "says"),
+    [
+        ("just a string", "messages", "expected a list"),
+        ([], "messages", "at least one message"),
+        ([{"role": "user", "content": "hi"}], "messages[0].role", "last message must be the assistant"),
+        ([{"role": "bot", "content": "hi"}], "messages[0].role", "role must be one of"),
+        ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], "messages[0].content", "expected a string"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], "messages[1].content", "must not be empty"),
+        ([{"role": "user", "content": "hi"}, {"role": "system", "content": ""}, {"role": "assistant", "content": "x"}], "messages[1].role", "first message"),
+        (["not a dict", {"role": "assistant", "content": "x"}], "messages[0]", "expected a mapping"),
+        ({"prompt": "hi"}, "response", "missing"),
+        ({"response": "hi"}, "prompt", "missing"),
+        ({"prompt": "", "response": "x"}, "prompt", "must not be empty"),
+        ({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "response": "c"}, "prompt[1].role", "must not end with an assistant"),
+        ({"prompt": "a", "response": "b", "reference": 1}, "reference", "expected a string"),
+        ({"text": "a"}, "messages", "needs 'messages' or 'prompt'"),
+    ],
+)
+def test_bad_samples_name_index_and_field(sample, field: str, says: str) -> None:
+    with pytest.raises(SampleError) as info:
+        parse_sample(sample, index=7)
+    assert info.value.index == 7 and info.value.field == field
+    assert f"sample 7, field '{field}'" in str(info.value) and says in str(info.value)
+
+
+def test_prompt_forms_are_equivalent() -> None:
+    as_messages = parse_sample(CONV)
+    assert parse_sample({"messages": CONV}) == as_messages
+    assert parse_sample({"prompt": "Tips for better sleep?", "response": "Keep a schedule."}) == as_messages
+    assert parse_sample({"prompt": CONV[:1], "response": "Keep a schedule."}) == as_messages
+    assert parse_sample({"prompt": "p", "response": "r", "reference": "ref"}).reference == "ref"
+
+
+def test_user_system_message_is_kept(reward_model) -> None:
+    text = reward_model.encoder.render(parse_sample([{"role": "system", "content": "Be kind."}, *CONV]))
+    assert text.startswith("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\n")
+    assert text.count("<|im_start|>system") == 1
+
+
+@pytest.mark.parametrize("template", [QWEN2_CHAT_TEMPLATE, QWEN2_CHAT_TEMPLATE_WITH_EOS])
+def test_endoftext_exactly_once(template: str) -> None:
+    enc = ChatTemplateEncoder(qwen_tokenizer(template), max_length=512, ensure_system=True, final_token="<|endoftext|>")
+    ids = enc.encode(parse_sample(CONV)).input_ids
+    assert ids.count(151643) == 1 and ids[-1] == 151643 and ids[-2] == 198  # "\n" after <|im_end|>
+
+
+def test_missing_final_token_is_refused() -> None:
+    from worldpm_reward import CheckpointError
+
+    with pytest.raises(CheckpointError, match="<\\|reward\\|>"):
+        ChatTemplateEncoder(qwen_tokenizer(), max_length=64, final_token="<|reward|>")
+
+
+def test_truncation_keeps_the_end_and_reports(reward_model) -> None:
+    long_prompt = "word " * 400
+    conv = [{"role": "user", "content": long_prompt}, {"role": "assistant", "content": "Short reply."}]
+    full = reward_model.encoder.encode(parse_sample(conv)).input_ids
+    enc = ChatTemplateEncoder(reward_model.tokenizer, max_length=64, ensure_system=True, final_token="<|endoftext|>")
+    cut = enc.encode(parse_sample(conv))
+    assert len(cut.input_ids) == 64 and cut.input_ids == full[-64:]
+    assert cut.truncated and cut.num_truncated_tokens == len(full) - 64 and not cut.response_truncated
+
+    long_reply = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "blah " * 200}]
+    cut = enc.encode(parse_sample(long_reply))
+    assert cut.input_ids[-1] == 151643 and cut.response_truncated
+
+    strict = ChatTemplateEncoder(reward_model.tokenizer, max_length=64, ensure_system=True, final_token="<|endoftext|>", overflow="error")
+    out = strict.encode_batch([parse_sample(conv)], [4])[0]
+    assert isinstance(out, SampleError) and "sample 4" in str(out) and "max_length=64" in str(out)
+
+
+def test_truncated_samples_are_scored_and_flagged(tiny_worldpm) -> None:
+    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", max_length=48)
+    conv = [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "Short reply."}]
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Short reply."}]
+    r_long, r_short = rm.score_detailed([conv, short])
+    assert r_long.ok and r_long.truncated and r_long.num_tokens == 48 and r_long.num_truncated_tokens > 0
+    assert r_short.ok and not r_short.truncated
+    assert rm.last_stats.num_truncated == 1
+    # a truncated sample still scores the same alone (same kept tokens)
+    assert abs(rm.score([conv])[0] - r_long.score) <= 1e-5
+
+    strict = RewardModel.from_pretrained(tiny_worldpm, device="cpu", max_length=48, overflow="error")
+    r_long, r_short = strict.score_detailed([conv, short])
+    assert not r_long.ok and "max_length=48" in r_long.error and r_short.ok

@@ -1,0 +1,228 @@
+"""The ``worldpm-reward`` command line: score, demo, selftest.
+
+Examples:
+  worldpm-reward demo
+  worldpm-reward score --model Qwen/WorldPM-72B --device-map auto data.jsonl -o scored.jsonl
+  worldpm-reward selftest --model Qwen/WorldPM-72B --device-map auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+EPILOG = """examples:
+  worldpm-reward demo                      # whole path on a built-in tiny checkpoint, nothing downloaded
+  worldpm-reward score --model Qwen/WorldPM-72B --device-map auto in.jsonl -o out.jsonl
+  worldpm-reward selftest --model Qwen/WorldPM-72B --device-map auto
+
+input lines: {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}
+         or: {"prompt": "..." or [messages], "response": "..."}   (other fields are passed through)
+"""
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=required, help="hub id or local checkpoint directory")
+    g.add_argument("--family", default="auto", choices=["auto", "worldpm", "generic"], help="checkpoint family (default: from config.json)")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    g.add_argument("--device-map", default=None, help="'auto' shards a large model over all visible GPUs")
+    g.add_argument("--attn-implementation", default=None, help="sdpa, eager, flash_attention_2")
+    g.add_argument("--max-length", type=int, default=None, help="most tokens per sample; longer ones lose their start")
+    g.add_argument("--max-batch-tokens", type=int, default=None, help="padded-token budget per micro-batch")
+    g.add_argument("--max-batch-size", type=int, default=64)
+    g.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint (WorldPM never needs it)")
+
+
+def _load(args: argparse.Namespace, model: str | None = None) -> Any:
+    from worldpm_reward.scoring import RewardModel
+
+    return RewardModel.from_pretrained(
+        model or args.model,
+        family=args.family,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        attn_implementation=args.attn_implementation,
+        max_length=args.max_length,
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_size=args.max_batch_size,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _read_lines(f: TextIO) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object or an error string); blank lines are skipped."""
+    for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield lineno, f"line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
+            continue
+        if not isinstance(obj, dict):
+            yield lineno, f"line {lineno}: expected a JSON object, got {type(obj).__name__}"
+            continue
+        yield lineno, obj
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    rm = _load(args)
+    src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")  # noqa: SIM115
+    dst = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+    total = bad = truncated = 0
+    try:
+        rows = list(_read_lines(src))
+        bar = tqdm(total=len(rows), unit="sample", desc="scoring", disable=None, file=sys.stderr)
+        for start in range(0, len(rows), args.chunk_size):
+            chunk = rows[start : start + args.chunk_size]
+            objs = [o for _, o in chunk if isinstance(o, dict)]
+            results = iter(rm.score_detailed(objs, progress=bar.update, start_index=start) if objs else [])
+            for lineno, obj in chunk:
+                if isinstance(obj, str):
+                    out: dict[str, Any] = {"score": None, "error": obj}
+                    bar.update(1)
+                else:
+                    r = next(results)
+                    out = {**obj, "score": r.score}
+                    if r.error is not None:
+                        out["error"] = f"line {lineno}: {r.error}"
+                    truncated += r.truncated
+                bad += "error" in out and out["score"] is None
+                total += 1
+                dst.write(json.dumps(out, ensure_ascii=False) + "\n")
+        bar.close()
+    finally:
+        if src is not sys.stdin:
+            src.close()
+        if dst is not sys.stdout:
+            dst.close()
+    print(
+        f"scored {total - bad} of {total} lines; {bad} with errors; {truncated} truncated to max_length={rm.max_length}",
+        file=sys.stderr,
+    )
+    return 1 if (args.strict and bad) else 0
+
+
+DEMO_CONVERSATIONS: list[dict[str, Any]] = [
+    {"prompt": "Tips for better sleep?", "response": "Keep a consistent schedule, avoid screens before bed, and keep the room cool."},
+    {"prompt": "Tips for better sleep?", "response": "just try sleeping earlier lol"},
+    {"messages": [
+        {"role": "user", "content": "Translate 'good morning' into French."},
+        {"role": "assistant", "content": "Bonjour !"},
+        {"role": "user", "content": "And into Chinese?"},
+        {"role": "assistant", "content": "早上好！"},
+    ]},
+    {"prompt": "What is 2 + 2?", "response": ""},  # invalid on purpose: shows a per-sample error
+]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worldpm_reward.scoring import RewardModel
+    from worldpm_reward.testing import demo_checkpoint
+
+    path = demo_checkpoint()
+    print(f"built-in tiny WorldPM-layout checkpoint (real Qwen2 vocabulary, random weights): {path}")
+    rm = RewardModel.from_pretrained(path, device=args.device or "cpu")
+    results = rm.score_detailed(DEMO_CONVERSATIONS)
+    alone = [rm.score_detailed([c])[0].score for c in DEMO_CONVERSATIONS]
+    print(f"{'#':>2}  {'score (batch)':>14}  {'score (alone)':>14}  {'tokens':>6}  reply / error")
+    for i, (r, a, c) in enumerate(zip(results, alone, DEMO_CONVERSATIONS)):
+        reply = (c.get("response") or c.get("messages", [{}])[-1].get("content", ""))[:48]
+        if r.ok:
+            print(f"{i:>2}  {r.score:>14.6f}  {a:>14.6f}  {r.num_tokens:>6}  {reply!r}")
+        else:
+            print(f"{i:>2}  {'-':>14}  {'-':>14}  {'-':>6}  error: {r.error}")
+    drift = max(abs((r.score or 0.0) - (a or 0.0)) for r, a in zip(results, alone))
+    print(f"max |batch - alone| = {drift:.2e} (scores are raw; random tiny weights make them meaningless)")
+    print("next: worldpm-reward score --model Qwen/WorldPM-72B --device-map auto in.jsonl -o out.jsonl")
+    return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from worldpm_reward.knowledge import SANITY_PAIR, known_answers_for
+
+    rm = _load(args)
+    dtype = next(rm.model.parameters()).dtype
+    print(f"loaded {args.model} as family={rm.family}, dtype={dtype}, device={rm.device}")
+    ok = True
+    answers = known_answers_for(args.model)
+    if answers:
+        scores = rm.score([a.conversation for a in answers])
+        for a, s in zip(answers, scores):
+            diff = abs(s - a.score)
+            good = diff <= args.tolerance
+            ok &= good
+            print(f"  [{'ok' if good else 'MISMATCH'}] {a.label}: got {s:.6f}, model card {a.score:.6f}, |diff| {diff:.4f} (tolerance {args.tolerance})")
+    else:
+        print(f"  no published known answers for {args.model!r}; running sanity checks only")
+    good, bad = rm.score(list(SANITY_PAIR))
+    alone = rm.score([SANITY_PAIR[0]])[0]
+    finite = math.isfinite(good) and math.isfinite(bad)
+    ok &= finite and good > bad
+    print(f"  [{'ok' if good > bad else 'FAIL'}] a helpful reply outscores a careless one: {good:.4f} > {bad:.4f}")
+    inv = abs(alone - good)
+    inv_tol = 1e-3 if dtype == __import__("torch").float32 else 5e-2
+    ok &= inv <= inv_tol
+    print(f"  [{'ok' if inv <= inv_tol else 'FAIL'}] same score alone and in a batch: |diff| {inv:.2e}")
+    print("selftest PASSED" if ok else "selftest FAILED: this checkpoint or setup does not reproduce the expected scores")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="worldpm-reward", description=__doc__.splitlines()[0], epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and decisions")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score a JSONL file", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("input", help="input JSONL ('-' for stdin)")
+    p.add_argument("-o", "--output", required=True, help="output JSONL ('-' for stdout): each input line plus 'score'")
+    p.add_argument("--strict", action="store_true", help="exit non-zero if any line could not be scored")
+    p.add_argument("--chunk-size", type=int, default=4096, help="lines scored per call (bounds memory)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("demo", help="run the whole path on a built-in tiny checkpoint (nothing downloaded)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("selftest", help="check a real checkpoint against the model card's known answers")
+    _add_model_args(p)
+    p.add_argument("--tolerance", type=float, default=0.05, help="absolute tolerance on known answers (bf16 drift)")
+    p.set_defaults(func=cmd_selftest)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    from worldpm_reward.errors import WorldPMRewardError
+
+    try:
+        return int(args.func(args))
+    except (WorldPMRewardError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
