@@ -16,7 +16,9 @@ def tiny_worldpm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_worldpm_eos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same layout, but the chat template itself appends <|endoftext|>; different seed."""
-    return write_tiny_worldpm(tmp_path_factory.mktemp("ckpt") / "tiny-worldpm-eos", seed=1, template_appends_eos=True)
+    return write_tiny_worldpm(
+        tmp_path_factory.mktemp("ckpt") / "tiny-worldpm-eos", seed=1, template_appends_eos=True
+    )
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,9 @@ def test_sample_scores_the_same_alone_and_in_any_batch(tiny_worldpm, convs) -> N
     alone = [alone_rm.score([c])[0] for c in convs]
     rng = random.Random(0)
     for budget, size in [(1_000_000, 64), (4096, 64), (2048, 7), (700, 3)]:
-        rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", max_batch_tokens=budget, max_batch_size=size)
+        rm = RewardModel.from_pretrained(
+            tiny_worldpm, device="cpu", max_batch_tokens=budget, max_batch_size=size
+        )
         order = list(range(len(convs)))
         rng.shuffle(order)
         got = rm.score([convs[i] for i in order])
@@ -45,7 +47,9 @@ def test_pad_id_equal_to_scored_token_does_not_shift_pooling(reward_model, convs
     sample = [convs[0], convs[5]]
     ours = reward_model.score(sample)
     # The stock "last non-pad token" pooling lands on the token before <|endoftext|>.
-    ids = [reward_model.encoder.encode(__import__("worldpm_reward").parse_sample(c)).input_ids for c in sample]
+    ids = [
+        reward_model.encoder.encode(__import__("worldpm_reward").parse_sample(c)).input_ids for c in sample
+    ]
     longest = max(map(len, ids))
     batch = torch.full((2, longest), 151643)
     mask = torch.zeros((2, longest), dtype=torch.long)

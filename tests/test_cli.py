@@ -22,12 +22,33 @@ def test_score_jsonl_keeps_order_count_and_fields(tmp_path: Path, tiny_worldpm: 
     lines = [json.dumps({"id": i, "messages": c}) for i, c in enumerate(convs)]
     lines.insert(4, json.dumps({"id": "bad-empty", "prompt": "hi", "response": ""}))
     lines.insert(9, "{not json")
-    lines.insert(12, json.dumps({"id": "pr", "prompt": "Tips for better sleep?", "response": "Sleep well.", "meta": {"k": [1, 2]}}))
+    lines.insert(
+        12,
+        json.dumps(
+            {"id": "pr", "prompt": "Tips for better sleep?", "response": "Sleep well.", "meta": {"k": [1, 2]}}
+        ),
+    )
     lines.insert(15, "[1, 2]")
     src = _write_jsonl(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out.jsonl"
 
-    assert main(["score", "--model", str(tiny_worldpm), "--device", "cpu", "--chunk-size", "7", str(src), "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(tiny_worldpm),
+                "--device",
+                "cpu",
+                "--chunk-size",
+                "7",
+                str(src),
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == len(lines)
     ref = ReferenceWorldPM(tiny_worldpm)
@@ -40,23 +61,37 @@ def test_score_jsonl_keeps_order_count_and_fields(tmp_path: Path, tiny_worldpm: 
             assert row["score"] is None and row["error"].startswith("line ")
             continue
         assert {k: row[k] for k in obj} == obj  # passed through untouched
-        conv = obj["messages"] if "messages" in obj else [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
+        conv = (
+            obj["messages"]
+            if "messages" in obj
+            else [
+                {"role": "user", "content": obj["prompt"]},
+                {"role": "assistant", "content": obj["response"]},
+            ]
+        )
         assert abs(row["score"] - ref.score(conv)) <= 1e-4
     assert "line 5" in rows[4]["error"] and "'response'" in rows[4]["error"]
     assert "invalid JSON" in rows[9]["error"]
 
     # --strict turns any bad line into a failing exit status, output still written in full
-    assert main(["score", "--model", str(tiny_worldpm), "--device", "cpu", "--strict", str(src), "-o", str(out)]) == 1
+    assert (
+        main(["score", "--model", str(tiny_worldpm), "--device", "cpu", "--strict", str(src), "-o", str(out)])
+        == 1
+    )
     assert len(out.read_text().splitlines()) == len(lines)
 
 
 def test_score_missing_model_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = _write_jsonl(tmp_path / "in.jsonl", ['{"prompt": "a", "response": "b"}'])
-    assert main(["score", "--model", str(tmp_path / "missing"), str(src), "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert (
+        main(["score", "--model", str(tmp_path / "missing"), str(src), "-o", str(tmp_path / "o.jsonl")]) == 2
+    )
     assert "error:" in capsys.readouterr().err
 
 
-def test_demo_runs_offline(capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_runs_offline(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
@@ -64,18 +99,26 @@ def test_demo_runs_offline(capsys: pytest.CaptureFixture[str], tmp_path: Path, m
     assert (tmp_path / "worldpm-reward" / "tiny-worldpm-v1" / "tokenizer.json").is_file()
 
 
-def test_selftest_reports_mismatch_and_match(tiny_worldpm: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_selftest_reports_mismatch_and_match(
+    tiny_worldpm: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Pretend the tiny checkpoint were released with known answers.
     name = tiny_worldpm.name
     good, bad = knowledge.SANITY_PAIR
     ref = ReferenceWorldPM(tiny_worldpm)
     true_scores = [ref.score(good), ref.score(bad)]
-    wrong = [knowledge.KnownAnswer("a", good, true_scores[0] + 1.0), knowledge.KnownAnswer("b", bad, true_scores[1])]
+    wrong = [
+        knowledge.KnownAnswer("a", good, true_scores[0] + 1.0),
+        knowledge.KnownAnswer("b", bad, true_scores[1]),
+    ]
     monkeypatch.setitem(knowledge.KNOWN_ANSWERS, name, wrong)
     assert main(["selftest", "--model", str(tiny_worldpm), "--device", "cpu"]) == 1
     assert "MISMATCH" in capsys.readouterr().out
 
-    right = [knowledge.KnownAnswer("a", good, true_scores[0]), knowledge.KnownAnswer("b", bad, true_scores[1])]
+    right = [
+        knowledge.KnownAnswer("a", good, true_scores[0]),
+        knowledge.KnownAnswer("b", bad, true_scores[1]),
+    ]
     monkeypatch.setitem(knowledge.KNOWN_ANSWERS, name, right)
     code = main(["selftest", "--model", str(tiny_worldpm), "--device", "cpu"])
     out = capsys.readouterr().out

@@ -8,7 +8,10 @@ from worldpm_reward import RewardModel, SampleError, parse_sample
 from worldpm_reward.formatting import ChatTemplateEncoder
 from worldpm_reward.testing import QWEN2_CHAT_TEMPLATE, QWEN2_CHAT_TEMPLATE_WITH_EOS, qwen_tokenizer
 
-CONV = [{"role": "user", "content": "Tips for better sleep?"}, {"role": "assistant", "content": "Keep a schedule."}]
+CONV = [
+    {"role": "user", "content": "Tips for better sleep?"},
+    {"role": "assistant", "content": "Keep a schedule."},
+]
 
 
 @pytest.mark.parametrize(
@@ -18,14 +21,37 @@ CONV = [{"role": "user", "content": "Tips for better sleep?"}, {"role": "assista
         ([], "messages", "at least one message"),
         ([{"role": "user", "content": "hi"}], "messages[0].role", "last message must be the assistant"),
         ([{"role": "bot", "content": "hi"}], "messages[0].role", "role must be one of"),
-        ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], "messages[0].content", "expected a string"),
-        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], "messages[1].content", "must not be empty"),
-        ([{"role": "user", "content": "hi"}, {"role": "system", "content": ""}, {"role": "assistant", "content": "x"}], "messages[1].role", "first message"),
+        (
+            [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}],
+            "messages[0].content",
+            "expected a string",
+        ),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}],
+            "messages[1].content",
+            "must not be empty",
+        ),
+        (
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "system", "content": ""},
+                {"role": "assistant", "content": "x"},
+            ],
+            "messages[1].role",
+            "first message",
+        ),
         (["not a dict", {"role": "assistant", "content": "x"}], "messages[0]", "expected a mapping"),
         ({"prompt": "hi"}, "response", "missing"),
         ({"response": "hi"}, "prompt", "missing"),
         ({"prompt": "", "response": "x"}, "prompt", "must not be empty"),
-        ({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "response": "c"}, "prompt[1].role", "must not end with an assistant"),
+        (
+            {
+                "prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                "response": "c",
+            },
+            "prompt[1].role",
+            "must not end with an assistant",
+        ),
         ({"prompt": "a", "response": "b", "reference": 1}, "reference", "expected a string"),
         ({"text": "a"}, "messages", "needs 'messages' or 'prompt'"),
     ],
@@ -53,7 +79,9 @@ def test_user_system_message_is_kept(reward_model) -> None:
 
 @pytest.mark.parametrize("template", [QWEN2_CHAT_TEMPLATE, QWEN2_CHAT_TEMPLATE_WITH_EOS])
 def test_endoftext_exactly_once(template: str) -> None:
-    enc = ChatTemplateEncoder(qwen_tokenizer(template), max_length=512, ensure_system=True, final_token="<|endoftext|>")
+    enc = ChatTemplateEncoder(
+        qwen_tokenizer(template), max_length=512, ensure_system=True, final_token="<|endoftext|>"
+    )
     ids = enc.encode(parse_sample(CONV)).input_ids
     assert ids.count(151643) == 1 and ids[-1] == 151643 and ids[-2] == 198  # "\n" after <|im_end|>
 
@@ -69,7 +97,9 @@ def test_truncation_keeps_the_end_and_reports(reward_model) -> None:
     long_prompt = "word " * 400
     conv = [{"role": "user", "content": long_prompt}, {"role": "assistant", "content": "Short reply."}]
     full = reward_model.encoder.encode(parse_sample(conv)).input_ids
-    enc = ChatTemplateEncoder(reward_model.tokenizer, max_length=64, ensure_system=True, final_token="<|endoftext|>")
+    enc = ChatTemplateEncoder(
+        reward_model.tokenizer, max_length=64, ensure_system=True, final_token="<|endoftext|>"
+    )
     cut = enc.encode(parse_sample(conv))
     assert len(cut.input_ids) == 64 and cut.input_ids == full[-64:]
     assert cut.truncated and cut.num_truncated_tokens == len(full) - 64 and not cut.response_truncated
@@ -78,7 +108,13 @@ def test_truncation_keeps_the_end_and_reports(reward_model) -> None:
     cut = enc.encode(parse_sample(long_reply))
     assert cut.input_ids[-1] == 151643 and cut.response_truncated
 
-    strict = ChatTemplateEncoder(reward_model.tokenizer, max_length=64, ensure_system=True, final_token="<|endoftext|>", overflow="error")
+    strict = ChatTemplateEncoder(
+        reward_model.tokenizer,
+        max_length=64,
+        ensure_system=True,
+        final_token="<|endoftext|>",
+        overflow="error",
+    )
     out = strict.encode_batch([parse_sample(conv)], [4])[0]
     assert isinstance(out, SampleError) and "sample 4" in str(out) and "max_length=64" in str(out)
 

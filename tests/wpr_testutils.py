@@ -9,6 +9,7 @@ string concatenation, one conversation at a time, no padding.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 from pathlib import Path
@@ -29,7 +30,7 @@ def _hh_transcript(text: str) -> list[dict[str, str]] | None:
         msgs.extend({"role": "assistant", "content": p.strip()} for p in parts[1:])
     if len(msgs) < 2 or msgs[-1]["role"] != "assistant" or any(not m["content"] for m in msgs):
         return None
-    if any(a["role"] == b["role"] for a, b in zip(msgs, msgs[1:])):
+    if any(a["role"] == b["role"] for a, b in itertools.pairwise(msgs)):
         return None
     return msgs
 
@@ -49,16 +50,24 @@ def real_conversations(n: int = 240) -> list[list[dict[str, str]]]:
     for rec in json.loads((DATA / "preferences" / "llmbar" / "LLMBar_Natural.json").read_text())[: n // 8]:
         for key in ("output_1", "output_2"):
             if rec[key].strip():
-                convs.append([{"role": "user", "content": rec["input"]}, {"role": "assistant", "content": rec[key]}])
-    for rec in json.loads((DATA / "preferences" / "pandalm" / "pandalm_testset-v1.json").read_text())[: n // 8]:
+                convs.append(
+                    [{"role": "user", "content": rec["input"]}, {"role": "assistant", "content": rec[key]}]
+                )
+    for rec in json.loads((DATA / "preferences" / "pandalm" / "pandalm_testset-v1.json").read_text())[
+        : n // 8
+    ]:
         prompt = rec["instruction"] + ("\n\n" + rec["input"] if rec["input"] else "")
         for key in ("response1", "response2"):
             if rec[key].strip():
-                convs.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": rec[key]}])
+                convs.append(
+                    [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec[key]}]
+                )
     with open(DATA / "preferences" / "hhh_alignment" / "hhh_alignment_pairs.jsonl", encoding="utf-8") as f:
         for line in f:
             rec = json.loads(line)
-            convs.append([{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["chosen"]}])
+            convs.append(
+                [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["chosen"]}]
+            )
     unique = list({json.dumps(c, sort_keys=True): c for c in convs}.values())  # the sets repeat some replies
     return unique[:n]
 
@@ -84,7 +93,9 @@ class ReferenceWorldPM:
         weights: dict[str, torch.Tensor] = {}
         for f in sorted(path.glob("*.safetensors")):
             weights.update(load_file(str(f)))
-        self.backbone.load_state_dict({k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")})
+        self.backbone.load_state_dict(
+            {k[len("model.") :]: v for k, v in weights.items() if k.startswith("model.")}
+        )
         self.w0, self.b0 = weights["score.0.weight"], weights["score.0.bias"]
         self.w2, self.b2 = weights["score.2.weight"], weights["score.2.bias"]
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))

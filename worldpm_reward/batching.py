@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int | None = None) -> list[list[int]]:
+def plan_batches(
+    lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int | None = None
+) -> list[list[int]]:
     """Group sample indices into micro-batches.
 
     Args:

@@ -14,7 +14,6 @@ import logging
 import math
 import sys
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 EPILOG = """examples:
@@ -30,15 +29,26 @@ input lines: {"messages": [{"role": "user", "content": ...}, {"role": "assistant
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=required, help="hub id or local checkpoint directory")
-    g.add_argument("--family", default="auto", choices=["auto", "worldpm", "generic"], help="checkpoint family (default: from config.json)")
+    g.add_argument(
+        "--family",
+        default="auto",
+        choices=["auto", "worldpm", "generic"],
+        help="checkpoint family (default: from config.json)",
+    )
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--device-map", default=None, help="'auto' shards a large model over all visible GPUs")
     g.add_argument("--attn-implementation", default=None, help="sdpa, eager, flash_attention_2")
-    g.add_argument("--max-length", type=int, default=None, help="most tokens per sample; longer ones lose their start")
+    g.add_argument(
+        "--max-length", type=int, default=None, help="most tokens per sample; longer ones lose their start"
+    )
     g.add_argument("--max-batch-tokens", type=int, default=None, help="padded-token budget per micro-batch")
     g.add_argument("--max-batch-size", type=int, default=64)
-    g.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint (WorldPM never needs it)")
+    g.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run code shipped with the checkpoint (WorldPM never needs it)",
+    )
 
 
 def _load(args: argparse.Namespace, model: str | None = None) -> Any:
@@ -115,14 +125,19 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 DEMO_CONVERSATIONS: list[dict[str, Any]] = [
-    {"prompt": "Tips for better sleep?", "response": "Keep a consistent schedule, avoid screens before bed, and keep the room cool."},
+    {
+        "prompt": "Tips for better sleep?",
+        "response": "Keep a consistent schedule, avoid screens before bed, and keep the room cool.",
+    },
     {"prompt": "Tips for better sleep?", "response": "just try sleeping earlier lol"},
-    {"messages": [
-        {"role": "user", "content": "Translate 'good morning' into French."},
-        {"role": "assistant", "content": "Bonjour !"},
-        {"role": "user", "content": "And into Chinese?"},
-        {"role": "assistant", "content": "早上好！"},
-    ]},
+    {
+        "messages": [
+            {"role": "user", "content": "Translate 'good morning' into French."},
+            {"role": "assistant", "content": "Bonjour !"},
+            {"role": "user", "content": "And into Chinese?"},
+            {"role": "assistant", "content": "早上好！"},
+        ]
+    },
     {"prompt": "What is 2 + 2?", "response": ""},  # invalid on purpose: shows a per-sample error
 ]
 
@@ -163,34 +178,51 @@ def cmd_selftest(args: argparse.Namespace) -> int:
             diff = abs(s - a.score)
             good = diff <= args.tolerance
             ok &= good
-            print(f"  [{'ok' if good else 'MISMATCH'}] {a.label}: got {s:.6f}, model card {a.score:.6f}, |diff| {diff:.4f} (tolerance {args.tolerance})")
+            print(
+                f"  [{'ok' if good else 'MISMATCH'}] {a.label}: got {s:.6f}, model card {a.score:.6f}, |diff| {diff:.4f} (tolerance {args.tolerance})"
+            )
     else:
         print(f"  no published known answers for {args.model!r}; running sanity checks only")
     good, bad = rm.score(list(SANITY_PAIR))
     alone = rm.score([SANITY_PAIR[0]])[0]
     finite = math.isfinite(good) and math.isfinite(bad)
     ok &= finite and good > bad
-    print(f"  [{'ok' if good > bad else 'FAIL'}] a helpful reply outscores a careless one: {good:.4f} > {bad:.4f}")
+    print(
+        f"  [{'ok' if good > bad else 'FAIL'}] a helpful reply outscores a careless one: {good:.4f} > {bad:.4f}"
+    )
     inv = abs(alone - good)
     inv_tol = 1e-3 if dtype == __import__("torch").float32 else 5e-2
     ok &= inv <= inv_tol
     print(f"  [{'ok' if inv <= inv_tol else 'FAIL'}] same score alone and in a batch: |diff| {inv:.2e}")
-    print("selftest PASSED" if ok else "selftest FAILED: this checkpoint or setup does not reproduce the expected scores")
+    print(
+        "selftest PASSED"
+        if ok
+        else "selftest FAILED: this checkpoint or setup does not reproduce the expected scores"
+    )
     return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="worldpm-reward", description=__doc__.splitlines()[0], epilog=EPILOG,
+        prog="worldpm-reward",
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and decisions")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("score", help="score a JSONL file", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "score",
+        help="score a JSONL file",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_model_args(p)
     p.add_argument("input", help="input JSONL ('-' for stdin)")
-    p.add_argument("-o", "--output", required=True, help="output JSONL ('-' for stdout): each input line plus 'score'")
+    p.add_argument(
+        "-o", "--output", required=True, help="output JSONL ('-' for stdout): each input line plus 'score'"
+    )
     p.add_argument("--strict", action="store_true", help="exit non-zero if any line could not be scored")
     p.add_argument("--chunk-size", type=int, default=4096, help="lines scored per call (bounds memory)")
     p.set_defaults(func=cmd_score)
@@ -201,14 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("selftest", help="check a real checkpoint against the model card's known answers")
     _add_model_args(p)
-    p.add_argument("--tolerance", type=float, default=0.05, help="absolute tolerance on known answers (bf16 drift)")
+    p.add_argument(
+        "--tolerance", type=float, default=0.05, help="absolute tolerance on known answers (bf16 drift)"
+    )
     p.set_defaults(func=cmd_selftest)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         from transformers.utils import logging as hf_logging
 

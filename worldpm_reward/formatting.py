@@ -100,7 +100,11 @@ class ChatTemplateEncoder:
         return text
 
     def encode(self, sample: Sample, index: int | None = None) -> Encoded:
-        return self.encode_batch([sample], [index])[0]
+        """Encode one sample; raises SampleError if it cannot be encoded."""
+        out = self.encode_batch([sample], [index])[0]
+        if isinstance(out, SampleError):
+            raise out
+        return out
 
     def encode_batch(
         self, samples: Sequence[Sample], indices: Sequence[int | None] | None = None

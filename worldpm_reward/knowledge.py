@@ -15,7 +15,9 @@ SLEEP_GOOD = (
     "before bed\n3. Keep your bedroom cool and dark\n\nStart with these habits and you should notice improvement "
     "within a week."
 )
-SLEEP_BAD = "just try sleeping earlier or take some pills if u cant sleep lol. maybe watch tv until u get tired idk"
+SLEEP_BAD = (
+    "just try sleeping earlier or take some pills if u cant sleep lol. maybe watch tv until u get tired idk"
+)
 
 
 @dataclass(frozen=True)

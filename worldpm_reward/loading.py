@@ -57,9 +57,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
         on_gpu = device is not None and str(device).startswith("cuda")
         return torch.bfloat16 if on_gpu else torch.float32
     names = {
-        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-        "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "half": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "float": torch.float32,
     }
     if dtype not in names:
         raise ValueError(f"dtype must be one of {sorted(names)} or 'auto'; got {dtype!r}")
@@ -89,7 +94,9 @@ def detect_family(config_dict: dict[str, Any]) -> Family:
     return "generic"
 
 
-def checkpoint_tensors(name_or_path: str | os.PathLike[str], **hub_kwargs: Any) -> dict[str, tuple[int, ...] | None]:
+def checkpoint_tensors(
+    name_or_path: str | os.PathLike[str], **hub_kwargs: Any
+) -> dict[str, tuple[int, ...] | None]:
     """Names (and shapes, where cheap) of the tensors in a safetensors checkpoint.
 
     Reads only ``model.safetensors.index.json`` and safetensors headers. Returns {} when
@@ -105,7 +112,9 @@ def checkpoint_tensors(name_or_path: str | os.PathLike[str], **hub_kwargs: Any) 
         if Path(name_or_path).is_dir():
             return None
         try:
-            return cached_file(str(name_or_path), filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+            return cached_file(
+                str(name_or_path), filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+            )
         except OSError:
             return None
 
@@ -164,7 +173,10 @@ def check_weight_names(
         lines.append(f"Unexpected weights ({len(unexpected)}): {_fmt(unexpected)}")
     if misshaped:
         lines.append(
-            "Wrong shapes: " + "; ".join(f"{k} has {list(s)} but needs {list(e)}" for k, (s, e) in sorted(misshaped.items()))
+            "Wrong shapes: "
+            + "; ".join(
+                f"{k} has {list(s or ())} but needs {list(e)}" for k, (s, e) in sorted(misshaped.items())
+            )
         )
     raise CheckpointError("\n".join(lines))
 
@@ -213,13 +225,17 @@ def load_checkpoint(
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
-    hub_kwargs: dict[str, Any] = {k: v for k, v in {"revision": revision, "token": token}.items() if v is not None}
+    hub_kwargs: dict[str, Any] = {
+        k: v for k, v in {"revision": revision, "token": token}.items() if v is not None
+    }
     where = f"checkpoint {str(name_or_path)!r}"
     config_dict = read_config_dict(name_or_path, **hub_kwargs)
     fam: Family = detect_family(config_dict) if family == "auto" else family  # type: ignore[assignment]
     if device_map is None and device is None:
         device = default_device()
-    torch_dtype = resolve_dtype(dtype, device if device_map is None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = resolve_dtype(
+        dtype, device if device_map is None else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     kwargs = _from_pretrained_kwargs(torch_dtype, device_map, attn_implementation, hub_kwargs)
 
     if fam == "polar":
@@ -235,7 +251,9 @@ def load_checkpoint(
         model.to(device)
     model.eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **hub_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(name_or_path), trust_remote_code=trust_remote_code, **hub_kwargs
+    )
     logger.info("loaded %s as family=%s dtype=%s", where, fam, torch_dtype)
     return LoadedCheckpoint(model=model, tokenizer=tokenizer, family=fam, config=model.config)
 
@@ -253,7 +271,9 @@ def _load_worldpm(
 
     # Build the config from the dict ourselves: the real config's auto_map points at remote
     # code and its model_type may not be "qwen2"; neither must matter here.
-    clean = {k: v for k, v in config_dict.items() if k not in ("auto_map", "model_type", "transformers_version")}
+    clean = {
+        k: v for k, v in config_dict.items() if k not in ("auto_map", "model_type", "transformers_version")
+    }
     config = Qwen2Config(**clean)
     config.use_cache = False
     config.architectures = list(WORLDPM_ARCHITECTURES)
@@ -266,7 +286,8 @@ def _load_worldpm(
         check_weight_names(found, expected, where)
     else:
         logger.warning("%s has no safetensors index; relying on the post-load weight check", where)
-    model, info = WorldPMForRewardModel.from_pretrained(str(name_or_path), config=config, **kwargs)
+    loaded: Any = WorldPMForRewardModel.from_pretrained(str(name_or_path), config=config, **kwargs)
+    model, info = loaded
     check_loading_info(info, where)
     return model
 
@@ -298,7 +319,9 @@ def _load_generic(
     found = checkpoint_tensors(name_or_path, **hub_kwargs)
     if found:
         with torch.device("meta"):
-            skeleton = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+            skeleton = AutoModelForSequenceClassification.from_config(
+                config, trust_remote_code=trust_remote_code
+            )
         check_weight_names(found, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, where)
         del skeleton
     model, info = AutoModelForSequenceClassification.from_pretrained(

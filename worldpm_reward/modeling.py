@@ -39,7 +39,9 @@ class WorldPMForRewardModel(Qwen2PreTrainedModel):
         super().__init__(config)
         self.model = Qwen2Model(config)
         hidden = config.hidden_size
-        self.score = nn.Sequential(nn.Linear(hidden, hidden, bias=True), nn.ReLU(), nn.Linear(hidden, 1, bias=True))
+        self.score = nn.Sequential(
+            nn.Linear(hidden, hidden, bias=True), nn.ReLU(), nn.Linear(hidden, 1, bias=True)
+        )
         self.post_init()
 
     def forward(  # type: ignore[override]
@@ -47,7 +49,12 @@ class WorldPMForRewardModel(Qwen2PreTrainedModel):
     ) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask).to(hidden.device)]
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        pooled = hidden[
+            torch.arange(hidden.shape[0], device=hidden.device),
+            last_token_index(attention_mask).to(hidden.device),
+        ]
         head_device = self.score[0].weight.device
         return self.score(pooled.to(head_device)).squeeze(-1)

