@@ -13,7 +13,10 @@ from collections.abc import Sequence
 
 
 def plan_batches(
-    lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int | None = None
+    lengths: Sequence[int],
+    max_batch_tokens: int,
+    max_batch_size: int | None = None,
+    max_padding_fraction: float = 1.0,
 ) -> list[list[int]]:
     """Group sample indices into micro-batches.
 
@@ -21,6 +24,9 @@ def plan_batches(
         lengths: token count of each sample.
         max_batch_tokens: budget of padded tokens per micro-batch (rows x longest row).
         max_batch_size: most rows per micro-batch, or None for no limit.
+        max_padding_fraction: a batch is cut before its padded positions would exceed
+            this share of its computed positions. On a CPU every padded position costs
+            as much as a real one, so small values pay; on a GPU padding is nearly free.
     Returns:
         lists of indices into ``lengths``; every index appears exactly once; within a
         batch the first index is the longest sample.
@@ -29,17 +35,23 @@ def plan_batches(
         raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
     if max_batch_size is not None and max_batch_size < 1:
         raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+    if not 0.0 <= max_padding_fraction <= 1.0:
+        raise ValueError(f"max_padding_fraction must be within [0, 1], got {max_padding_fraction}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
+    real = 0
     for i in order:
         if current:
             longest = lengths[current[0]]
+            computed = (len(current) + 1) * longest
             full = max_batch_size is not None and len(current) >= max_batch_size
-            if full or (len(current) + 1) * longest > max_batch_tokens:
+            padded = 1.0 - (real + lengths[i]) / computed > max_padding_fraction
+            if full or padded or computed > max_batch_tokens:
                 batches.append(current)
-                current = []
+                current, real = [], 0
         current.append(i)
+        real += lengths[i]
     if current:
         batches.append(current)
     return batches

@@ -45,6 +45,12 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--max-batch-tokens", type=int, default=None, help="padded-token budget per micro-batch")
     g.add_argument("--max-batch-size", type=int, default=64)
     g.add_argument(
+        "--max-padding-fraction",
+        type=float,
+        default=None,
+        help="most padding per micro-batch (default 0.3 GPU, 0.05 CPU)",
+    )
+    g.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="run code shipped with the checkpoint (WorldPM never needs it)",
@@ -64,6 +70,7 @@ def _load(args: argparse.Namespace, model: str | None = None) -> Any:
         max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens,
         max_batch_size=args.max_batch_size,
+        max_padding_fraction=args.max_padding_fraction,
         trust_remote_code=args.trust_remote_code,
     )
 

@@ -86,9 +86,7 @@ class RewardModel:
     an unbounded Bradley-Terry logit where higher means more preferred and a difference
     of d between two replies means P(first preferred) = sigmoid(d).
 
-    Args (besides those of from_pretrained):
-        max_batch_tokens: budget of padded tokens per micro-batch (rows x longest row).
-        max_batch_size: most sequences per micro-batch.
+    The batching arguments are those of :meth:`from_pretrained`.
     """
 
     def __init__(
@@ -101,6 +99,7 @@ class RewardModel:
         overflow: Overflow = "truncate",
         max_batch_tokens: int | None = None,
         max_batch_size: int = 64,
+        max_padding_fraction: float | None = None,
         chat_template: str | None = None,
         name: str = "",
     ) -> None:
@@ -121,6 +120,9 @@ class RewardModel:
         on_gpu = self.device.type == "cuda"
         self.max_batch_tokens = int(max_batch_tokens or (32768 if on_gpu else 4096))
         self.max_batch_size = max_batch_size
+        self.max_padding_fraction = float(
+            max_padding_fraction if max_padding_fraction is not None else (0.3 if on_gpu else 0.05)
+        )
         self._forward = _forward_fn(model, family)
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else (self.encoder.final_token_id or 0))
@@ -140,6 +142,7 @@ class RewardModel:
         overflow: Overflow = "truncate",
         max_batch_tokens: int | None = None,
         max_batch_size: int = 64,
+        max_padding_fraction: float | None = None,
         trust_remote_code: bool = False,
         chat_template: str | None = None,
         revision: str | None = None,
@@ -158,6 +161,10 @@ class RewardModel:
             overflow: "truncate" (default) or "error" to refuse over-long samples.
             trust_remote_code: run code shipped with the checkpoint (off by default; WorldPM
                 never needs it).
+            max_batch_tokens: padded-token budget per micro-batch (default 32768 on GPU, 4096 on CPU).
+            max_batch_size: most sequences per micro-batch.
+            max_padding_fraction: most padding share per micro-batch (default 0.3 on GPU,
+                0.05 on CPU, where a padded position costs as much as a real one).
             chat_template: override the checkpoint's chat template (Jinja string).
         """
         loaded = load_checkpoint(
@@ -179,6 +186,7 @@ class RewardModel:
             overflow=overflow,
             max_batch_tokens=max_batch_tokens,
             max_batch_size=max_batch_size,
+            max_padding_fraction=max_padding_fraction,
             chat_template=chat_template,
             name=str(name_or_path),
         )
@@ -239,7 +247,9 @@ class RewardModel:
 
         stats = BatchStats(num_samples=len(samples))
         lengths = [len(e.input_ids) for _, e in ready]
-        for batch in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
+        for batch in plan_batches(
+            lengths, self.max_batch_tokens, self.max_batch_size, self.max_padding_fraction
+        ):
             self._run_batch([ready[j] for j in batch], results, stats, start_index)
             if progress is not None:
                 progress(len(batch))
