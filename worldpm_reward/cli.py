@@ -4,6 +4,7 @@ Examples:
   worldpm-reward demo
   worldpm-reward score --model Qwen/WorldPM-72B --device-map auto data.jsonl -o scored.jsonl
   worldpm-reward selftest --model Qwen/WorldPM-72B --device-map auto
+  worldpm-reward calibrate --model Qwen/WorldPM-72B --device-map auto prompts_and_replies.jsonl -o calib.json
 """
 
 from __future__ import annotations
@@ -209,6 +210,30 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from worldpm_reward.rewards import RewardFunction
+    from worldpm_reward.shaping import RunningStats, ShapingConfig, write_calibration
+
+    rm = _load(args)
+    with open(args.input, encoding="utf-8") as f:
+        rows = [o for _, o in _read_lines(f) if isinstance(o, dict)]
+    reward = RewardFunction(rm, ShapingConfig(reference=args.reference))
+    stats = RunningStats()
+    errors = 0
+    for start in range(0, len(rows), args.chunk_size):
+        batch = reward(rows[start : start + args.chunk_size])
+        stats.update([v for v in batch.rewards if v is not None])
+        errors += sum(v is None for v in batch.rewards)
+    if stats.count < 2:
+        print(f"error: only {stats.count} scorable lines in {args.input}; need at least 2", file=sys.stderr)
+        return 1
+    calib = write_calibration(args.output, stats, model=args.model, data=str(args.input))
+    print(
+        f"wrote {args.output}: mean {calib.mean:.6f}, std {calib.std:.6f} over {calib.count} samples ({errors} skipped)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="worldpm-reward",
@@ -233,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit non-zero if any line could not be scored")
     p.add_argument("--chunk-size", type=int, default=4096, help="lines scored per call (bounds memory)")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "calibrate", help="write mean/std of scores on a data set, for shaping normalize='fixed'"
+    )
+    _add_model_args(p)
+    p.add_argument("input", help="JSONL in the 'score' input format (with 'reference' for --reference)")
+    p.add_argument("-o", "--output", required=True, help="calibration JSON to write")
+    p.add_argument(
+        "--reference",
+        default="none",
+        choices=["none", "difference", "bt_probability"],
+        help="calibrate reference-relative rewards instead of raw scores",
+    )
+    p.add_argument("--chunk-size", type=int, default=4096)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("demo", help="run the whole path on a built-in tiny checkpoint (nothing downloaded)")
     p.add_argument("--device", default=None)

@@ -1,0 +1,203 @@
+"""TRL adapter: WorldPM as a reward function for GRPOTrainer, RLOOTrainer, OnlineDPOTrainer
+and AsyncGRPO.
+
+    from worldpm_reward.integrations.trl import WorldPMReward
+    trainer = GRPOTrainer(model=policy, reward_funcs=[WorldPMReward("Qwen/WorldPM-72B")], ...)
+
+TRL calls ``reward_func(prompts, completions, completion_ids, **columns)``; this class
+turns that call into the core's one verb (score a batch of conversations) and returns one
+float per completion, or None for a completion that cannot be scored (TRL turns None
+into NaN and ignores it). Prompts that are plain strings are one user turn; conversational
+datasets pass message lists. Dataset columns arrive as keyword arguments: the reference
+answer column for reference-relative rewards is ``shaping.reference_field``.
+
+Backends (exactly one):
+  * ``model=`` a checkpoint, scored in this process (colocated), loaded lazily on the
+    first call on this process's own device, so the object pickles cheaply;
+  * ``url=`` one or more ``worldpm-reward serve`` endpoints (``RemoteScorer``);
+  * ``scorer=`` any object with ``score_detailed(samples) -> list[ScoreResult]``.
+
+Each call logs, through TRL's ``log_metric``: ``<name>/raw_mean``, ``<name>/raw_std``,
+``<name>/failed`` and ``<name>/truncated``; and through ``log_extra`` the per-sample raw
+scores as column ``<name>_raw``. TRL logs the returned rewards as ``rewards/<name>/mean``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from worldpm_reward.rewards import RewardBatch, RewardFunction
+from worldpm_reward.scoring import Scorer
+from worldpm_reward.shaping import ShapingConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AsyncWorldPMReward", "WorldPMReward", "trl_samples"]
+
+
+def _text(content: Any) -> Any:
+    """Message content as TRL may give it: a string, or a list of typed parts (text only)."""
+    if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text", "")) for p in content)
+    return content
+
+
+def trl_samples(prompts: Sequence[Any], completions: Sequence[Any]) -> list[Any]:
+    """TRL's (prompt, completion) pairs as core samples; malformed ones are left for the core to reject."""
+    samples: list[Any] = []
+    for prompt, completion in zip(prompts, completions):
+        if isinstance(prompt, str) and isinstance(completion, str):
+            samples.append({"prompt": prompt, "response": completion})
+        elif isinstance(prompt, list) and isinstance(completion, list):
+            msgs = [
+                dict(m, content=_text(m.get("content"))) if isinstance(m, Mapping) else m
+                for m in [*prompt, *completion]
+            ]
+            samples.append({"messages": msgs})
+        elif isinstance(prompt, list) and isinstance(completion, str):
+            samples.append({"prompt": prompt, "response": completion})
+        else:
+            samples.append({"prompt": prompt, "response": completion})
+    return samples
+
+
+class WorldPMReward:
+    """A picklable TRL reward function backed by WorldPM (or any supported reward model).
+
+    Args:
+        model: checkpoint (hub id or directory) to score in this process.
+        url: server URL(s) of ``worldpm-reward serve`` to score remotely.
+        scorer: a ready scorer (anything with ``score_detailed``).
+        shaping: a :class:`ShapingConfig` (or its fields as a dict): normalization,
+            clipping, reference-relative rewards. Default: raw scores.
+        name: the name TRL logs the reward under (``rewards/<name>/mean``).
+        model_kwargs: passed to ``RewardModel.from_pretrained`` (dtype, max_length, ...).
+        client_kwargs: passed to ``RemoteScorer`` (token, timeout, retries, ...).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        url: str | Sequence[str] | None = None,
+        scorer: Scorer | None = None,
+        shaping: ShapingConfig | Mapping[str, Any] | None = None,
+        name: str = "worldpm",
+        model_kwargs: Mapping[str, Any] | None = None,
+        client_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if sum(x is not None for x in (model, url, scorer)) != 1:
+            raise ValueError("WorldPMReward needs exactly one of model=..., url=... or scorer=...")
+        self.model = None if model is None else str(model)
+        self.url = url
+        self.model_kwargs = dict(model_kwargs or {})
+        self.client_kwargs = dict(client_kwargs or {})
+        self.shaping = shaping if isinstance(shaping, ShapingConfig) else ShapingConfig(**dict(shaping or {}))
+        self.__name__ = name  # TRL names reward functions by __name__
+        self._scorer = scorer
+        self._reward: RewardFunction | None = None
+
+    # -- pickling: never ship a loaded model or open connections -----------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self.model is not None or self.url is not None:
+            state["_scorer"] = None  # rebuilt lazily where it is unpickled
+        if self._reward is not None:  # running normalization statistics travel with the object
+            state["_shaper_state"] = self._reward.shaper.state_dict()
+        state["_reward"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)  # "_shaper_state" is applied when the reward function is rebuilt
+
+    def _build_scorer(self) -> Scorer:
+        if self.model is not None:
+            from worldpm_reward.scoring import RewardModel
+
+            kwargs = dict(self.model_kwargs)
+            if "device" not in kwargs and "device_map" not in kwargs:
+                kwargs["device"] = _process_device()
+            logger.info(
+                "loading reward model %s in-process (%s)", self.model, kwargs.get("device", "device_map")
+            )
+            return RewardModel.from_pretrained(self.model, **kwargs)
+        from worldpm_reward.client import RemoteScorer
+
+        assert self.url is not None
+        return RemoteScorer(self.url, **self.client_kwargs)
+
+    def _reward_fn(self) -> RewardFunction:
+        if self._reward is None:
+            if self._scorer is None:
+                self._scorer = self._build_scorer()
+            self._reward = RewardFunction(self._scorer, self.shaping)
+            pending = self.__dict__.pop("_shaper_state", None)
+            if pending is not None:
+                self._reward.shaper.load_state_dict(pending)
+        return self._reward
+
+    # -- the TRL call ------------------------------------------------------------------
+    def _references(self, n: int, kwargs: Mapping[str, Any]) -> list[str | None] | None:
+        if not self.shaping.needs_reference:
+            return None
+        column = kwargs.get(self.shaping.reference_field)
+        if column is None:
+            raise ValueError(
+                f"shaping.reference={self.shaping.reference!r} needs a dataset column "
+                f"'{self.shaping.reference_field}' with the reference answer; the dataset has none"
+            )
+        refs = [_text(r[-1]["content"]) if isinstance(r, list) and r else r for r in column]
+        return [r if isinstance(r, str) else None for r in refs][:n]
+
+    def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any
+    ) -> list[float | None]:
+        batch = self._reward_fn()(trl_samples(prompts, completions), self._references(len(prompts), kwargs))
+        return self._report(batch, kwargs)
+
+    def _report(self, batch: RewardBatch, kwargs: Mapping[str, Any]) -> list[float | None]:
+        name = self.__name__
+        raw = [r for r in batch.raw if r is not None]
+        errors = batch.errors
+        for i, err in errors[:3]:
+            logger.warning("%s: completion %d not scored: %s", name, i, err)
+        if len(errors) > 3:
+            logger.warning("%s: %d more completions not scored", name, len(errors) - 3)
+        log_metric: Callable[[str, float], None] | None = kwargs.get("log_metric")
+        if log_metric is not None:
+            mean = sum(raw) / len(raw) if raw else math.nan
+            std = math.sqrt(sum((x - mean) ** 2 for x in raw) / len(raw)) if raw else math.nan
+            log_metric(f"{name}/raw_mean", mean)
+            log_metric(f"{name}/raw_std", std)
+            log_metric(f"{name}/failed", float(len(errors)))
+            log_metric(f"{name}/truncated", float(sum(r.truncated for r in batch.results)))
+        log_extra: Callable[[str, list[Any]], None] | None = kwargs.get("log_extra")
+        if log_extra is not None:
+            log_extra(f"{name}_raw", list(batch.raw))
+        return batch.rewards
+
+
+class AsyncWorldPMReward(WorldPMReward):
+    """The same reward as an ``async`` callable: TRL 1.16 runs it concurrently with other
+    async reward functions (and AsyncGRPO runs it in its CUDA-free worker process, where it
+    should use ``url=`` so the worker never loads a model)."""
+
+    async def __call__(  # type: ignore[override]
+        self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any
+    ) -> list[float | None]:
+        batch = await self._reward_fn().acall(
+            trl_samples(prompts, completions), self._references(len(prompts), kwargs)
+        )
+        return self._report(batch, kwargs)
+
+
+def _process_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
+    return "cpu"

@@ -1,0 +1,250 @@
+"""WorldPM as the reward of real TRL trainers (trl 1.16) on CPU, with a tiny policy whose
+vocabulary and chat template differ from WorldPM's."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("trl", reason="needs the 'trl' extra: pip install 'worldpm-reward[trl]'")
+
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+from trl.trainer.utils import get_callable_name, is_async_callable
+from worldpm_reward.integrations.trl import AsyncWorldPMReward, WorldPMReward
+from wpr_policy import gsm8k_questions, tiny_policy
+
+from worldpm_reward import RewardModel
+
+
+class RecordingReward(WorldPMReward):
+    """Remembers what TRL passed and what the adapter returned."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[list[Any], list[Any], list[Any], dict[str, Any]]] = []
+
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs):
+        out = super().__call__(prompts, completions, completion_ids, **kwargs)
+        columns = {k: v for k, v in kwargs.items() if k not in ("trainer_state", "log_extra", "log_metric")}
+        self.calls.append((list(prompts), list(completions), list(out), columns))
+        return out
+
+
+def _dataset(conversational: bool, n: int = 16, with_reference: bool = False) -> Dataset:
+    qs = gsm8k_questions(n)
+    data: dict[str, list[Any]] = {
+        "prompt": [[{"role": "user", "content": q}] for q in qs] if conversational else qs
+    }
+    if with_reference:
+        data["reference"] = [f"The answer to '{q[:30]}' is 42." for q in qs]
+    return Dataset.from_dict(data)
+
+
+def _as_conversation(prompt: Any, completion: Any) -> list[dict[str, str]]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    return [*prompt, *completion]
+
+
+def _check_against_core(reward: RecordingReward, rm: RewardModel) -> int:
+    """Every returned reward equals direct core scoring of the same conversation."""
+    checked = 0
+    for prompts, completions, returned, _ in reward.calls:
+        convs = [_as_conversation(p, c) for p, c in zip(prompts, completions)]
+        direct = rm.score_detailed(convs)
+        for got, want in zip(returned, direct):
+            if want.error is not None:
+                assert got is None
+            else:
+                assert got is not None and abs(got - want.score) <= 1e-5
+                checked += 1
+    return checked
+
+
+def _grpo_args(tmp_path: Path, **kw: Any) -> GRPOConfig:
+    values: dict[str, Any] = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=12,
+        max_steps=3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        learning_rate=1e-3,
+        save_strategy="no",
+    )
+    return GRPOConfig(**{**values, **kw})
+
+
+@pytest.mark.parametrize("conversational", [False, True], ids=["standard", "conversational"])
+def test_grpo_runs_and_logs_worldpm_rewards(tmp_path: Path, tiny_worldpm: Path, conversational: bool) -> None:
+    policy, tok = tiny_policy()
+    reward = RecordingReward(tiny_worldpm, model_kwargs={"device": "cpu"})
+    assert get_callable_name(reward) == "worldpm"
+    trainer = GRPOTrainer(
+        model=policy,
+        processing_class=tok,
+        reward_funcs=[reward],
+        args=_grpo_args(tmp_path),
+        train_dataset=_dataset(conversational),
+    )
+    trainer.train()
+    steps = [h for h in trainer.state.log_history if "rewards/worldpm/mean" in h]
+    assert len(steps) == 3
+    assert all("worldpm/raw_mean" in h and "worldpm/failed" in h for h in steps)
+    assert len(reward.calls) >= 3
+    assert isinstance(reward.calls[0][0][0], list if conversational else str)
+    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+    assert _check_against_core(reward, rm) >= 12
+    # logged means are the means of what the adapter returned
+    first = [r for r in reward.calls[0][2] if r is not None]
+    assert abs(steps[0]["rewards/worldpm/mean"] - sum(first) / len(first)) <= 1e-4
+
+
+def test_rloo_runs(tmp_path: Path, tiny_worldpm: Path) -> None:
+    _, tok = tiny_policy(tmp_path / "policy")  # RLOO rebuilds its reference model from the path
+    reward = RecordingReward(tiny_worldpm, model_kwargs={"device": "cpu"})
+    args = RLOOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=12,
+        max_steps=3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        learning_rate=1e-3,
+        save_strategy="no",
+    )
+    trainer = RLOOTrainer(
+        model=str(tmp_path / "policy"),
+        processing_class=tok,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=_dataset(True),
+    )
+    trainer.train()
+    assert len([h for h in trainer.state.log_history if "rewards/worldpm/mean" in h]) == 3
+    assert _check_against_core(reward, RewardModel.from_pretrained(tiny_worldpm, device="cpu")) >= 12
+
+
+def test_online_dpo_runs_a_step(tmp_path: Path, tiny_worldpm: Path) -> None:
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    policy, tok = tiny_policy()
+    reward = RecordingReward(tiny_worldpm, model_kwargs={"device": "cpu"})
+    args = OnlineDPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_new_tokens=12,
+        max_steps=1,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+    )
+    trainer = OnlineDPOTrainer(
+        model=policy,
+        processing_class=tok,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=_dataset(True, n=8),
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1 and reward.calls
+    assert _check_against_core(reward, RewardModel.from_pretrained(tiny_worldpm, device="cpu")) >= 2
+
+
+def test_reference_relative_rewards_from_a_dataset_column(tmp_path: Path, tiny_worldpm: Path) -> None:
+    policy, tok = tiny_policy()
+    reward = RecordingReward(
+        tiny_worldpm, model_kwargs={"device": "cpu"}, shaping={"reference": "difference"}
+    )
+    trainer = GRPOTrainer(
+        model=policy,
+        processing_class=tok,
+        reward_funcs=[reward],
+        args=_grpo_args(tmp_path, max_steps=1),
+        train_dataset=_dataset(True, with_reference=True),
+    )
+    trainer.train()
+    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+    prompts, completions, returned, columns = reward.calls[0]
+    refs = columns["reference"]
+    for p, c, got, ref in zip(prompts, completions, returned, refs):
+        conv = _as_conversation(p, c)
+        own, theirs = rm.score_detailed([conv, [*p, {"role": "assistant", "content": ref}]])
+        if own.error is None:
+            assert got is not None and abs(got - (own.score - theirs.score)) <= 1e-5
+
+
+def test_pickle_round_trip_is_cheap_and_scores_the_same(tiny_worldpm: Path) -> None:
+    reward = WorldPMReward(tiny_worldpm, model_kwargs={"device": "cpu"}, shaping={"normalize": "running"})
+    prompts = ["What is 2+2?", "Name a color."]
+    completions = ["4", "Blue."]
+    first = reward(prompts, completions)
+    blob = pickle.dumps(reward)
+    assert len(blob) < 10_000, "the loaded model must not be pickled"
+    clone = pickle.loads(blob)
+    assert clone.__name__ == "worldpm" and clone._scorer is None
+    assert clone._reward_fn().shaper.stats == reward._reward_fn().shaper.stats  # running stats travel
+    assert clone(prompts, completions) == reward(prompts, completions)
+    assert first[0] is not None
+
+
+def test_unscorable_completion_is_none_not_a_number(tiny_worldpm: Path) -> None:
+    reward = WorldPMReward(tiny_worldpm, model_kwargs={"device": "cpu"})
+    metrics: dict[str, float] = {}
+    out = reward(["q1", "q2", "q3"], ["fine", "   ", "ok"], log_metric=metrics.__setitem__)
+    assert out[1] is None and out[0] is not None and out[2] is not None
+    assert metrics["worldpm/failed"] == 1.0
+
+
+class SlowPartnerAsyncReward(AsyncWorldPMReward):
+    """Waits (up to 20 s) for the partner reward to start: only concurrent execution finishes quickly."""
+
+    started: asyncio.Event | None = None
+
+    async def __call__(self, prompts, completions, completion_ids=None, **kwargs):
+        await asyncio.wait_for(partner_started().wait(), timeout=20)
+        return await super().__call__(prompts, completions, completion_ids, **kwargs)
+
+
+_EVENTS: dict[int, asyncio.Event] = {}
+
+
+def partner_started() -> asyncio.Event:
+    loop = asyncio.get_running_loop()
+    return _EVENTS.setdefault(id(loop), asyncio.Event())
+
+
+async def partner(prompts, completions, **kwargs):
+    partner_started().set()
+    await asyncio.sleep(0)
+    return [0.0] * len(prompts)
+
+
+def test_async_form_is_run_concurrently_by_trl(tmp_path: Path, tiny_worldpm: Path) -> None:
+    reward = SlowPartnerAsyncReward(tiny_worldpm, model_kwargs={"device": "cpu"})
+    assert is_async_callable(reward) and is_async_callable(AsyncWorldPMReward(tiny_worldpm))
+    policy, tok = tiny_policy()
+    # our reward is listed FIRST: run serially it would wait for a partner that never started
+    trainer = GRPOTrainer(
+        model=policy,
+        processing_class=tok,
+        reward_funcs=[reward, partner],
+        args=_grpo_args(tmp_path, max_steps=1),
+        train_dataset=_dataset(True),
+    )
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "rewards/worldpm/mean" in h]
+    assert logged and logged[0]["rewards/partner/mean"] == 0.0
+    clone = pickle.loads(pickle.dumps(AsyncWorldPMReward(tiny_worldpm, shaping={"clip_max": 0.1})))
+    assert is_async_callable(clone)
+    assert asyncio.run(clone(["q"], ["a reply"]))[0] <= 0.1

@@ -1,0 +1,245 @@
+"""Reward shaping: normalization, clipping and reference-relative rewards.
+
+Configured by one typed :class:`ShapingConfig` and applied by :class:`RewardShaper`, the
+same for every adapter (TRL, HTTP server, Ray, OpenRLHF). Raw model scores are always
+kept next to the shaped rewards for logging.
+
+Order of operations, per batch:
+  1. reference-relative (optional): ``raw - raw_reference`` ("difference", a log-odds
+     under Bradley-Terry) or ``sigmoid(raw - raw_reference)`` ("bt_probability", the
+     modelled probability that the response beats the reference, in (0, 1));
+  2. normalization (optional): "running" (Welford mean/std over everything seen, merged
+     exactly across processes) or "fixed" (mean/std from a calibration file written by
+     ``worldpm-reward calibrate``, or given directly): ``(x - mean) / (std + eps)``;
+  3. clipping (optional) to ``[clip_min, clip_max]``.
+A sample that could not be scored stays None throughout; it never gets a made-up number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Normalize = Literal["none", "running", "fixed"]
+ReferenceMode = Literal["none", "difference", "bt_probability"]
+
+
+@dataclass
+class ShapingConfig:
+    """How raw reward-model scores become training rewards.
+
+    Attributes:
+        normalize: "none", "running" (Welford mean/std of all values seen so far,
+            including the current batch) or "fixed" (``mean``/``std`` or ``calibration_file``).
+        mean: fixed mean (normalize="fixed"), in the units of step 1's output.
+        std: fixed standard deviation (normalize="fixed").
+        calibration_file: JSON written by ``worldpm-reward calibrate`` (gives mean and std).
+        clip_min: lower bound of the final reward, or None.
+        clip_max: upper bound of the final reward, or None.
+        reference: "none", "difference" or "bt_probability" (needs a reference answer per sample).
+        reference_field: dataset column / request field that holds the reference answer.
+        sync_across_processes: merge running statistics across torch.distributed ranks.
+        eps: added to std to avoid division by zero.
+    """
+
+    normalize: Normalize = "none"
+    mean: float | None = None
+    std: float | None = None
+    calibration_file: str | None = None
+    clip_min: float | None = None
+    clip_max: float | None = None
+    reference: ReferenceMode = "none"
+    reference_field: str = "reference"
+    sync_across_processes: bool = True
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.normalize not in ("none", "running", "fixed"):
+            raise ValueError(
+                f"shaping.normalize must be 'none', 'running' or 'fixed'; got {self.normalize!r}"
+            )
+        if self.reference not in ("none", "difference", "bt_probability"):
+            raise ValueError(
+                f"shaping.reference must be 'none', 'difference' or 'bt_probability'; got {self.reference!r}"
+            )
+        if self.normalize == "fixed":
+            if self.calibration_file is not None:
+                calib = read_calibration(self.calibration_file)
+                self.mean = calib.mean if self.mean is None else self.mean
+                self.std = calib.std if self.std is None else self.std
+            if self.mean is None or self.std is None:
+                raise ValueError(
+                    "shaping.normalize='fixed' needs shaping.mean and shaping.std, or shaping.calibration_file "
+                    "(write one with: worldpm-reward calibrate --model M DATA.jsonl -o calib.json)"
+                )
+            if not self.std > 0:
+                raise ValueError(f"shaping.std must be positive; got {self.std!r}")
+        if self.clip_min is not None and self.clip_max is not None and self.clip_min > self.clip_max:
+            raise ValueError(
+                f"shaping.clip_min ({self.clip_min}) must not exceed shaping.clip_max ({self.clip_max})"
+            )
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.reference != "none"
+
+
+@dataclass
+class RunningStats:
+    """Count, mean and sum of squared deviations (Welford), exactly mergeable (Chan et al.)."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    @property
+    def variance(self) -> float:
+        return self.m2 / self.count if self.count else 0.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.variance)
+
+    def update(self, values: Sequence[float]) -> None:
+        for x in values:
+            self.count += 1
+            delta = x - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (x - self.mean)
+
+    def merge(self, other: RunningStats) -> RunningStats:
+        """The statistics of both data sets together (a new object)."""
+        n = self.count + other.count
+        if n == 0:
+            return RunningStats()
+        delta = other.mean - self.mean
+        mean = self.mean + delta * other.count / n
+        m2 = self.m2 + other.m2 + delta * delta * self.count * other.count / n
+        return RunningStats(n, mean, m2)
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> RunningStats:
+        stats = cls()
+        stats.update(values)
+        return stats
+
+
+def _all_gather_stats(local: RunningStats) -> RunningStats:
+    """Merge one batch's statistics over all torch.distributed ranks (identity when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (local.count, local.mean, local.m2))
+    total = RunningStats()
+    for count, mean, m2 in gathered:
+        total = total.merge(RunningStats(count, mean, m2))
+    return total
+
+
+@dataclass
+class Shaped:
+    """Shaped rewards and what they came from; all lists in input order, None = unscorable."""
+
+    rewards: list[float | None]
+    raw: list[float | None]
+    reference_raw: list[float | None] | None = None
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+class RewardShaper:
+    """Applies a :class:`ShapingConfig` batch by batch; keeps the running statistics."""
+
+    def __init__(self, config: ShapingConfig | None = None) -> None:
+        self.config = config or ShapingConfig()
+        self.stats = RunningStats()
+
+    def __call__(
+        self, raw: Sequence[float | None], reference_raw: Sequence[float | None] | None = None
+    ) -> Shaped:
+        cfg = self.config
+        values: list[float | None] = list(raw)
+        if cfg.needs_reference:
+            if reference_raw is None or len(reference_raw) != len(raw):
+                raise ValueError(
+                    f"shaping.reference={cfg.reference!r} needs one reference score per sample "
+                    f"(field '{cfg.reference_field}')"
+                )
+            values = [
+                None
+                if (r is None or q is None)
+                else (r - q if cfg.reference == "difference" else _sigmoid(r - q))
+                for r, q in zip(raw, reference_raw)
+            ]
+        present = [v for v in values if v is not None]
+        if cfg.normalize == "running":
+            batch = RunningStats.of(present)
+            if cfg.sync_across_processes:
+                batch = _all_gather_stats(batch)
+            self.stats = self.stats.merge(batch)
+            mean, std = self.stats.mean, self.stats.std
+        elif cfg.normalize == "fixed":
+            mean, std = float(cfg.mean or 0.0), float(cfg.std or 1.0)
+        if cfg.normalize != "none":
+            values = [None if v is None else (v - mean) / (std + cfg.eps) for v in values]
+        if cfg.clip_min is not None or cfg.clip_max is not None:
+            lo = -math.inf if cfg.clip_min is None else cfg.clip_min
+            hi = math.inf if cfg.clip_max is None else cfg.clip_max
+            values = [None if v is None else min(max(v, lo), hi) for v in values]
+        return Shaped(values, list(raw), None if reference_raw is None else list(reference_raw))
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self.stats)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats = RunningStats(int(state["count"]), float(state["mean"]), float(state["m2"]))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Mean and std of raw scores of one model on one data set (``worldpm-reward calibrate``)."""
+
+    mean: float
+    std: float
+    count: int
+    model: str = ""
+    data: str = ""
+    created: str = ""
+
+
+def write_calibration(
+    path: str | os.PathLike[str], stats: RunningStats, *, model: str, data: str
+) -> Calibration:
+    calib = Calibration(
+        mean=stats.mean,
+        std=stats.std,
+        count=stats.count,
+        model=model,
+        data=data,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    Path(path).write_text(json.dumps(asdict(calib), indent=2) + "\n", encoding="utf-8")
+    return calib
+
+
+def read_calibration(path: str | os.PathLike[str]) -> Calibration:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"shaping.calibration_file {str(path)!r} cannot be read as JSON: {exc}") from exc
+    missing = [k for k in ("mean", "std", "count") if k not in data]
+    if missing:
+        raise ValueError(
+            f"shaping.calibration_file {str(path)!r} lacks {missing}; write it with worldpm-reward calibrate"
+        )
+    return Calibration(**{k: data[k] for k in Calibration.__dataclass_fields__ if k in data})
