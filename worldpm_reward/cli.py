@@ -5,6 +5,7 @@ Examples:
   worldpm-reward score --model Qwen/WorldPM-72B --device-map auto data.jsonl -o scored.jsonl
   worldpm-reward selftest --model Qwen/WorldPM-72B --device-map auto
   worldpm-reward calibrate --model Qwen/WorldPM-72B --device-map auto prompts_and_replies.jsonl -o calib.json
+  WORLDPM_REWARD_TOKEN=secret worldpm-reward serve --model Qwen/WorldPM-72B --device-map auto --host 0.0.0.0
 """
 
 from __future__ import annotations
@@ -234,6 +235,50 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_shaping_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("reward shaping (the 'reward' field; raw scores are always returned too)")
+    g.add_argument("--normalize", default="none", choices=["none", "running", "fixed"])
+    g.add_argument("--calibration-file", default=None, help="for --normalize fixed (see 'calibrate')")
+    g.add_argument("--clip-min", type=float, default=None)
+    g.add_argument("--clip-max", type=float, default=None)
+    g.add_argument(
+        "--reference",
+        default="none",
+        choices=["none", "difference", "bt_probability"],
+        help="reward relative to a reference answer (OpenRLHF 'labels', or a sample's 'reference')",
+    )
+
+
+def _shaping(args: argparse.Namespace) -> Any:
+    from worldpm_reward.shaping import ShapingConfig
+
+    return ShapingConfig(
+        normalize=args.normalize,
+        calibration_file=args.calibration_file,
+        clip_min=args.clip_min,
+        clip_max=args.clip_max,
+        reference=args.reference,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from worldpm_reward.serving import ServerConfig, run_server
+
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_queue=args.max_queue,
+        max_wait_ms=args.max_wait_ms,
+        max_batch_samples=args.max_batch_samples,
+        chat_format=args.chat_format,
+        name=args.name,
+    )
+    shaping = _shaping(args)
+    run_server(lambda: _load(args), config, shaping)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="worldpm-reward",
@@ -273,6 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--chunk-size", type=int, default=4096)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
+        "serve", help="serve a reward model over HTTP (OpenRLHF /get_reward, /v1/score) with batching"
+    )
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits to share a batch")
+    p.add_argument("--max-batch-samples", type=int, default=256, help="most samples per model call")
+    p.add_argument("--max-queue", type=int, default=8192, help="most queued samples before 503")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
+    p.add_argument(
+        "--chat-format",
+        default="auto",
+        choices=["auto", "chatml", "llama3", "mistral", "gemma", "phi3", "plain"],
+        help="the POLICY's chat format in OpenRLHF queries",
+    )
+    p.add_argument("--name", default="worldpm", help="reward name in extra_logs and metrics")
+    _add_shaping_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="run the whole path on a built-in tiny checkpoint (nothing downloaded)")
     p.add_argument("--device", default=None)

@@ -1,0 +1,191 @@
+"""Recover conversations from text a POLICY's chat template rendered.
+
+OpenRLHF sends the reward server ``query`` = prompt + response decoded by the policy's
+tokenizer with special tokens kept, and ``prompts`` = the templated prompt; TRL's PPO
+hands the reward model the policy's token ids. WorldPM must see the conversation in its
+own format, so the policy's markup is parsed back into ``{"role", "content"}`` messages
+here and re-rendered by the scorer.
+
+Known formats: "chatml" (Qwen, SmolLM, ...: ``<|im_start|>role\\n...<|im_end|>``),
+"llama3" (``<|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>``), "mistral"
+(``[INST] ... [/INST] ...</s>``), "gemma" (``<start_of_turn>role\\n...<end_of_turn>``),
+"phi3" (``<|user|>\\n...<|end|>``) and "plain" (no markup: the prompt is one user turn,
+the response is what follows it). "auto" picks by the markers present; text with no
+known markers is "plain" and is counted as unknown by callers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from worldpm_reward.errors import SampleError
+from worldpm_reward.samples import Conversation
+
+FORMATS = ("auto", "chatml", "llama3", "mistral", "gemma", "phi3", "plain")
+
+#: Tokens that end a turn or pad a sequence, stripped from the end of a decoded reply.
+END_TOKENS = (
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|eom_id|>",
+    "</s>",
+    "<end_of_turn>",
+    "<eos>",
+    "<|end|>",
+    "<pad>",
+    "<|pad|>",
+    "[PAD]",
+)
+#: System prompts that templates inject on their own (not the user's): dropped so that
+#: WorldPM sees its training format (an empty system message).
+DEFAULT_SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+)
+_LLAMA31_DATE = re.compile(r"^Cutting Knowledge Date: [^\n]*\nToday Date: [^\n]*\s*$")
+
+
+@dataclass(frozen=True)
+class Parsed:
+    messages: Conversation  # ends with the assistant reply
+    format: str  # the format used ("plain" also when nothing was recognised)
+    recognised: bool  # False when the text had no known markup
+
+
+def detect_format(text: str) -> str:
+    if "<|im_start|>" in text:
+        return "chatml"
+    if "<|start_header_id|>" in text:
+        return "llama3"
+    if "<start_of_turn>" in text:
+        return "gemma"
+    if "[INST]" in text:
+        return "mistral"
+    if re.search(r"<\|(user|assistant|system)\|>", text):
+        return "phi3"
+    return "plain"
+
+
+def strip_end_tokens(text: str) -> str:
+    """Remove trailing end-of-turn / pad tokens (and the whitespace around them)."""
+    changed = True
+    while changed:
+        changed = False
+        stripped = text.rstrip()
+        for tok in END_TOKENS:
+            if stripped.endswith(tok):
+                text, changed = stripped[: -len(tok)], True
+    return text
+
+
+def _turns(text: str, start: str, header_end: str, end: str) -> list[tuple[str, str, bool]]:
+    """Split '<start>role<header_end>content<end>' turns; (role, content, closed)."""
+    out = []
+    for chunk in text.split(start)[1:]:
+        role, sep, rest = chunk.partition(header_end)
+        if not sep:
+            raise ValueError(f"malformed turn header near {chunk[:40]!r}")
+        content, closed, _ = rest.partition(end)
+        out.append((role.strip(), content, bool(closed)))
+    return out
+
+
+def _chatml(text: str) -> list[tuple[str, str, bool]]:
+    return _turns(text, "<|im_start|>", "\n", "<|im_end|>")
+
+
+def _llama3(text: str) -> list[tuple[str, str, bool]]:
+    return [
+        (r, c.strip(), cl)
+        for r, c, cl in _turns(text, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    ]
+
+
+def _gemma(text: str) -> list[tuple[str, str, bool]]:
+    return [
+        ("assistant" if r == "model" else r, c.strip(), cl)
+        for r, c, cl in _turns(text, "<start_of_turn>", "\n", "<end_of_turn>")
+    ]
+
+
+def _phi3(text: str) -> list[tuple[str, str, bool]]:
+    parts = re.split(r"<\|(user|assistant|system)\|>", text)
+    out = []
+    for role, body in zip(parts[1::2], parts[2::2]):
+        content, closed, _ = body.partition("<|end|>")
+        out.append((role, content.strip(), bool(closed)))
+    return out
+
+
+def _mistral(text: str) -> list[tuple[str, str, bool]]:
+    out: list[tuple[str, str, bool]] = []
+    for m in re.finditer(r"\[INST\](.*?)\[/INST\](.*?)(?=\[INST\]|$)", text, flags=re.S):
+        out.append(("user", m.group(1).strip(), True))
+        reply, closed, _ = m.group(2).partition("</s>")
+        out.append(("assistant", reply.strip(), bool(closed)))
+    return out
+
+
+_PARSERS: dict[str, Callable[[str], list[tuple[str, str, bool]]]] = {
+    "chatml": _chatml,
+    "llama3": _llama3,
+    "gemma": _gemma,
+    "phi3": _phi3,
+    "mistral": _mistral,
+}
+
+
+def parse_rendered(
+    query: str, prompt: str | None = None, fmt: str = "auto", *, index: int | None = None
+) -> Parsed:
+    """Parse policy-rendered text (prompt + reply) into messages ending with the reply.
+
+    Args:
+        query: the whole rendered text (prompt and reply), special tokens kept.
+        prompt: the rendered prompt alone, when known (needed for "plain").
+        fmt: one of FORMATS.
+        index: sample index quoted in errors.
+    Raises:
+        SampleError: naming field 'query' when no reply can be found.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"chat format must be one of {FORMATS}; got {fmt!r}")
+    used = detect_format(query) if fmt == "auto" else fmt
+    if used == "plain":
+        return Parsed(_plain(query, prompt, index), "plain", fmt == "plain")
+    try:
+        turns = _PARSERS[used](query)
+    except ValueError as exc:
+        raise SampleError(f"cannot parse as {used}: {exc}", index=index, field="query") from None
+    messages: Conversation = []
+    for role, content, _closed in turns:
+        if role not in ("system", "user", "assistant"):
+            role = "user" if role in ("human", "ipython", "tool") else role
+        messages.append(
+            {"role": role, "content": strip_end_tokens(content) if role == "assistant" else content}
+        )
+    if not messages or messages[-1]["role"] != "assistant":
+        raise SampleError(f"no assistant reply found in the {used} text", index=index, field="query")
+    if messages[0]["role"] == "system" and (
+        messages[0]["content"].strip() in DEFAULT_SYSTEM_PROMPTS
+        or _LLAMA31_DATE.match(messages[0]["content"])
+    ):
+        messages = messages[1:]
+    return Parsed(messages, used, True)
+
+
+def _plain(query: str, prompt: str | None, index: int | None) -> Conversation:
+    if not prompt:
+        raise SampleError(
+            "plain text needs the prompt to split it from the reply", index=index, field="prompts"
+        )
+    if not query.startswith(prompt):
+        raise SampleError("the query does not start with its prompt", index=index, field="query")
+    reply = strip_end_tokens(query[len(prompt) :]).strip()
+    for bos in ("<s>", "<|begin_of_text|>", "<bos>"):
+        prompt = prompt.removeprefix(bos)
+    return [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": reply}]

@@ -1,0 +1,164 @@
+"""Request handling shared by every host (the HTTP server, the Ray Serve deployment).
+
+:class:`RewardService` turns protocol payloads into samples, hands them to a ``submit``
+coroutine (the dynamic batcher, or Ray Serve's batching) and builds the responses. It
+knows no web framework: hosts map :class:`RequestError` to their own HTTP errors.
+
+Protocols:
+  * OpenRLHF ``/get_reward``: ``{"query": [...], "prompts": [...], "labels": [...]}`` ->
+    ``{"rewards": [...], "scores": [...], "extra_logs": {name: [...]}}``. The query is the
+    prompt and reply as the POLICY's tokenizer decoded them (special tokens kept); it is
+    parsed back into messages (``chat_formats``) and scored in the reward model's format.
+    A bad item fails the request with 422 naming it (OpenRLHF cannot take a None reward).
+  * native ``/v1/score``: ``{"samples": [...]}`` -> ``{"results": [{"score", "reward",
+    "num_tokens", "truncated", "response_truncated", "error"}]}``; a bad item gets its
+    own error, the others their scores.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from worldpm_reward.chat_formats import FORMATS, parse_rendered
+from worldpm_reward.errors import SampleError
+from worldpm_reward.rewards import RewardFunction
+from worldpm_reward.samples import ScoreResult, parse_sample
+from worldpm_reward.shaping import ShapingConfig
+
+logger = logging.getLogger(__name__)
+
+Submit = Callable[[Sequence[Any]], Awaitable[list[ScoreResult]]]
+
+
+class RequestError(Exception):
+    """A request the service refuses: ``status`` is the HTTP status, ``detail`` names the items."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(str(detail))
+        self.status = status
+        self.detail = detail
+
+
+class _AsyncScorer:
+    """Adapts a ``submit`` coroutine to the scorer seam that RewardFunction.acall awaits."""
+
+    def __init__(self, submit: Submit) -> None:
+        self.ascore_detailed = submit
+
+    def score_detailed(self, samples: Sequence[Any]) -> list[ScoreResult]:  # pragma: no cover - async only
+        raise RuntimeError("the reward service scores asynchronously")
+
+
+@dataclass
+class ServiceStats:
+    requests: int = 0
+    samples: int = 0
+    item_errors: int = 0
+    unknown_format: int = 0
+    truncated: int = 0
+
+
+class RewardService:
+    """Protocol handling around a ``submit(samples) -> results`` coroutine.
+
+    Args:
+        submit: scores samples (batched by the host), results in input order.
+        shaping: reward shaping applied to every request (raw scores are also returned).
+        chat_format: how OpenRLHF queries are parsed: one of chat_formats.FORMATS.
+        name: prefix of the extra_logs keys (``<name>_raw``, ...).
+        max_items: most items per request (larger requests: 413).
+    """
+
+    def __init__(
+        self,
+        submit: Submit,
+        *,
+        shaping: ShapingConfig | None = None,
+        chat_format: str = "auto",
+        name: str = "worldpm",
+        max_items: int = 4096,
+    ) -> None:
+        if chat_format not in FORMATS:
+            raise ValueError(f"chat_format must be one of {FORMATS}; got {chat_format!r}")
+        self.reward = RewardFunction(_AsyncScorer(submit), shaping)  # type: ignore[arg-type]
+        self.chat_format = chat_format
+        self.name = name
+        self.max_items = max_items
+        self.stats = ServiceStats()
+
+    def _check_size(self, n: int) -> None:
+        if n > self.max_items:
+            raise RequestError(413, f"{n} items in one request; the limit is {self.max_items}")
+
+    async def get_reward(
+        self, query: list[str], prompts: list[str] | None, labels: list[Any] | None
+    ) -> dict[str, Any]:
+        """OpenRLHF's remote reward protocol."""
+        self._check_size(len(query))
+        for field, values in (("prompts", prompts), ("labels", labels)):
+            if values is not None and len(values) != len(query):
+                raise RequestError(
+                    422, [{"field": field, "error": f"has {len(values)} items but query has {len(query)}"}]
+                )
+        samples: list[dict[str, Any]] = []
+        bad: list[dict[str, Any]] = []
+        unknown = 0
+        for i, q in enumerate(query):
+            try:
+                parsed = parse_rendered(q, prompts[i] if prompts else None, self.chat_format, index=i)
+                sample: dict[str, Any] = {"messages": parsed.messages}
+                if self.reward.shaping.needs_reference and labels is not None and isinstance(labels[i], str):
+                    sample["reference"] = labels[i]
+                parse_sample(sample, i)  # validate before queueing
+                unknown += not parsed.recognised
+                samples.append(sample)
+            except SampleError as exc:
+                bad.append({"index": i, "field": exc.field, "error": str(exc)})
+        self.stats.unknown_format += unknown
+        if bad:
+            self.stats.item_errors += len(bad)
+            raise RequestError(422, bad)
+        batch = await self.reward.acall(samples)
+        self._count(batch.results)
+        errors = batch.errors
+        if errors:
+            self.stats.item_errors += len(errors)
+            raise RequestError(422, [{"index": i, "field": "query", "error": e} for i, e in errors])
+        rewards = [float(r) for r in batch.rewards if r is not None]
+        return {
+            "rewards": rewards,
+            "scores": rewards,
+            "extra_logs": {
+                f"{self.name}_raw": [float(r) for r in batch.raw if r is not None],
+                f"{self.name}_truncated": [float(r.truncated) for r in batch.results],
+            },
+        }
+
+    async def score(self, samples: list[Any]) -> dict[str, Any]:
+        """The native API: per-item results, per-item errors."""
+        self._check_size(len(samples))
+        batch = await self.reward.acall(samples)
+        self._count(batch.results)
+        self.stats.item_errors += len(batch.errors)
+        return {
+            "model": self.name,
+            "results": [
+                {
+                    "score": raw,
+                    "reward": reward,
+                    "num_tokens": r.num_tokens,
+                    "truncated": r.truncated,
+                    "response_truncated": r.response_truncated,
+                    "error": r.error,
+                }
+                for raw, reward, r in zip(batch.raw, batch.rewards, batch.results)
+            ],
+        }
+
+    def _count(self, results: list[ScoreResult]) -> None:
+        self.stats.requests += 1
+        self.stats.samples += len(results)
+        self.stats.truncated += sum(r.truncated for r in results)

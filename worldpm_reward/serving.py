@@ -1,0 +1,353 @@
+"""The HTTP reward server (``worldpm-reward serve``): FastAPI + uvicorn, cross-request batching.
+
+Endpoints:
+  * ``POST /get_reward``: OpenRLHF's remote reward protocol (``--reward.remote_url``).
+  * ``POST /v1/score``: the native JSON API (conversations in, per-item results out).
+  * ``GET /health``: 200 when the model is loaded and serving, 503 while loading or
+    shutting down; ``GET /health/live``: 200 while the process runs.
+  * ``GET /metrics``: Prometheus metrics (requests, errors, queue depth, batch sizes,
+    latencies, tokens).
+Secure defaults: binds 127.0.0.1; an optional bearer token guards everything but the
+health checks; request bodies are size-limited (413); a full queue answers 503 with
+``Retry-After``; a bad item is a 422 naming it. On SIGTERM/SIGINT in-flight requests are
+finished before exit.
+
+FastAPI, uvicorn, pydantic and prometheus-client come from the ``serve`` extra and are
+imported only when an app is created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from worldpm_reward.batcher import BatcherClosedError, BatchReport, DynamicBatcher, QueueFullError
+from worldpm_reward.errors import require_extra
+from worldpm_reward.scoring import Scorer
+from worldpm_reward.service import RequestError, RewardService
+from worldpm_reward.shaping import ShapingConfig
+
+logger = logging.getLogger(__name__)
+
+TOKEN_ENV = "WORLDPM_REWARD_TOKEN"
+
+
+@dataclass
+class ServerConfig:
+    """Settings of the HTTP server.
+
+    Attributes:
+        host: interface to bind; 127.0.0.1 (this machine only) unless told otherwise.
+        port: TCP port.
+        token: bearer token required on every endpoint except /health (None: no auth).
+            The CLI reads it from the WORLDPM_REWARD_TOKEN environment variable.
+        max_body_bytes: largest accepted request body, in bytes (larger: 413).
+        max_items: most items in one request (larger: 413).
+        max_queue: most samples waiting to be scored (more: 503 + Retry-After).
+        max_wait_ms: how long a request waits for others to share its batch, in ms.
+        max_batch_samples: most samples per model call.
+        chat_format: how OpenRLHF queries are parsed ("auto", "chatml", "llama3", ...).
+        name: reward name used in extra_logs keys and metrics labels.
+        retry_after_s: the Retry-After value sent with 503, in seconds.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    max_body_bytes: int = 16 * 2**20
+    max_items: int = 4096
+    max_queue: int = 8192
+    max_wait_ms: float = 5.0
+    max_batch_samples: int = 256
+    chat_format: str = "auto"
+    name: str = "worldpm"
+    retry_after_s: int = 1
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse bodies over ``limit`` bytes with 413, declared or streamed."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(send)
+        seen = 0
+
+        async def limited_receive() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Any) -> None:
+        body = b'{"detail":"request body too large (limit %d bytes)"}' % self.limit
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(
+    scorer: Scorer | Callable[[], Scorer],
+    config: ServerConfig | None = None,
+    shaping: ShapingConfig | None = None,
+) -> Any:
+    """Build the FastAPI app.
+
+    Args:
+        scorer: a loaded scorer, or a zero-argument factory that loads one; a factory runs
+            in a background thread at startup, and /health answers 503 until it is done.
+        config: server settings.
+        shaping: reward shaping applied to every request.
+    """
+    fastapi = require_extra("fastapi", "serve")
+    pydantic = require_extra("pydantic", "serve")
+    prom = require_extra("prometheus_client", "serve")
+    from fastapi.responses import JSONResponse, Response
+
+    cfg = config or ServerConfig()
+    registry = prom.CollectorRegistry()
+    m_requests = prom.Counter(
+        "worldpm_reward_requests", "HTTP requests", ["endpoint", "status"], registry=registry
+    )
+    m_item_errors = prom.Counter(
+        "worldpm_reward_item_errors", "items that could not be scored", registry=registry
+    )
+    m_unknown = prom.Counter(
+        "worldpm_reward_unknown_chat_format", "queries with no known chat markup", registry=registry
+    )
+    m_queue = prom.Gauge("worldpm_reward_queue_samples", "samples waiting to be scored", registry=registry)
+    m_batch = prom.Histogram(
+        "worldpm_reward_batch_samples",
+        "samples per model call",
+        registry=registry,
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+    )
+    m_batch_s = prom.Histogram("worldpm_reward_batch_seconds", "seconds per model call", registry=registry)
+    m_latency = prom.Histogram(
+        "worldpm_reward_request_seconds", "request latency", ["endpoint"], registry=registry
+    )
+    m_tokens = prom.Counter("worldpm_reward_tokens", "tokens scored (rate() = tokens/s)", registry=registry)
+    m_samples = prom.Counter("worldpm_reward_samples", "samples scored", registry=registry)
+    m_truncated = prom.Counter("worldpm_reward_truncated", "samples cut to max_length", registry=registry)
+
+    state: dict[str, Any] = {
+        "scorer": None if callable(scorer) and not hasattr(scorer, "score_detailed") else scorer,
+        "error": None,
+        "closing": False,
+    }
+
+    def score_fn(samples: Any) -> Any:
+        results = state["scorer"].score_detailed(samples)
+        m_tokens.inc(sum(r.num_tokens for r in results))
+        m_samples.inc(len(results))
+        m_truncated.inc(sum(r.truncated for r in results))
+        return results
+
+    def on_batch(report: BatchReport) -> None:
+        m_batch.observe(report.samples)
+        m_batch_s.observe(report.seconds)
+
+    batcher = DynamicBatcher(
+        score_fn,
+        max_batch_samples=cfg.max_batch_samples,
+        max_wait_s=cfg.max_wait_ms / 1000,
+        max_queue=cfg.max_queue,
+        on_batch=on_batch,
+    )
+    service = RewardService(
+        batcher.submit, shaping=shaping, chat_format=cfg.chat_format, name=cfg.name, max_items=cfg.max_items
+    )
+
+    def load() -> None:
+        try:
+            state["scorer"] = scorer()  # type: ignore[operator]
+            logger.info("reward model loaded; serving")
+        except Exception as exc:  # reported by /health
+            logger.exception("loading the reward model failed")
+            state["error"] = f"{type(exc).__name__}: {exc}"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        batcher.start()
+        if state["scorer"] is None:
+            threading.Thread(target=load, name="worldpm-load", daemon=True).start()
+        yield
+        state["closing"] = True
+        await batcher.stop()  # uvicorn stops accepting first; queued work is finished
+
+    app = fastapi.FastAPI(
+        title="worldpm-reward",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="WorldPM reward scoring with cross-request batching. Scores are raw reward-model outputs "
+        "(higher = preferred); 'reward' is after the server's shaping.",
+    )
+    app.add_middleware(BodySizeLimit, limit=cfg.max_body_bytes)
+
+    class GetRewardRequest(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        query: list[str]
+        prompts: list[str] | None = None
+        labels: list[Any] | None = None
+
+    class ScoreRequest(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        samples: list[Any] = pydantic.Field(
+            description="each: a list of {role, content} messages ending with the assistant reply, "
+            "{'messages': [...]}, or {'prompt': str | [messages], 'response': str}; "
+            "optional 'reference'",
+        )
+
+    def check_auth(request: Any) -> None:
+        if cfg.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip(), cfg.token):
+            raise fastapi.HTTPException(
+                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    def check_ready() -> None:
+        if state["closing"]:
+            raise fastapi.HTTPException(503, "shutting down", headers={"Retry-After": str(cfg.retry_after_s)})
+        if state["scorer"] is None:
+            detail = state["error"] or "the reward model is still loading"
+            raise fastapi.HTTPException(503, detail, headers={"Retry-After": str(cfg.retry_after_s)})
+
+    async def run(endpoint: str, coro_fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        status = 200
+        try:
+            check_ready()
+            m_queue.set(batcher.queued_samples)
+            return await coro_fn()
+        except RequestError as exc:
+            status = exc.status
+            if status == 422:
+                m_item_errors.inc(len(exc.detail) if isinstance(exc.detail, list) else 1)
+            return JSONResponse({"detail": exc.detail}, status_code=status)
+        except QueueFullError as exc:
+            status = 503
+            return JSONResponse(
+                {"detail": str(exc)}, status_code=503, headers={"Retry-After": str(cfg.retry_after_s)}
+            )
+        except BatcherClosedError as exc:
+            status = 503
+            return JSONResponse(
+                {"detail": str(exc)}, status_code=503, headers={"Retry-After": str(cfg.retry_after_s)}
+            )
+        except fastapi.HTTPException as exc:
+            status = exc.status_code
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            m_requests.labels(endpoint, str(status)).inc()
+            m_latency.labels(endpoint).observe(time.perf_counter() - start)
+            m_queue.set(batcher.queued_samples)
+
+    @app.post("/get_reward", dependencies=[fastapi.Depends(check_auth)])
+    async def get_reward(body: GetRewardRequest) -> Any:
+        """OpenRLHF's remote reward protocol: rewards for policy-rendered prompt+response texts."""
+        before = service.stats.unknown_format
+        try:
+            return await run("get_reward", lambda: service.get_reward(body.query, body.prompts, body.labels))
+        finally:
+            m_unknown.inc(service.stats.unknown_format - before)
+
+    @app.post("/v1/score", dependencies=[fastapi.Depends(check_auth)])
+    async def score(body: ScoreRequest) -> Any:
+        """Score conversations: one result per sample, in order; bad samples get an error each."""
+        return await run("score", lambda: service.score(body.samples))
+
+    @app.get("/health")
+    async def health() -> Any:
+        ready = state["scorer"] is not None and not state["closing"]
+        body = {
+            "status": "ok" if ready else ("error" if state["error"] else "loading"),
+            "ready": ready,
+            "live": True,
+            "model": cfg.name,
+            "queued_samples": batcher.queued_samples,
+        }
+        if state["error"]:
+            body["error"] = state["error"]
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/health/live")
+    async def live() -> Any:
+        return {"live": True}
+
+    @app.get("/metrics", dependencies=[fastapi.Depends(check_auth)])
+    async def metrics() -> Any:
+        m_queue.set(batcher.queued_samples)
+        return Response(prom.generate_latest(registry), media_type=prom.CONTENT_TYPE_LATEST)
+
+    app.state.service = service
+    app.state.batcher = batcher
+    return app
+
+
+def run_server(
+    scorer: Scorer | Callable[[], Scorer], config: ServerConfig, shaping: ShapingConfig | None = None
+) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests are finished first."""
+    uvicorn = require_extra("uvicorn", "serve")
+    if config.token is None:
+        config.token = os.environ.get(TOKEN_ENV) or None
+    if config.host not in ("127.0.0.1", "localhost", "::1") and config.token is None:
+        logger.warning(
+            "serving on %s without a bearer token: anyone who can reach it can use it", config.host
+        )
+    app = create_app(scorer, config, shaping)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=60)
+
+
+def wait_until_ready(url: str, timeout_s: float = 60.0, token: str | None = None) -> None:
+    """Poll ``url``/health until it answers 200 (for scripts and tests)."""
+    httpx = require_extra("httpx", "client")
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url.rstrip("/") + "/health", timeout=2.0)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s: {last}")
+
+
+__all__ = ["ServerConfig", "create_app", "run_server", "wait_until_ready"]
