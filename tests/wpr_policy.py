@@ -23,11 +23,34 @@ def gsm8k_questions(n: int) -> list[str]:
         return [json.loads(line)["question"] for _, line in zip(range(n), f)]
 
 
-def tiny_policy_tokenizer(vocab_size: int = 600):
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+#: Meta-Llama-3-8B-Instruct's chat template, verbatim.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+POLICY_FORMATS = {
+    "phi3": (PHI3_TEMPLATE, ["<pad>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"], "<|end|>", None),
+    "chatml": (CHATML_TEMPLATE, ["<pad>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"], "<|im_end|>", None),
+    "llama3": (
+        LLAMA3_TEMPLATE,
+        ["<pad>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|eot_id|>",
+        "<|begin_of_text|>",
+    ),
+}
+
+
+def tiny_policy_tokenizer(vocab_size: int = 600, fmt: str = "phi3"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    template, specials, eos, bos = POLICY_FORMATS[fmt]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -35,8 +58,8 @@ def tiny_policy_tokenizer(vocab_size: int = 600):
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     backend.train_from_iterator(gsm8k_questions(500), trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<|end|>")
-    tok.chat_template = PHI3_TEMPLATE
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token=eos, bos_token=bos)
+    tok.chat_template = template
     return tok
 
 

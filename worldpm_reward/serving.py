@@ -16,7 +16,6 @@ FastAPI, uvicorn, pydantic and prometheus-client come from the ``serve`` extra a
 imported only when an app is created.
 """
 
-from __future__ import annotations
 
 import contextlib
 import logging
@@ -226,7 +225,7 @@ def create_app(
             "optional 'reference'",
         )
 
-    def check_auth(request: Any) -> None:
+    def check_auth(request: fastapi.Request) -> None:  # type: ignore[name-defined]
         if cfg.token is None:
             return
         header = request.headers.get("authorization", "")

@@ -1,0 +1,97 @@
+"""Parsing policy-rendered text back into conversations."""
+
+from __future__ import annotations
+
+import pytest
+from wpr_policy import CHATML_TEMPLATE, LLAMA3_TEMPLATE, PHI3_TEMPLATE
+
+from worldpm_reward import SampleError
+from worldpm_reward.chat_formats import detect_format, parse_rendered
+from worldpm_reward.testing import QWEN2_CHAT_TEMPLATE, qwen_tokenizer
+
+GEMMA_TEMPLATE = (  # google/gemma-2-2b-it, verbatim
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+MISTRAL_TEMPLATE = (  # mistralai/Mistral-7B-Instruct-v0.1, verbatim
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+CASES = {
+    "chatml": (CHATML_TEMPLATE, "<|im_end|>", "", ""),
+    "qwen2-default-system": (QWEN2_CHAT_TEMPLATE, "<|im_end|>", "", ""),
+    "llama3": (LLAMA3_TEMPLATE, "<|eot_id|>", "<|begin_of_text|>", ""),
+    "gemma": (GEMMA_TEMPLATE, "<end_of_turn>", "<bos>", "<eos>"),
+    "mistral": (MISTRAL_TEMPLATE, "</s>", "<s>", "</s>"),
+    "phi3": (PHI3_TEMPLATE, "<|end|>", "", ""),
+}
+CONV = [
+    {"role": "user", "content": "Two trains leave at 3pm. Which arrives first?"},
+    {"role": "assistant", "content": "The faster one.\n\nUnless it stops."},
+    {"role": "user", "content": "它们速度一样呢？"},
+]
+REPLY = "Then they arrive together — café au lait for everyone."
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_round_trip_through_real_templates(case: str) -> None:
+    template, end, bos, eos = CASES[case]
+    tok = qwen_tokenizer()
+    tok.bos_token, tok.eos_token = (bos or None), (eos or "<|im_end|>")
+    prompt = tok.apply_chat_template(CONV, chat_template=template, tokenize=False, add_generation_prompt=True)
+    if case == "mistral":
+        query = prompt + " " + REPLY + "</s>"
+    else:
+        query = prompt + REPLY + end + "<|endoftext|><|endoftext|>"  # trailing pads, as decoded
+    parsed = parse_rendered(query, prompt)
+    assert parsed.recognised and parsed.format == ("chatml" if case.startswith("qwen2") else case)
+    assert parsed.messages == [*CONV, {"role": "assistant", "content": REPLY}]
+
+
+def test_reply_cut_by_max_tokens_has_no_end_token() -> None:
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    parsed = parse_rendered(prompt + "half a sent", prompt)
+    assert parsed.messages[-1] == {"role": "assistant", "content": "half a sent"}
+
+
+def test_plain_text_is_one_user_turn_and_flagged() -> None:
+    prompt = "Question: what is 2+2?\nAnswer:"
+    parsed = parse_rendered(prompt + " 4</s>", prompt)
+    assert not parsed.recognised and parsed.format == "plain"
+    assert parsed.messages == [{"role": "user", "content": prompt}, {"role": "assistant", "content": "4"}]
+    assert parse_rendered(prompt + " 4", prompt, "plain").recognised
+
+
+def test_user_system_message_is_kept_default_one_dropped() -> None:
+    q = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>"
+    assert parse_rendered(q).messages[0] == {"role": "system", "content": "Be brief."}
+    q2 = q.replace("Be brief.", "You are a helpful assistant.")
+    assert parse_rendered(q2).messages[0]["role"] == "user"
+
+
+@pytest.mark.parametrize(
+    ("query", "prompt", "field"),
+    [
+        ("<|im_start|>user\nhi<|im_end|>\n", None, "query"),  # no assistant turn
+        ("no markup at all", None, "prompts"),  # plain needs the prompt
+        ("different text", "the prompt", "query"),
+    ],
+)
+def test_unparseable_queries_name_the_field(query: str, prompt: str | None, field: str) -> None:
+    with pytest.raises(SampleError) as info:
+        parse_rendered(query, prompt, index=3)
+    assert info.value.field == field and "sample 3" in str(info.value)
+
+
+def test_detect_format() -> None:
+    assert detect_format("<|start_header_id|>user") == "llama3"
+    assert detect_format("hello") == "plain"
+    with pytest.raises(ValueError, match="chat format"):
+        parse_rendered("x", "x", "vicuna")

@@ -1,0 +1,272 @@
+"""The HTTP reward server, live on loopback, with OpenRLHF's own client code and the httpx client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+from wpr_policy import tiny_policy_tokenizer
+from wpr_servers import pip_target, server_process, server_thread
+from wpr_testutils import real_conversations
+
+from worldpm_reward import RewardModel
+from worldpm_reward.client import RemoteScorer
+from worldpm_reward.serving import ServerConfig, create_app
+
+
+@pytest.fixture(scope="module")
+def live(tiny_worldpm: Path, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    with server_process(tiny_worldpm, "--max-wait-ms", "20", log=log) as (url, proc):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_worldpm: Path) -> RewardModel:
+    return RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def openrlhf_agent():
+    sys.path.insert(0, str(pip_target("openrlhf==0.11.2")))
+    try:
+        from openrlhf.utils import agent
+    finally:
+        sys.path.pop(0)
+    return agent
+
+
+class FakeEngine:
+    """Stands in for vLLM: 'generates' a fixed reply (token ids of the policy tokenizer)."""
+
+    def __init__(self, reply_ids: list[int]) -> None:
+        self.reply_ids = reply_ids
+
+    async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
+        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=self.reply_ids, finish_reason="stop", logprobs=None)])
+
+
+def _openrlhf_rollout(agent: Any, remote: str, tok: Any, conv: list[dict[str, str]]) -> Any:
+    prompt = tok.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True)
+    reply_ids = tok(conv[-1]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    executor = agent.SingleTurnAgentExecutor(remote_rm_url=remote)
+    params = SimpleNamespace(max_tokens=None, logprobs=None)
+    out = asyncio.run(executor.execute(prompt, "label", params, 4096, tok, FakeEngine(reply_ids)))
+    return out["reward"]
+
+
+@pytest.mark.parametrize("policy_format", ["chatml", "llama3"])
+def test_openrlhf_client_gets_worldpm_rewards(live: str, direct: RewardModel, openrlhf_agent: Any,
+                                              policy_format: str) -> None:
+    tok = tiny_policy_tokenizer(fmt=policy_format)
+    convs = real_conversations(40)[30:36]
+    for conv in convs:
+        conv = [{"role": m["role"], "content": m["content"].strip()} for m in conv]
+        reward = _openrlhf_rollout(openrlhf_agent, f"{live}/get_reward", tok, conv)
+        assert isinstance(reward, list) and len(reward) == 1, reward
+        want = direct.score([conv])[0]
+        assert abs(reward[0] - want) <= 1e-4
+
+
+def test_openrlhf_reward_func_file(live: str, direct: RewardModel, openrlhf_agent: Any,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from worldpm_reward.integrations.openrlhf import REWARD_FUNC_FILE
+
+    monkeypatch.setenv("WORLDPM_REWARD_URL", live)
+    tok = tiny_policy_tokenizer(fmt="chatml")
+    conv = [{"role": "user", "content": "Tips for better sleep?"}, {"role": "assistant", "content": "Keep a schedule."}]
+    reward = _openrlhf_rollout(openrlhf_agent, REWARD_FUNC_FILE, tok, conv)
+    assert abs(reward[0] - direct.score([conv])[0]) <= 1e-4
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, flags=re.M)
+    assert m, name
+    return float(m.group(1))
+
+
+def test_200_concurrent_single_sample_requests(live: str, direct: RewardModel) -> None:
+    tok = tiny_policy_tokenizer(fmt="chatml")
+    convs = [[{"role": m["role"], "content": m["content"].strip()} for m in c] for c in real_conversations(200)]
+    queries, prompts = [], []
+    for c in convs:
+        p = tok.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True)
+        prompts.append(p)
+        queries.append(p + c[-1]["content"] + "<|im_end|>")
+    before = httpx.get(f"{live}/metrics").text
+
+    async def send_all() -> list[Any]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=256)) as client:
+            reqs = [client.post(f"{live}/get_reward", json={"query": [q], "prompts": [p], "labels": [None]})
+                    for q, p in zip(queries, prompts)]
+            return await asyncio.gather(*reqs)
+
+    responses = asyncio.run(send_all())
+    assert all(r.status_code == 200 for r in responses)
+    got = [r.json()["rewards"][0] for r in responses]
+    want = direct.score(convs)
+    assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4  # each request got its own reward
+    after = httpx.get(f"{live}/metrics").text
+    calls = _metric(after, "worldpm_reward_batch_samples_count") - _metric(before, "worldpm_reward_batch_samples_count")
+    samples = _metric(after, "worldpm_reward_batch_samples_sum") - _metric(before, "worldpm_reward_batch_samples_sum")
+    assert samples == 200 and calls < 100, f"{calls} model calls for 200 samples: no cross-request batching"
+    assert "worldpm_reward_request_seconds_bucket" in after and "worldpm_reward_tokens_total" in after
+
+
+def test_native_api_per_item_results(live: str, direct: RewardModel) -> None:
+    convs = real_conversations(5)
+    samples: list[Any] = [{"messages": c} for c in convs]
+    samples.insert(2, {"prompt": "hi", "response": ""})
+    r = httpx.post(f"{live}/v1/score", json={"samples": samples})
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert len(results) == 6 and results[2]["score"] is None and "sample 2" in results[2]["error"]
+    want = direct.score(convs)
+    got = [x["score"] for i, x in enumerate(results) if i != 2]
+    assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4
+    assert all(x["reward"] == x["score"] for i, x in enumerate(results) if i != 2)  # no shaping configured
+
+
+def test_bad_openrlhf_item_is_422_naming_it(live: str) -> None:
+    ok = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>"
+    bad = "<|im_start|>user\nhi<|im_end|>\n"
+    r = httpx.post(f"{live}/get_reward", json={"query": [ok, bad], "prompts": ["", ""], "labels": [None, None]})
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert detail == [{"index": 1, "field": "query", "error": detail[0]["error"]}] and "sample 1" in detail[0]["error"]
+    r = httpx.post(f"{live}/get_reward", json={"query": "not a list"})
+    assert r.status_code == 422 and "query" in r.text
+    r = httpx.post(f"{live}/get_reward", json={"query": [ok], "prompts": ["a", "b"]})
+    assert r.status_code == 422 and "prompts" in r.text
+    # the server is unaffected
+    assert httpx.post(f"{live}/get_reward", json={"query": [ok]}).json()["rewards"]
+
+
+def test_health_and_metrics(live: str) -> None:
+    h = httpx.get(f"{live}/health")
+    assert h.status_code == 200 and h.json()["ready"] is True
+    assert httpx.get(f"{live}/health/live").json() == {"live": True}
+    assert "worldpm_reward_queue_samples" in httpx.get(f"{live}/metrics").text
+
+
+class SlowScorer:
+    """Wraps a scorer; each model call takes at least `delay` seconds (to fill the queue)."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+        self.calls = 0
+
+    def score_detailed(self, samples):
+        self.calls += 1
+        time.sleep(self.delay)
+        return self.inner.score_detailed(samples)
+
+
+def test_auth_body_limit_and_backpressure(direct: RewardModel) -> None:
+    cfg = ServerConfig(token="s3cret", max_body_bytes=4096, max_queue=4, max_batch_samples=2, max_wait_ms=1)
+    app = create_app(SlowScorer(direct, 0.3), cfg)
+    sample = {"prompt": "hi", "response": "hello"}
+    with server_thread(app) as url:
+        auth = {"Authorization": "Bearer s3cret"}
+        assert httpx.post(f"{url}/v1/score", json={"samples": [sample]}).status_code == 401
+        r = httpx.post(f"{url}/v1/score", json={"samples": [sample]}, headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200  # probes need no token
+        assert httpx.post(f"{url}/v1/score", json={"samples": [sample]}, headers=auth).status_code == 200
+        big = {"samples": [{"prompt": "x" * 5000, "response": "y"}]}
+        assert httpx.post(f"{url}/v1/score", json=big, headers=auth).status_code == 413
+
+        async def flood() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await asyncio.gather(*(client.post(f"{url}/v1/score", json={"samples": [sample]}, headers=auth)
+                                              for _ in range(20)))
+
+        codes = [r for r in asyncio.run(flood())]
+        refused = [r for r in codes if r.status_code == 503]
+        assert refused and all(r.headers.get("retry-after") == "1" for r in refused)
+        assert all(r.status_code in (200, 503) for r in codes)
+        assert sum(r.status_code == 200 for r in codes) >= 4
+
+
+def test_health_is_503_while_loading(direct: RewardModel) -> None:
+    gate = threading.Event()
+
+    def factory():
+        gate.wait(20)
+        return direct
+
+    with server_thread(create_app(factory, ServerConfig())) as url:
+        r = httpx.get(f"{url}/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert httpx.post(f"{url}/v1/score", json={"samples": [{"prompt": "a", "response": "b"}]}).status_code == 503
+        gate.set()
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{url}/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_failover_when_a_server_is_killed_mid_run(tiny_worldpm: Path, direct: RewardModel, tmp_path: Path) -> None:
+    convs = real_conversations(160)
+    want = direct.score(convs)
+    with server_process(tiny_worldpm, log=tmp_path / "a.log") as (url_a, proc_a), \
+            server_process(tiny_worldpm, log=tmp_path / "b.log") as (url_b, _):
+        client = RemoteScorer([url_a, url_b], max_chunk=4, retries=4, backoff_s=0.05, timeout_s=30)
+        results: list[Any] = []
+        done = threading.Event()
+
+        def run() -> None:
+            results.extend(client.score_detailed(convs))
+            done.set()
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        time.sleep(1.0)
+        assert not done.is_set(), "the run finished before the kill; make it longer"
+        proc_a.send_signal(signal.SIGKILL)
+        worker.join(120)
+        assert done.is_set()
+    assert len(results) == len(convs)
+    assert max(abs(r.score - w) for r, w in zip(results, want)) <= 1e-4  # every reward once, in order
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(tiny_worldpm: Path, tmp_path: Path) -> None:
+    convs = real_conversations(120)
+    with server_process(tiny_worldpm, "--max-batch-samples", "8", log=tmp_path / "s.log") as (url, proc):
+        async def go() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                tasks = [asyncio.create_task(client.post(f"{url}/v1/score", json={"samples": [c]})) for c in convs]
+                await asyncio.sleep(0.3)
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks, return_exceptions=True)
+
+        responses = asyncio.run(go())
+        proc.wait(60)
+    codes = [r.status_code if isinstance(r, httpx.Response) else type(r).__name__ for r in responses]
+    print("responses during shutdown:", {c: codes.count(c) for c in set(codes)})
+    # every request that was in flight when SIGTERM arrived was answered, none was dropped
+    assert codes.count(200) == len(convs), codes
+    log = (tmp_path / "s.log").read_text()
+    assert "Finished server process" in log
+    assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a graceful exit
+
+
+def test_remote_scorer_async_and_pickle(live: str, direct: RewardModel) -> None:
+    import pickle
+
+    convs = real_conversations(30)
+    client = pickle.loads(pickle.dumps(RemoteScorer(f"{live}/get_reward", max_chunk=7)))
+    got = asyncio.run(client.ascore_detailed(convs))
+    assert [round(r.score, 4) for r in got] == [round(s, 4) for s in direct.score(convs)]
+    assert json.dumps([r.error for r in client.score_detailed([{"prompt": "a", "response": ""}])]).count("sample 0") == 1
