@@ -27,7 +27,7 @@ from worldpm_reward.serving import ServerConfig, create_app
 @pytest.fixture(scope="module")
 def live(tiny_worldpm: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    with server_process(tiny_worldpm, "--max-wait-ms", "20", log=log) as (url, proc):
+    with server_process(tiny_worldpm, "--max-wait-ms", "20", log=log) as (url, _proc):
         yield url
 
 
@@ -53,7 +53,9 @@ class FakeEngine:
         self.reply_ids = reply_ids
 
     async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
-        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=self.reply_ids, finish_reason="stop", logprobs=None)])
+        return SimpleNamespace(
+            outputs=[SimpleNamespace(token_ids=self.reply_ids, finish_reason="stop", logprobs=None)]
+        )
 
 
 def _openrlhf_rollout(agent: Any, remote: str, tok: Any, conv: list[dict[str, str]]) -> Any:
@@ -66,8 +68,9 @@ def _openrlhf_rollout(agent: Any, remote: str, tok: Any, conv: list[dict[str, st
 
 
 @pytest.mark.parametrize("policy_format", ["chatml", "llama3"])
-def test_openrlhf_client_gets_worldpm_rewards(live: str, direct: RewardModel, openrlhf_agent: Any,
-                                              policy_format: str) -> None:
+def test_openrlhf_client_gets_worldpm_rewards(
+    live: str, direct: RewardModel, openrlhf_agent: Any, policy_format: str
+) -> None:
     tok = tiny_policy_tokenizer(fmt=policy_format)
     convs = real_conversations(40)[30:36]
     for conv in convs:
@@ -78,13 +81,17 @@ def test_openrlhf_client_gets_worldpm_rewards(live: str, direct: RewardModel, op
         assert abs(reward[0] - want) <= 1e-4
 
 
-def test_openrlhf_reward_func_file(live: str, direct: RewardModel, openrlhf_agent: Any,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_openrlhf_reward_func_file(
+    live: str, direct: RewardModel, openrlhf_agent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from worldpm_reward.integrations.openrlhf import REWARD_FUNC_FILE
 
     monkeypatch.setenv("WORLDPM_REWARD_URL", live)
     tok = tiny_policy_tokenizer(fmt="chatml")
-    conv = [{"role": "user", "content": "Tips for better sleep?"}, {"role": "assistant", "content": "Keep a schedule."}]
+    conv = [
+        {"role": "user", "content": "Tips for better sleep?"},
+        {"role": "assistant", "content": "Keep a schedule."},
+    ]
     reward = _openrlhf_rollout(openrlhf_agent, REWARD_FUNC_FILE, tok, conv)
     assert abs(reward[0] - direct.score([conv])[0]) <= 1e-4
 
@@ -97,7 +104,9 @@ def _metric(text: str, name: str) -> float:
 
 def test_200_concurrent_single_sample_requests(live: str, direct: RewardModel) -> None:
     tok = tiny_policy_tokenizer(fmt="chatml")
-    convs = [[{"role": m["role"], "content": m["content"].strip()} for m in c] for c in real_conversations(200)]
+    convs = [
+        [{"role": m["role"], "content": m["content"].strip()} for m in c] for c in real_conversations(200)
+    ]
     queries, prompts = [], []
     for c in convs:
         p = tok.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True)
@@ -107,8 +116,10 @@ def test_200_concurrent_single_sample_requests(live: str, direct: RewardModel) -
 
     async def send_all() -> list[Any]:
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=256)) as client:
-            reqs = [client.post(f"{live}/get_reward", json={"query": [q], "prompts": [p], "labels": [None]})
-                    for q, p in zip(queries, prompts)]
+            reqs = [
+                client.post(f"{live}/get_reward", json={"query": [q], "prompts": [p], "labels": [None]})
+                for q, p in zip(queries, prompts)
+            ]
             return await asyncio.gather(*reqs)
 
     responses = asyncio.run(send_all())
@@ -117,8 +128,12 @@ def test_200_concurrent_single_sample_requests(live: str, direct: RewardModel) -
     want = direct.score(convs)
     assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4  # each request got its own reward
     after = httpx.get(f"{live}/metrics").text
-    calls = _metric(after, "worldpm_reward_batch_samples_count") - _metric(before, "worldpm_reward_batch_samples_count")
-    samples = _metric(after, "worldpm_reward_batch_samples_sum") - _metric(before, "worldpm_reward_batch_samples_sum")
+    calls = _metric(after, "worldpm_reward_batch_samples_count") - _metric(
+        before, "worldpm_reward_batch_samples_count"
+    )
+    samples = _metric(after, "worldpm_reward_batch_samples_sum") - _metric(
+        before, "worldpm_reward_batch_samples_sum"
+    )
     assert samples == 200 and calls < 100, f"{calls} model calls for 200 samples: no cross-request batching"
     assert "worldpm_reward_request_seconds_bucket" in after and "worldpm_reward_tokens_total" in after
 
@@ -140,10 +155,15 @@ def test_native_api_per_item_results(live: str, direct: RewardModel) -> None:
 def test_bad_openrlhf_item_is_422_naming_it(live: str) -> None:
     ok = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>"
     bad = "<|im_start|>user\nhi<|im_end|>\n"
-    r = httpx.post(f"{live}/get_reward", json={"query": [ok, bad], "prompts": ["", ""], "labels": [None, None]})
+    r = httpx.post(
+        f"{live}/get_reward", json={"query": [ok, bad], "prompts": ["", ""], "labels": [None, None]}
+    )
     assert r.status_code == 422
     detail = r.json()["detail"]
-    assert detail == [{"index": 1, "field": "query", "error": detail[0]["error"]}] and "sample 1" in detail[0]["error"]
+    assert (
+        detail == [{"index": 1, "field": "query", "error": detail[0]["error"]}]
+        and "sample 1" in detail[0]["error"]
+    )
     r = httpx.post(f"{live}/get_reward", json={"query": "not a list"})
     assert r.status_code == 422 and "query" in r.text
     r = httpx.post(f"{live}/get_reward", json={"query": [ok], "prompts": ["a", "b"]})
@@ -179,7 +199,9 @@ def test_auth_body_limit_and_backpressure(direct: RewardModel) -> None:
     with server_thread(app) as url:
         auth = {"Authorization": "Bearer s3cret"}
         assert httpx.post(f"{url}/v1/score", json={"samples": [sample]}).status_code == 401
-        r = httpx.post(f"{url}/v1/score", json={"samples": [sample]}, headers={"Authorization": "Bearer nope"})
+        r = httpx.post(
+            f"{url}/v1/score", json={"samples": [sample]}, headers={"Authorization": "Bearer nope"}
+        )
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert httpx.get(f"{url}/metrics").status_code == 401
         assert httpx.get(f"{url}/health").status_code == 200  # probes need no token
@@ -189,8 +211,12 @@ def test_auth_body_limit_and_backpressure(direct: RewardModel) -> None:
 
         async def flood() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=60) as client:
-                return await asyncio.gather(*(client.post(f"{url}/v1/score", json={"samples": [sample]}, headers=auth)
-                                              for _ in range(20)))
+                return await asyncio.gather(
+                    *(
+                        client.post(f"{url}/v1/score", json={"samples": [sample]}, headers=auth)
+                        for _ in range(20)
+                    )
+                )
 
         codes = [r for r in asyncio.run(flood())]
         refused = [r for r in codes if r.status_code == 503]
@@ -209,7 +235,10 @@ def test_health_is_503_while_loading(direct: RewardModel) -> None:
     with server_thread(create_app(factory, ServerConfig())) as url:
         r = httpx.get(f"{url}/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
-        assert httpx.post(f"{url}/v1/score", json={"samples": [{"prompt": "a", "response": "b"}]}).status_code == 503
+        assert (
+            httpx.post(f"{url}/v1/score", json={"samples": [{"prompt": "a", "response": "b"}]}).status_code
+            == 503
+        )
         gate.set()
         deadline = time.monotonic() + 20
         while httpx.get(f"{url}/health").status_code != 200 and time.monotonic() < deadline:
@@ -217,11 +246,15 @@ def test_health_is_503_while_loading(direct: RewardModel) -> None:
         assert httpx.get(f"{url}/health").status_code == 200
 
 
-def test_failover_when_a_server_is_killed_mid_run(tiny_worldpm: Path, direct: RewardModel, tmp_path: Path) -> None:
+def test_failover_when_a_server_is_killed_mid_run(
+    tiny_worldpm: Path, direct: RewardModel, tmp_path: Path
+) -> None:
     convs = real_conversations(160)
     want = direct.score(convs)
-    with server_process(tiny_worldpm, log=tmp_path / "a.log") as (url_a, proc_a), \
-            server_process(tiny_worldpm, log=tmp_path / "b.log") as (url_b, _):
+    with (
+        server_process(tiny_worldpm, log=tmp_path / "a.log") as (url_a, proc_a),
+        server_process(tiny_worldpm, log=tmp_path / "b.log") as (url_b, _),
+    ):
         client = RemoteScorer([url_a, url_b], max_chunk=4, retries=4, backoff_s=0.05, timeout_s=30)
         results: list[Any] = []
         done = threading.Event()
@@ -242,23 +275,47 @@ def test_failover_when_a_server_is_killed_mid_run(tiny_worldpm: Path, direct: Re
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(tiny_worldpm: Path, tmp_path: Path) -> None:
+    """Requests the server has taken in when SIGTERM arrives are all answered before it exits.
+
+    (Connections still in the kernel's accept queue when the listener closes are reset:
+    no server can answer those; clients retry them, OpenRLHF's 5 times.)"""
     convs = real_conversations(120)
-    with server_process(tiny_worldpm, "--max-batch-samples", "8", log=tmp_path / "s.log") as (url, proc):
-        async def go() -> list[httpx.Response]:
-            async with httpx.AsyncClient(timeout=60) as client:
-                tasks = [asyncio.create_task(client.post(f"{url}/v1/score", json={"samples": [c]})) for c in convs]
-                await asyncio.sleep(0.3)
+    with server_process(tiny_worldpm, "--max-batch-samples", "1", log=tmp_path / "s.log") as (url, proc):
+        queued_at_sigterm: list[float] = []
+
+        def taken_in() -> float:
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+            done = sum(
+                float(v)
+                for v in re.findall(
+                    r'^worldpm_reward_requests_total\{endpoint="score",status="200"\} (\S+)$',
+                    text,
+                    flags=re.M,
+                )
+            )
+            queued_at_sigterm[:] = [_metric(text, "worldpm_reward_queue_samples")]
+            return done + queued_at_sigterm[0]
+
+        async def go() -> list[Any]:
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+                tasks = [
+                    asyncio.create_task(client.post(f"{url}/v1/score", json={"samples": [c]})) for c in convs
+                ]
+                deadline = time.monotonic() + 30
+                while await asyncio.to_thread(taken_in) < len(convs) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                assert await asyncio.to_thread(taken_in) >= len(convs)
                 proc.send_signal(signal.SIGTERM)
+                assert queued_at_sigterm[0] >= 10, (
+                    "too little was in flight at SIGTERM for the test to mean much"
+                )
                 return await asyncio.gather(*tasks, return_exceptions=True)
 
         responses = asyncio.run(go())
         proc.wait(60)
     codes = [r.status_code if isinstance(r, httpx.Response) else type(r).__name__ for r in responses]
-    print("responses during shutdown:", {c: codes.count(c) for c in set(codes)})
-    # every request that was in flight when SIGTERM arrived was answered, none was dropped
-    assert codes.count(200) == len(convs), codes
-    log = (tmp_path / "s.log").read_text()
-    assert "Finished server process" in log
+    assert codes.count(200) == len(convs), {c: codes.count(c) for c in set(codes)}
+    assert "Finished server process" in (tmp_path / "s.log").read_text()
     assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a graceful exit
 
 
@@ -269,4 +326,9 @@ def test_remote_scorer_async_and_pickle(live: str, direct: RewardModel) -> None:
     client = pickle.loads(pickle.dumps(RemoteScorer(f"{live}/get_reward", max_chunk=7)))
     got = asyncio.run(client.ascore_detailed(convs))
     assert [round(r.score, 4) for r in got] == [round(s, 4) for s in direct.score(convs)]
-    assert json.dumps([r.error for r in client.score_detailed([{"prompt": "a", "response": ""}])]).count("sample 0") == 1
+    assert (
+        json.dumps([r.error for r in client.score_detailed([{"prompt": "a", "response": ""}])]).count(
+            "sample 0"
+        )
+        == 1
+    )

@@ -27,13 +27,25 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server_process(model: Path, *args: str, env: dict[str, str] | None = None, log: Path | None = None
-                   ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def server_process(
+    model: Path, *args: str, env: dict[str, str] | None = None, log: Path | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`worldpm-reward serve` on a free loopback port; stopped with SIGTERM (graceful) at exit."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "worldpm_reward.cli", "serve", "--model", str(model), "--device", "cpu",
-           "--port", str(port), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "worldpm_reward.cli",
+        "serve",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        *args,
+    ]
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     try:
@@ -57,7 +69,9 @@ def server_thread(app: Any) -> Iterator[str]:
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -75,7 +89,20 @@ def pip_target(spec: str) -> Path:
     target = CACHE / spec.replace("==", "-")
     if not (target / ".complete").exists():
         target.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
-                        str(target), spec], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--no-compile",
+                "--target",
+                str(target),
+                spec,
+            ],
+            check=True,
+        )
         (target / ".complete").touch()
     return target

@@ -340,7 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("openrlhf-file", help="print the path of the OpenRLHF reward-function file")
-    p.set_defaults(func=lambda args: print(__import__("worldpm_reward.integrations.openrlhf", fromlist=["x"]).REWARD_FUNC_FILE) or 0)
+    p.set_defaults(
+        func=lambda args: (
+            print(__import__("worldpm_reward.integrations.openrlhf", fromlist=["x"]).REWARD_FUNC_FILE) or 0
+        )
+    )
 
     p = sub.add_parser("demo", help="run the whole path on a built-in tiny checkpoint (nothing downloaded)")
     p.add_argument("--device", default=None)

@@ -16,7 +16,6 @@ FastAPI, uvicorn, pydantic and prometheus-client come from the ``serve`` extra a
 imported only when an app is created.
 """
 
-
 import contextlib
 import logging
 import os

@@ -80,5 +80,7 @@ def reward_func(queries: list[str], prompts: list[str], labels: list[Any]) -> di
     if app:
         return _via_ray(app, payload)
     if not _urls():
-        raise RuntimeError("set WORLDPM_REWARD_URL (server URLs) or WORLDPM_REWARD_RAY_APP (Ray Serve app name)")
+        raise RuntimeError(
+            "set WORLDPM_REWARD_URL (server URLs) or WORLDPM_REWARD_RAY_APP (Ray Serve app name)"
+        )
     return _via_http(payload)
