@@ -29,7 +29,7 @@ from typing import Any
 from worldpm_reward.batcher import BatcherClosedError, BatchReport, DynamicBatcher, QueueFullError
 from worldpm_reward.errors import require_extra
 from worldpm_reward.scoring import Scorer
-from worldpm_reward.service import RequestError, RewardService
+from worldpm_reward.service import RequestError, RewardService, Submit
 from worldpm_reward.shaping import ShapingConfig
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ def create_app(
     scorer: Scorer | Callable[[], Scorer],
     config: ServerConfig | None = None,
     shaping: ShapingConfig | None = None,
+    submit: Submit | None = None,
 ) -> Any:
     """Build the FastAPI app.
 
@@ -126,6 +127,8 @@ def create_app(
             in a background thread at startup, and /health answers 503 until it is done.
         config: server settings.
         shaping: reward shaping applied to every request.
+        submit: score through this coroutine instead of the built-in dynamic batcher
+            (the Ray Serve deployment passes its ``@serve.batch`` method).
     """
     fastapi = require_extra("fastapi", "serve")
     pydantic = require_extra("pydantic", "serve")
