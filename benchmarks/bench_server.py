@@ -9,7 +9,8 @@ Reports throughput (samples/s) and p50/p99 latency per concurrency level, then t
 batched/serial ratios. Servers run as separate processes on loopback.
 
 Usage:
-  python benchmarks/bench_server.py                       # tiny checkpoint, N = 1 16 64 256
+  python benchmarks/bench_server.py                       # "small" random checkpoint, N = 1 16 64 256
+  python benchmarks/bench_server.py --size tiny           # HTTP-overhead-bound toy model
   python benchmarks/bench_server.py --model DIR --concurrency 32 256 --requests 1024
 
 Ends with one JSON line of the figures.
@@ -28,6 +29,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {},
+    "small": dict(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    ),
+}
 sys.path.insert(0, str(ROOT / "tests"))
 
 
@@ -65,12 +76,23 @@ def main() -> None:
     from worldpm_reward.testing import write_tiny_worldpm
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="checkpoint directory (default: a tiny WorldPM-layout one)")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: a random one of --size)")
+    p.add_argument(
+        "--size",
+        default="small",
+        choices=sorted(SIZES),
+        help="tiny: hidden 32 x 2 layers (HTTP overhead dominates); small: hidden 512 x 8 layers "
+        "(compute dominates, as with a real reward model)",
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     p.add_argument("--requests", type=int, default=512, help="single-sample requests per measurement")
     args = p.parse_args()
 
-    model = Path(args.model) if args.model else write_tiny_worldpm(Path(tempfile.mkdtemp()) / "tiny")
+    model = (
+        Path(args.model)
+        if args.model
+        else write_tiny_worldpm(Path(tempfile.mkdtemp()) / args.size, **SIZES[args.size])
+    )
     convs = real_conversations(args.requests)
     queries = []
     for c in convs:  # ChatML-rendered, as a Qwen/SmolLM policy's tokenizer would decode it
@@ -82,7 +104,7 @@ def main() -> None:
             {"query": [prompt + c[-1]["content"] + "<|im_end|>"], "prompts": [prompt], "labels": [None]}
         )
 
-    figures: dict[str, Any] = {"requests": len(queries), "model": str(model)}
+    figures: dict[str, Any] = {"requests": len(queries), "model": str(model), "size": args.size}
     rows = {}
     for mode, extra in (("serial", ["--max-batch-samples", "1", "--max-wait-ms", "0"]), ("batched", [])):
         with server_process(model, *extra) as (url, _):
