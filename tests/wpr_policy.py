@@ -63,11 +63,11 @@ def tiny_policy_tokenizer(vocab_size: int = 600, fmt: str = "phi3"):
     return tok
 
 
-def tiny_policy(path: Path | None = None, seed: int = 0):
+def tiny_policy(path: Path | None = None, seed: int = 0, fmt: str = "phi3"):
     """(model, tokenizer): a 2-layer Llama with the tokenizer above; saved to path if given."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = tiny_policy_tokenizer()
+    tok = tiny_policy_tokenizer(fmt=fmt)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok),
