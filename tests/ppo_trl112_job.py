@@ -107,16 +107,15 @@ trainer.train()
 convs_seen = [c for c, _ in recorded]
 redo = direct.score_detailed(convs_seen)
 ppo_diff = max(abs(r.score - v) for r, (_, v) in zip(redo, recorded))
-json.dump(
-    {
-        "trl": trl.__version__,
-        "get_reward_diff": get_reward_diff,
-        "get_reward_scores": scores.tolist(),
-        "want": want,
-        "updates": trainer.state.global_step,
-        "scored": len(recorded),
-        "ppo_diff": ppo_diff,
-        "example": recorded[0][0] if recorded else None,
-    },
-    open(out_path, "w"),
-)
+report = {
+    "trl": trl.__version__,
+    "get_reward_diff": get_reward_diff,
+    "get_reward_scores": scores.tolist(),
+    "want": want,
+    "updates": trainer.state.global_step,
+    "scored": len(recorded),
+    "ppo_diff": ppo_diff,
+    "example": recorded[0][0] if recorded else None,
+}
+with open(out_path, "w") as f:
+    json.dump(report, f)
