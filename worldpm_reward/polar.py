@@ -1,0 +1,330 @@
+"""POLAR (internlm/POLAR-1_8B, POLAR-7B and -Base): reference-based reward models, natively.
+
+Architecture ``InternLM2ForRewardModel`` (remote code upstream): an InternLM2 backbone and
+``v_head = Linear(h, 1, bias=False)`` on the last token. InternLM2 is Llama with renamed
+weights and a FUSED ``wqkv`` projection, so the checkpoint is mapped onto transformers'
+own ``LlamaModel``: no remote code runs for the model.
+
+``wqkv`` layout: rows are grouped per key/value head, each group holding that head's
+``q_per_kv`` query heads, then its key head, then its value head (``head_dim`` rows each),
+which is what InternLM2's ``rearrange(qkv, "b q (h gs d) -> b q h gs d")`` reads.
+
+Input encoding (xtuner's ``RewardModelClient``, POLAR's reference client): prompt, reference
+and output are texts (message contents joined by "\\n", roles dropped); each is tokenized
+(with BOS) to apply the length caps, then decoded back; the model reads
+``prompt + "\\n" + reference + "<|reward|>" + prompt + "\\n" + output + "[UNUSED_TOKEN_130]"``
+tokenized with BOS, and its score is the head's value at the final reward token. Caps:
+reference and output at most ``max_response_length`` (4096) tokens each, keeping their
+END; the prompt at most ``(max_length - 4 - len(ref) - len(out)) // 2`` tokens, keeping its
+end (it appears twice).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
+
+from worldpm_reward.errors import CheckpointError, SampleError
+from worldpm_reward.formatting import Encoded
+from worldpm_reward.modeling import last_token_index
+from worldpm_reward.samples import Sample
+
+logger = logging.getLogger(__name__)
+
+REWARD_SEPARATOR = "<|reward|>"
+REWARD_TOKEN = "[UNUSED_TOKEN_130]"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def llama_config_from_internlm2(cfg: dict[str, Any]) -> LlamaConfig:
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 10000.0))}
+    scaling = cfg.get("rope_scaling")
+    if scaling:  # InternLM2 uses {"type": "dynamic", "factor": f}: dynamic NTK, as transformers' "dynamic"
+        rope = {**rope, "rope_type": scaling.get("rope_type", scaling.get("type")), "factor": scaling.get("factor", 1.0)}
+    config = LlamaConfig(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_parameters=rope,
+        attention_bias=bool(cfg.get("bias", False)),
+        mlp_bias=False,
+        hidden_act=cfg.get("hidden_act", "silu"),
+        tie_word_embeddings=False,
+        pad_token_id=cfg.get("pad_token_id"),
+        bos_token_id=cfg.get("bos_token_id", 1),
+        eos_token_id=cfg.get("eos_token_id", 2),
+        use_cache=False,
+    )
+    config.reward_token_id = cfg.get("reward_token_id")
+    config.architectures = ["InternLM2ForRewardModel"]
+    return config
+
+
+class PolarRewardModel(LlamaPreTrainedModel):
+    """InternLM2 backbone (as LlamaModel) + ``v_head`` on the last real token; returns raw scores (B,)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.v_head = nn.Linear(config.hidden_size, 1, bias=False)
+        self.post_init()
+
+    def forward(  # type: ignore[override]
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        pooled = hidden[rows, last_token_index(attention_mask).to(hidden.device)]
+        return self.v_head(pooled.to(self.v_head.weight.device)).squeeze(-1)
+
+
+def expected_internlm2_weights(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes an InternLM2ForRewardModel checkpoint must hold."""
+    h, inter, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    d = h // heads
+    out: dict[str, tuple[int, ...]] = {
+        "model.tok_embeddings.weight": (cfg["vocab_size"], h),
+        "model.norm.weight": (h,),
+        "v_head.weight": (1, h),
+    }
+    for i in range(n):
+        p = f"model.layers.{i}."
+        out[p + "attention.wqkv.weight"] = ((heads + 2 * kv) * d, h)
+        out[p + "attention.wo.weight"] = (h, heads * d)
+        if cfg.get("bias"):
+            out[p + "attention.wqkv.bias"] = ((heads + 2 * kv) * d,)
+            out[p + "attention.wo.bias"] = (h,)
+        out[p + "attention_norm.weight"] = (h,)
+        out[p + "ffn_norm.weight"] = (h,)
+        out[p + "feed_forward.w1.weight"] = (inter, h)
+        out[p + "feed_forward.w3.weight"] = (inter, h)
+        out[p + "feed_forward.w2.weight"] = (h, inter)
+    return out
+
+
+def split_wqkv(w: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """Fused InternLM2 wqkv (weight or bias) -> (q, k, v) in Llama's head order."""
+    groups = heads // kv_heads
+    rest = w.shape[1:]
+    grouped = w.reshape(kv_heads, groups + 2, head_dim, *rest)
+    q = grouped[:, :groups].reshape(heads * head_dim, *rest)
+    k = grouped[:, groups].reshape(kv_heads * head_dim, *rest)
+    v = grouped[:, groups + 1].reshape(kv_heads * head_dim, *rest)
+    return q, k, v
+
+
+_RENAME = {
+    "attention.wo": "self_attn.o_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+}
+
+
+def convert_internlm2_state_dict(
+    weights: dict[str, torch.Tensor], cfg: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """InternLM2ForRewardModel tensor names -> PolarRewardModel (Llama) names."""
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    d = cfg["hidden_size"] // heads
+    out: dict[str, torch.Tensor] = {}
+    for name, t in weights.items():
+        if name == "model.tok_embeddings.weight":
+            out["model.embed_tokens.weight"] = t
+        elif name in ("model.norm.weight", "v_head.weight"):
+            out[name] = t
+        elif m := _LAYER.match(name):
+            i, rest = m.groups()
+            p = f"model.layers.{i}."
+            if rest.startswith("attention.wqkv."):
+                kind = rest.rsplit(".", 1)[1]
+                q, k, v = split_wqkv(t, heads, kv, d)
+                out[p + f"self_attn.q_proj.{kind}"], out[p + f"self_attn.k_proj.{kind}"] = q, k
+                out[p + f"self_attn.v_proj.{kind}"] = v
+            else:
+                module, kind = rest.rsplit(".", 1)
+                out[p + f"{_RENAME[module]}.{kind}"] = t
+    return out
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (path / "model.safetensors.index.json").is_file():
+        shards = sorted(
+            set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())
+        )
+        return {k: v for s in shards for k, v in load_file(str(path / s)).items()}
+    if (path / "model.safetensors").is_file():
+        return load_file(str(path / "model.safetensors"))
+    if (path / "pytorch_model.bin.index.json").is_file():
+        shards = sorted(
+            set(json.loads((path / "pytorch_model.bin.index.json").read_text())["weight_map"].values())
+        )
+        return {
+            k: v
+            for s in shards
+            for k, v in torch.load(path / s, map_location="cpu", weights_only=True).items()
+        }
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise CheckpointError(
+        f"{path} holds no model.safetensors / pytorch_model.bin weights (or their shard index)"
+    )
+
+
+def _local_dir(name_or_path: str | os.PathLike[str], hub_kwargs: dict[str, Any]) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), **hub_kwargs))
+
+
+def load_polar(
+    name_or_path: str | os.PathLike[str],
+    config_dict: dict[str, Any],
+    dtype: torch.dtype,
+    hub_kwargs: dict[str, Any],
+) -> PolarRewardModel:
+    """Build PolarRewardModel from an InternLM2ForRewardModel checkpoint; refuse any weight mismatch."""
+    where = f"checkpoint {str(name_or_path)!r}"
+    path = _local_dir(name_or_path, hub_kwargs)
+    weights = _read_weights(path)
+    expected = expected_internlm2_weights(config_dict)
+    ignorable = re.compile(r"(^output\.weight$)|(rotary_emb\.inv_freq$)")
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(k for k in set(weights) - set(expected) if not ignorable.search(k))
+    misshaped = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])
+    if missing or unexpected or misshaped:
+        lines = [f"{where} does not match POLAR's InternLM2ForRewardModel layout; refusing to load it."]
+        if missing:
+            lines.append(f"Missing weights ({len(missing)}): {', '.join(missing[:12])}")
+        if unexpected:
+            lines.append(f"Unexpected weights ({len(unexpected)}): {', '.join(unexpected[:12])}")
+        if misshaped:
+            lines.append(
+                "Wrong shapes: "
+                + "; ".join(
+                    f"{k} has {list(weights[k].shape)} but needs {list(expected[k])}" for k in misshaped[:12]
+                )
+            )
+        raise CheckpointError("\n".join(lines))
+    config = llama_config_from_internlm2(config_dict)
+    with torch.device("meta"):
+        model = PolarRewardModel(config)
+    converted = {k: v.to(dtype) for k, v in convert_internlm2_state_dict(weights, config_dict).items()}
+    model.load_state_dict(converted, strict=True, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # rebuild the non-persistent buffers
+    return model
+
+
+class PolarEncoder:
+    """POLAR's input encoding (see the module docstring) with per-sample errors in place.
+
+    Args:
+        tokenizer: the checkpoint's tokenizer (adds BOS with add_special_tokens=True).
+        max_length: total token budget (16384 in the reference client).
+        max_response_length: cap for the reference and for the output (4096).
+        reward_token_id: id of "[UNUSED_TOKEN_130]" (config.reward_token_id).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        max_length: int = 16384,
+        max_response_length: int = 4096,
+        reward_token_id: int | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_response_length = max_response_length
+        tid = tokenizer.convert_tokens_to_ids(REWARD_TOKEN)
+        if tid is None or tokenizer.convert_ids_to_tokens(int(tid)) != REWARD_TOKEN:
+            raise CheckpointError(f"the tokenizer has no {REWARD_TOKEN!r} token, POLAR's scored token")
+        if reward_token_id is not None and int(tid) != int(reward_token_id):
+            raise CheckpointError(
+                f"{REWARD_TOKEN!r} is id {tid} in the tokenizer but reward_token_id={reward_token_id} in the config"
+            )
+        sep = tokenizer.convert_tokens_to_ids(REWARD_SEPARATOR)
+        if sep is None or tokenizer.convert_ids_to_tokens(int(sep)) != REWARD_SEPARATOR:
+            raise CheckpointError(f"the tokenizer has no {REWARD_SEPARATOR!r} token")
+        self.final_token_id = int(tid)
+
+    def _cap(self, ids: list[int], limit: int) -> tuple[list[int], int]:
+        return (ids[-limit:], len(ids) - limit) if len(ids) > limit else (ids, 0)
+
+    def text(self, sample: Sample) -> tuple[str, int, bool]:
+        """The model's input text, tokens cut, and whether the output itself was cut."""
+        if sample.reference is None:
+            raise SampleError(
+                "POLAR scores a response against a reference answer; this sample has none", field="reference"
+            )
+        tok = self.tokenizer
+        p = "\n".join(m["content"] for m in sample.prompt_messages)
+        p_ids = tok.encode(p, add_special_tokens=True)
+        r1_ids, cut1 = self._cap(
+            tok.encode(sample.reference, add_special_tokens=True), self.max_response_length
+        )
+        r2_ids, cut2 = self._cap(
+            tok.encode(sample.response, add_special_tokens=True), self.max_response_length
+        )
+        budget = max(0, (self.max_length - 4 - len(r1_ids) - len(r2_ids)) // 2)
+        p_ids, cut_p = self._cap(p_ids, budget) if budget else ([], len(p_ids))
+        p = tok.decode(p_ids, skip_special_tokens=True)
+        r1 = tok.decode(r1_ids, skip_special_tokens=True)
+        r2 = tok.decode(r2_ids, skip_special_tokens=True)
+        text = p + "\n" + r1 + REWARD_SEPARATOR + p + "\n" + r2 + REWARD_TOKEN
+        return text, cut1 + cut2 + 2 * cut_p, cut2 > 0
+
+    def encode_batch(
+        self, samples: Sequence[Sample], indices: Sequence[int | None] | None = None
+    ) -> list[Encoded | SampleError]:
+        indices = list(indices) if indices is not None else list(range(len(samples)))
+        out: list[Encoded | SampleError] = []
+        for sample, idx in zip(samples, indices):
+            try:
+                text, cut, reply_cut = self.text(sample)
+            except SampleError as exc:
+                out.append(SampleError(exc.reason, index=idx, field=exc.field))
+                continue
+            ids = self.tokenizer.encode(text, add_special_tokens=True)
+            if not ids or ids[-1] != self.final_token_id:
+                out.append(
+                    SampleError(f"encoding does not end with {REWARD_TOKEN}", index=idx, field="response")
+                )
+                continue
+            out.append(Encoded(ids, num_truncated_tokens=cut, response_truncated=reply_cut))
+        return out
+
+    def encode(self, sample: Sample, index: int | None = None) -> Encoded:
+        result = self.encode_batch([sample], [index])[0]
+        if isinstance(result, SampleError):
+            raise result
+        return result
