@@ -144,22 +144,35 @@ class WorldPMReward:
         return self._reward
 
     # -- the TRL call ------------------------------------------------------------------
-    def _references(self, n: int, kwargs: Mapping[str, Any]) -> list[str | None] | None:
-        if not self.shaping.needs_reference:
-            return None
+    def _samples(
+        self, prompts: Sequence[Any], completions: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> list[Any]:
+        """Core samples; the reference column (``shaping.reference_field``) rides along as each
+        sample's ``reference``: reference-based models (POLAR) read it, and so does
+        reference-relative shaping."""
+        samples = trl_samples(prompts, completions)
         column = kwargs.get(self.shaping.reference_field)
         if column is None:
-            raise ValueError(
-                f"shaping.reference={self.shaping.reference!r} needs a dataset column "
-                f"'{self.shaping.reference_field}' with the reference answer; the dataset has none"
+            if self.shaping.needs_reference:
+                raise ValueError(
+                    f"shaping.reference={self.shaping.reference!r} needs a dataset column "
+                    f"'{self.shaping.reference_field}' with the reference answer; the dataset has none"
+                )
+            return samples
+        for sample, ref in zip(samples, column):
+            ref = (
+                _text(ref[-1]["content"])
+                if isinstance(ref, list) and ref and isinstance(ref[-1], Mapping)
+                else ref
             )
-        refs = [_text(r[-1]["content"]) if isinstance(r, list) and r else r for r in column]
-        return [r if isinstance(r, str) else None for r in refs][:n]
+            if isinstance(ref, str) and ref.strip():
+                sample["reference"] = ref
+        return samples
 
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any
     ) -> list[float | None]:
-        batch = self._reward_fn()(trl_samples(prompts, completions), self._references(len(prompts), kwargs))
+        batch = self._reward_fn()(self._samples(prompts, completions, kwargs))
         return self._report(batch, kwargs)
 
     def _report(self, batch: RewardBatch, kwargs: Mapping[str, Any]) -> list[float | None]:

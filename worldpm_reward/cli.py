@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 EPILOG = """examples:
@@ -34,7 +35,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument(
         "--family",
         default="auto",
-        choices=["auto", "worldpm", "generic"],
+        choices=["auto", "worldpm", "polar", "generic"],
         help="checkpoint family (default: from config.json)",
     )
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
@@ -174,7 +175,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from worldpm_reward.knowledge import SANITY_PAIR, known_answers_for
+    from worldpm_reward.knowledge import REFERENCE_SANITY_PAIR, SANITY_PAIR, known_answers_for
 
     rm = _load(args)
     dtype = next(rm.model.parameters()).dtype
@@ -192,8 +193,13 @@ def cmd_selftest(args: argparse.Namespace) -> int:
             )
     else:
         print(f"  no published known answers for {args.model!r}; running sanity checks only")
-    good, bad = rm.score(list(SANITY_PAIR))
-    alone = rm.score([SANITY_PAIR[0]])[0]
+    if rm.family == "polar":
+        right, wrong, ref = REFERENCE_SANITY_PAIR
+        pair: list[Any] = [{"messages": right, "reference": ref}, {"messages": wrong, "reference": ref}]
+    else:
+        pair = list(SANITY_PAIR)
+    good, bad = rm.score(pair)
+    alone = rm.score(pair[:1])[0]
     finite = math.isfinite(good) and math.isfinite(bad)
     ok &= finite and good > bad
     print(
@@ -279,6 +285,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _integration_file(relative: str) -> str:
+    """Path of a shipped adapter file (found, not imported: the core never imports integrations)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("worldpm_reward.integrations")
+    assert spec is not None and spec.submodule_search_locations
+    return str(Path(next(iter(spec.submodule_search_locations))) / relative)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="worldpm-reward",
@@ -345,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
             print(__import__("worldpm_reward.integrations.openrlhf", fromlist=["x"]).REWARD_FUNC_FILE) or 0
         )
     )
+
+    p = sub.add_parser("verl-file", help="print the path of the veRL custom reward function file")
+    p.set_defaults(func=lambda args: print(_integration_file("verl.py")) or 0)
 
     p = sub.add_parser("demo", help="run the whole path on a built-in tiny checkpoint (nothing downloaded)")
     p.add_argument("--device", default=None)

@@ -2,6 +2,8 @@
 
 WorldPM-72B (model card, bf16, one conversation at a time): the two replies below to
 "Tips for better sleep?" score 0.6298332214355469 and -1.6425328254699707.
+POLAR-7B (model card): prompt "What is the capital of China?", reference "Beijing.":
+output "Beijing." about -0.57, output "Shanghai." about -11.03.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ class KnownAnswer:
     label: str
     conversation: Conversation
     score: float
+    reference: str | None = None  # for reference-based models (POLAR)
+    tolerance: float | None = None  # when the published value is approximate
+
+    @property
+    def sample(self) -> dict[str, object]:
+        out: dict[str, object] = {"messages": self.conversation}
+        if self.reference is not None:
+            out["reference"] = self.reference
+        return out
 
 
 def _sleep(reply: str) -> Conversation:
@@ -43,8 +54,28 @@ KNOWN_ANSWERS: dict[str, list[KnownAnswer]] = {
     ],
 }
 
+
+def _capital(reply: str) -> Conversation:
+    return [
+        {"role": "user", "content": "What is the capital of China?"},
+        {"role": "assistant", "content": reply},
+    ]
+
+
+# POLAR-7B (model card, via transformers): "about -0.57" and "about -11.03".
+KNOWN_ANSWERS["POLAR-7B"] = [
+    KnownAnswer(
+        "capital of China, right answer", _capital("Beijing."), -0.57, reference="Beijing.", tolerance=0.3
+    ),
+    KnownAnswer(
+        "capital of China, wrong answer", _capital("Shanghai."), -11.03, reference="Beijing.", tolerance=0.5
+    ),
+]
+
 #: Conversations any preference model should tell apart (used when no known answer exists).
 SANITY_PAIR = (_sleep(SLEEP_GOOD), _sleep(SLEEP_BAD))
+#: The same for reference-based models: (right, wrong) answers and their reference.
+REFERENCE_SANITY_PAIR = (_capital("Beijing."), _capital("Shanghai."), "Beijing.")
 
 
 def known_answers_for(name_or_path: str) -> list[KnownAnswer]:

@@ -6,7 +6,8 @@ Three families:
     to remote code in the real config is never followed.
   * ``generic``: any single-output ``*ForSequenceClassification`` reward model, through
     transformers' own classes.
-  * ``polar``: ``InternLM2ForRewardModel`` (recognised; not loadable by this version).
+  * ``polar``: ``InternLM2ForRewardModel`` (POLAR), mapped natively onto ``LlamaModel``
+    (see :mod:`worldpm_reward.polar`).
 
 Before any weight is read, the checkpoint's tensor names are compared with the module's
 (cheap even for 72B), and after loading transformers' own loading report is checked:
@@ -239,11 +240,10 @@ def load_checkpoint(
     kwargs = _from_pretrained_kwargs(torch_dtype, device_map, attn_implementation, hub_kwargs)
 
     if fam == "polar":
-        raise CheckpointError(
-            f"{where} is a POLAR reward model (InternLM2ForRewardModel); this version of worldpm-reward "
-            "loads WorldPM-layout and generic sequence-classification reward models only"
-        )
-    if fam == "worldpm":
+        from worldpm_reward.polar import load_polar
+
+        model: nn.Module = load_polar(name_or_path, config_dict, torch_dtype, hub_kwargs)
+    elif fam == "worldpm":
         model = _load_worldpm(name_or_path, config_dict, kwargs, hub_kwargs, where)
     else:
         model = _load_generic(name_or_path, config_dict, kwargs, hub_kwargs, trust_remote_code, where)

@@ -50,7 +50,11 @@ def llama_config_from_internlm2(cfg: dict[str, Any]) -> LlamaConfig:
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 10000.0))}
     scaling = cfg.get("rope_scaling")
     if scaling:  # InternLM2 uses {"type": "dynamic", "factor": f}: dynamic NTK, as transformers' "dynamic"
-        rope = {**rope, "rope_type": scaling.get("rope_type", scaling.get("type")), "factor": scaling.get("factor", 1.0)}
+        rope = {
+            **rope,
+            "rope_type": scaling.get("rope_type", scaling.get("type")),
+            "factor": scaling.get("factor", 1.0),
+        }
     config = LlamaConfig(
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],

@@ -57,7 +57,9 @@ class BatchStats:
 
 def _forward_fn(model: nn.Module, family: Family) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(input_ids, attention_mask) -> raw scores (B,), pooled at the true last token."""
-    if isinstance(model, WorldPMForRewardModel):
+    from worldpm_reward.polar import PolarRewardModel
+
+    if isinstance(model, (WorldPMForRewardModel, PolarRewardModel)):
         return model.forward
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = getattr(model, "score", None)
@@ -108,15 +110,26 @@ class RewardModel:
         self.family = family
         self.name = name
         config = model.config
-        self.max_length = int(max_length or getattr(config, "max_position_embeddings", None) or 4096)
-        self.encoder = ChatTemplateEncoder(
-            tokenizer,
-            max_length=self.max_length,
-            ensure_system=(family == "worldpm"),
-            final_token=WORLDPM_FINAL_TOKEN if family == "worldpm" else None,
-            overflow=overflow,
-            chat_template=chat_template,
-        )
+        self.encoder: Any
+        if family == "polar":
+            from worldpm_reward.polar import PolarEncoder
+
+            self.max_length = int(max_length or 16384)  # POLAR's reference client budget
+            self.encoder = PolarEncoder(
+                tokenizer,
+                max_length=self.max_length,
+                reward_token_id=getattr(config, "reward_token_id", None),
+            )
+        else:
+            self.max_length = int(max_length or getattr(config, "max_position_embeddings", None) or 4096)
+            self.encoder = ChatTemplateEncoder(
+                tokenizer,
+                max_length=self.max_length,
+                ensure_system=(family == "worldpm"),
+                final_token=WORLDPM_FINAL_TOKEN if family == "worldpm" else None,
+                overflow=overflow,
+                chat_template=chat_template,
+            )
         on_gpu = self.device.type == "cuda"
         self.max_batch_tokens = int(max_batch_tokens or (32768 if on_gpu else 4096))
         self.max_batch_size = max_batch_size
@@ -151,7 +164,7 @@ class RewardModel:
         """Load a reward model checkpoint (a hub id or a local directory).
 
         Args:
-            family: "auto" (from config.json's architectures), "worldpm" or "generic".
+            family: "auto" (from config.json's architectures), "worldpm", "polar" or "generic".
             dtype: "auto" (bfloat16 on GPU, float32 on CPU), "bf16", "fp16", "fp32" or a torch dtype.
             device: "cuda", "cuda:1", "cpu", ... (default: cuda when available).
             device_map: e.g. "auto" to shard a large model (WorldPM-72B) over all visible GPUs.

@@ -110,8 +110,10 @@ class RewardService:
             try:
                 parsed = parse_rendered(q, prompts[i] if prompts else None, self.chat_format, index=i)
                 sample: dict[str, Any] = {"messages": parsed.messages}
-                if self.reward.shaping.needs_reference and labels is not None and isinstance(labels[i], str):
-                    sample["reference"] = labels[i]
+                if labels is not None and isinstance(labels[i], str) and labels[i].strip():
+                    sample["reference"] = labels[
+                        i
+                    ]  # the reference answer (POLAR; reference-relative shaping)
                 parse_sample(sample, i)  # validate before queueing
                 unknown += not parsed.recognised
                 samples.append(sample)

@@ -16,6 +16,7 @@ import copy
 import functools
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -196,3 +197,96 @@ def demo_checkpoint() -> Path:
         except OSError:  # a concurrent writer got there first
             shutil.rmtree(tmp, ignore_errors=True)
     return cache
+
+
+POLAR_SPECIALS = ("<s>", "</s>", "<|reward|>", "[UNUSED_TOKEN_130]")
+
+
+def polar_tokenizer():  # -> PreTrainedTokenizerFast
+    """A fast tokenizer standing in for POLAR's (InternLM2, sentencepiece, remote code): the real Qwen2
+    vocabulary plus POLAR's specials, adding BOS "<s>" for add_special_tokens=True as InternLM2's does."""
+    from tokenizers import AddedToken, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(_qwen_backend())
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in POLAR_SPECIALS])
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+        additional_special_tokens=["<|reward|>", "[UNUSED_TOKEN_130]"],
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def write_tiny_polar(
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    weights_format: Literal["safetensors", "bin"] = "safetensors",
+    drop: Sequence[str] = (),
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+) -> Path:
+    """Write a tiny POLAR-layout (InternLM2ForRewardModel) checkpoint: InternLM2 config with the
+    auto_map to remote code, weights under the real names (fused ``wqkv``, ``v_head``), fp32
+    safetensors or fp16 ``pytorch_model.bin`` (as POLAR-7B ships), and :func:`polar_tokenizer`.
+    ``drop`` removes weights by name (for negative tests)."""
+    from safetensors.torch import save_file
+
+    from worldpm_reward.polar import expected_internlm2_weights
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = polar_tokenizer()
+    cfg = {
+        "architectures": ["InternLM2ForRewardModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_internlm2.InternLM2Config",
+            "AutoModel": "modeling_internlm2.InternLM2ForRewardModel",
+        },
+        "model_type": "internlm2",
+        "vocab_size": len(tok),
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000,
+        "rope_scaling": None,
+        "bias": False,
+        "hidden_act": "silu",
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "reward_token_id": tok.convert_tokens_to_ids("[UNUSED_TOKEN_130]"),
+        "torch_dtype": "float16" if weights_format == "bin" else "float32",
+    }
+    gen = torch.Generator().manual_seed(seed)
+    weights: dict[str, torch.Tensor] = {}
+    for name, shape in sorted(expected_internlm2_weights(cfg).items()):
+        if name in drop:
+            continue
+        if name.endswith("norm.weight"):
+            weights[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif "tok_embeddings" in name:
+            weights[name] = torch.randn(shape, generator=gen)
+        else:
+            weights[name] = torch.randn(shape, generator=gen) * shape[-1] ** -0.5
+    if weights_format == "bin":
+        torch.save({k: v.half() for k, v in weights.items()}, out / "pytorch_model.bin")
+    else:
+        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    tok.save_pretrained(out)
+    return out
