@@ -1,0 +1,232 @@
+"""POLAR: native InternLM2 loading and POLAR's encoding against an independent reference
+(plain torch InternLM2 forward, xtuner's client logic re-implemented here), and the same
+scores through every surface."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from wpr_servers import server_process
+from wpr_testutils import DATA
+
+from worldpm_reward import CheckpointError, RewardModel
+from worldpm_reward.cli import main
+from worldpm_reward.testing import write_tiny_polar
+
+
+@pytest.fixture(scope="module")
+def polar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_polar(tmp_path_factory.mktemp("polar") / "tiny-polar", seed=3)
+
+
+@pytest.fixture(scope="module")
+def polar_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_polar(tmp_path_factory.mktemp("polar") / "tiny-polar-bin", seed=4, weights_format="bin")
+
+
+def real_polar_samples(n: int = 80) -> list[dict[str, Any]]:
+    """GSM8K questions with their solutions as references; outputs are the right solution,
+    another problem's solution, or the solution cut short; plus PandaLM pairs."""
+    with gzip.open(DATA / "prompts" / "gsm8k_test.jsonl.gz", "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for _, line in zip(range(n // 2), f)]
+    out = []
+    for i, r in enumerate(rows):
+        other = rows[(i + 1) % len(rows)]["answer"]
+        output = [r["answer"], other, r["answer"][: len(r["answer"]) // 2]][i % 3]
+        out.append({"prompt": r["question"], "reference": r["answer"], "response": output})
+    for r in json.loads((DATA / "preferences" / "pandalm" / "pandalm_testset-v1.json").read_text())[: n // 2]:
+        if r["response1"].strip() and r["response2"].strip():
+            prompt = [
+                {"role": "user", "content": r["instruction"] + ("\n" + r["input"] if r["input"] else "")}
+            ]
+            out.append({"prompt": prompt, "reference": r["response1"], "response": r["response2"]})
+    return out[:n]
+
+
+class ReferencePolar:
+    """Written from POLAR's model card, InternLM2's modeling code and xtuner's RewardModelClient."""
+
+    def __init__(self, path: Path, max_length: int = 16384, max_response_length: int = 4096) -> None:
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer
+
+        self.cfg = json.loads((path / "config.json").read_text())
+        if (path / "model.safetensors").exists():
+            self.w = load_file(str(path / "model.safetensors"))
+        else:
+            self.w = torch.load(path / "pytorch_model.bin", weights_only=True)
+        self.w = {k: v.float() for k, v in self.w.items()}
+        self.tok = AutoTokenizer.from_pretrained(str(path))
+        self.max_length, self.max_response_length = max_length - 4, max_response_length
+
+    def text(self, prompt: Any, reference: str, output: str) -> str:
+        tok = self.tok
+        p = "\n".join(m["content"] for m in prompt) if isinstance(prompt, list) else prompt
+        p_ids = tok.encode(p, add_special_tokens=True)
+        r1_ids = tok.encode(reference, add_special_tokens=True)
+        r2_ids = tok.encode(output, add_special_tokens=True)
+        if len(r1_ids) > self.max_response_length:
+            r1_ids = r1_ids[-self.max_response_length :]
+        if len(r2_ids) > self.max_response_length:
+            r2_ids = r2_ids[-self.max_response_length :]
+        max_prompt = (self.max_length - len(r1_ids) - len(r2_ids)) // 2
+        if len(p_ids) > max_prompt:
+            p_ids = p_ids[-max_prompt:]
+        p, r1, r2 = (tok.decode(x, skip_special_tokens=True) for x in (p_ids, r1_ids, r2_ids))
+        return p + "\n" + r1 + "<|reward|>" + p + "\n" + r2 + "[UNUSED_TOKEN_130]"
+
+    @torch.no_grad()
+    def score(self, prompt: Any, reference: str, output: str) -> float:
+        c, w = self.cfg, self.w
+        ids = torch.tensor(self.tok.encode(self.text(prompt, reference, output), add_special_tokens=True))
+        assert ids[-1].item() == c["reward_token_id"]
+        h, heads, kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+        d, groups, t = h // heads, heads // kv, len(ids)
+
+        def rms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+            return g * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c["rms_norm_eps"]))
+
+        inv = 1.0 / (c["rope_theta"] ** (torch.arange(0, d, 2).float() / d))
+        freqs = torch.outer(torch.arange(t).float(), inv)
+        cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+
+        def rope(x: torch.Tensor) -> torch.Tensor:  # x: (t, n, d)
+            half = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
+            return x * cos[:, None] + half * sin[:, None]
+
+        x = w["model.tok_embeddings.weight"][ids]
+        mask = torch.full((t, t), float("-inf")).triu(1)
+        for i in range(c["num_hidden_layers"]):
+            p = f"model.layers.{i}."
+            a = rms(x, w[p + "attention_norm.weight"])
+            qkv = (a @ w[p + "attention.wqkv.weight"].T).view(t, kv, groups + 2, d)  # "b q (h gs d)"
+            q = rope(qkv[:, :, :groups].reshape(t, heads, d))
+            k = rope(qkv[:, :, -2]).repeat_interleave(groups, dim=1)
+            v = qkv[:, :, -1].repeat_interleave(groups, dim=1)
+            att = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d) + mask, -1)
+            x = x + torch.einsum("hqk,khd->qhd", att, v).reshape(t, h) @ w[p + "attention.wo.weight"].T
+            f = rms(x, w[p + "ffn_norm.weight"])
+            gate = torch.nn.functional.silu(f @ w[p + "feed_forward.w1.weight"].T)
+            x = x + (gate * (f @ w[p + "feed_forward.w3.weight"].T)) @ w[p + "feed_forward.w2.weight"].T
+        x = rms(x, w["model.norm.weight"])
+        return float(x[-1] @ w["v_head.weight"][0])
+
+
+@pytest.mark.parametrize("ckpt", ["polar", "polar_bin"])
+def test_scores_match_independent_reference(ckpt: str, request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(ckpt)
+    rm = RewardModel.from_pretrained(path, device="cpu")
+    assert rm.family == "polar"
+    samples = real_polar_samples(80)
+    ours = rm.score(samples)
+    ref = ReferencePolar(path)
+    theirs = [ref.score(s["prompt"], s["reference"], s["response"]) for s in samples]
+    diffs = [abs(a - b) for a, b in zip(ours, theirs)]
+    assert max(diffs) <= 1e-4, max(diffs)
+    assert len({round(v, 5) for v in theirs}) > 0.9 * len(theirs)  # informative fixture
+    # batch invariance
+    alone = [rm.score([s])[0] for s in samples[:20]]
+    assert max(abs(a - b) for a, b in zip(alone, ours[:20])) <= 1e-5
+
+
+def test_truncation_follows_the_reference_client(polar: Path) -> None:
+    long = real_polar_samples(80)[40:]  # PandaLM: long prompts and answers
+    rm = RewardModel.from_pretrained(polar, device="cpu", max_length=120)
+    rm.encoder.max_response_length = 40
+    ref = ReferencePolar(polar, max_length=120, max_response_length=40)
+    results = rm.score_detailed(long[:12])
+    for s, r in zip(long[:12], results):
+        assert abs(r.score - ref.score(s["prompt"], s["reference"], s["response"])) <= 1e-4
+    assert any(r.truncated for r in results) and all(r.num_tokens <= 124 for r in results)
+
+
+def test_missing_and_misshaped_weights_are_refused(tmp_path: Path) -> None:
+    path = write_tiny_polar(
+        tmp_path / "broken", drop=("v_head.weight", "model.layers.1.attention.wqkv.weight")
+    )
+    with pytest.raises(CheckpointError) as info:
+        RewardModel.from_pretrained(path, device="cpu")
+    assert "v_head.weight" in str(info.value) and "model.layers.1.attention.wqkv.weight" in str(info.value)
+
+
+def test_family_override_and_errors(polar: Path, tiny_worldpm: Path) -> None:
+    with pytest.raises(CheckpointError):
+        RewardModel.from_pretrained(tiny_worldpm, device="cpu", family="polar")
+    rm = RewardModel.from_pretrained(polar, device="cpu", family="polar")
+    r = rm.score_detailed([{"prompt": "q", "response": "a"}])[0]
+    assert r.error and "field 'reference'" in r.error
+
+
+def test_same_scores_through_every_surface(
+    polar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    samples = real_polar_samples(12)
+    want = RewardModel.from_pretrained(polar, device="cpu").score(samples)
+
+    # CLI
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    assert (
+        main(["score", "--model", str(polar), "--device", "cpu", str(src), "-o", str(tmp_path / "out.jsonl")])
+        == 0
+    )
+    cli = [json.loads(x)["score"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert max(abs(a - b) for a, b in zip(cli, want)) <= 1e-5
+
+    # TRL adapter: a 'reference' dataset column
+    from worldpm_reward.integrations.trl import WorldPMReward
+
+    reward = WorldPMReward(polar, model_kwargs={"device": "cpu"})
+    prompts = [
+        s["prompt"] if isinstance(s["prompt"], list) else [{"role": "user", "content": s["prompt"]}]
+        for s in samples
+    ]
+    completions = [[{"role": "assistant", "content": s["response"]}] for s in samples]
+    trl = reward(prompts, completions, reference=[s["reference"] for s in samples])
+    assert max(abs(a - b) for a, b in zip(trl, want)) <= 1e-5
+
+    # veRL
+    import importlib
+
+    monkeypatch.setenv("WORLDPM_REWARD_MODEL", str(polar))
+    monkeypatch.setenv("WORLDPM_REWARD_DEVICE", "cpu")
+    verl = importlib.reload(importlib.import_module("worldpm_reward.integrations.verl"))
+    got = verl.compute_score_batch(
+        ["gsm8k"] * len(samples),
+        [s["response"] for s in samples],
+        [s["reference"] for s in samples],
+        [{"prompt": s["prompt"]} for s in samples],
+    )
+    assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-5
+    with pytest.raises(ValueError, match="extra_info"):
+        verl.compute_score_batch(["x"], ["a"], ["b"], [{}])
+
+    # server: native API 'reference' and OpenRLHF 'labels'
+    with server_process(polar, log=tmp_path / "srv.log") as (url, _):
+        r = httpx.post(f"{url}/v1/score", json={"samples": samples}, timeout=60).json()["results"]
+        assert max(abs(x["score"] - w) for x, w in zip(r, want)) <= 1e-5
+        s0 = samples[0]
+        prompt = f"<|im_start|>user\n{s0['prompt']}<|im_end|>\n<|im_start|>assistant\n"
+        body = {
+            "query": [prompt + s0["response"] + "<|im_end|>"],
+            "prompts": [prompt],
+            "labels": [s0["reference"]],
+        }
+        rewards = httpx.post(f"{url}/get_reward", json=body, timeout=60).json()["rewards"]
+        assert abs(rewards[0] - want[0]) <= 1e-5
+
+
+def test_selftest_runs_for_polar(polar: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["selftest", "--model", str(polar), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "family=polar" in out and "no published known answers" in out and code in (0, 1)
+    from worldpm_reward.knowledge import known_answers_for
+
+    assert [a.score for a in known_answers_for("internlm/POLAR-7B")] == [-0.57, -11.03]
