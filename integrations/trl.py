@@ -205,9 +205,7 @@ class AsyncWorldPMReward(WorldPMReward):
     async def __call__(  # type: ignore[override]
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any
     ) -> list[float | None]:
-        batch = await self._reward_fn().acall(
-            trl_samples(prompts, completions), self._references(len(prompts), kwargs)
-        )
+        batch = await self._reward_fn().acall(self._samples(prompts, completions, kwargs))
         return self._report(batch, kwargs)
 
 

@@ -165,10 +165,14 @@ def test_generic_checks(tmp_path: Path) -> None:
 
 
 def test_polar_is_recognised_not_misloaded(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(
-        json.dumps({"architectures": ["InternLM2ForRewardModel"], "model_type": "internlm2"})
-    )
-    with pytest.raises(CheckpointError, match="POLAR"):
+    from worldpm_reward.loading import detect_family
+
+    assert detect_family({"architectures": ["InternLM2ForRewardModel"]}) == "polar"
+    assert detect_family({"architectures": ["Qwen2ForRewardModel"]}) == "worldpm"
+    assert detect_family({"architectures": ["LlamaForSequenceClassification"]}) == "generic"
+    config = {"architectures": ["InternLM2ForRewardModel"], "model_type": "internlm2"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors / pytorch_model\.bin"):
         RewardModel.from_pretrained(tmp_path, device="cpu")
 
 

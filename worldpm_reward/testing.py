@@ -16,6 +16,7 @@ import copy
 import functools
 import json
 import os
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -290,3 +291,225 @@ def write_tiny_polar(
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     tok.save_pretrained(out)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Learnable smoke setups for the RL recipes
+# --------------------------------------------------------------------------------------
+_WORDS = [
+    "the",
+    "a",
+    "answer",
+    "is",
+    "so",
+    "then",
+    "we",
+    "get",
+    "total",
+    "each",
+    "one",
+    "two",
+    "more",
+    "less",
+    "apples",
+    "cookies",
+    "hours",
+    "miles",
+    "dollars",
+    "per",
+    "day",
+    "week",
+    "she",
+    "he",
+    "they",
+    "has",
+    "had",
+    "buys",
+    "sells",
+    "makes",
+    "left",
+    "over",
+    "first",
+    "next",
+    "finally",
+    "because",
+    "therefore",
+    "equals",
+    "plus",
+    "minus",
+    "times",
+]
+
+
+_NOISE = (
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ ,.;:!?'\"()-_/\n\u00e9\u00fc\u00df\u4e2d\u6587"
+)
+
+
+def _synthetic_pair(rng: random.Random) -> tuple[str, str]:
+    """(chosen, rejected): the same reply with more vs fewer numbers. Replies are words or
+    character noise (what an untrained tiny policy emits), so the preference is learnable
+    from any starting point."""
+    if rng.random() < 0.5:
+        parts = [rng.choice(_WORDS) for _ in range(rng.randint(3, 14))]
+    else:
+        parts = [
+            "".join(rng.choice(_NOISE) for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(2, 10))
+        ]
+    few = rng.randint(0, 2)
+    many = few + rng.randint(1, 4)
+    numbers = [str(rng.randint(0, 999)) for _ in range(many)]
+    slots = [rng.randrange(len(parts) + 1) for _ in range(many)]
+
+    def build(k: int) -> str:
+        out = list(parts)
+        for slot, num in sorted(zip(slots[:k], numbers[:k]), reverse=True):
+            out.insert(slot, num)
+        return " ".join(out)
+
+    return build(many), build(few)
+
+
+def write_digit_preferring_worldpm(path: str | os.PathLike[str], *, seed: int = 0, steps: int = 200) -> Path:
+    """A tiny WorldPM-layout checkpoint TRAINED to prefer replies with more numbers in them.
+
+    Random tiny weights give rewards no policy can learn from; smoke runs of RL recipes need
+    a fixed reward model with a learnable preference. This trains the tiny model for
+    ``steps`` Bradley-Terry steps on synthetic pairs (the same reply with more vs fewer
+    numbers; a few seconds on CPU), then saves it in the real WorldPM layout. Deterministic
+    per seed.
+    """
+    from worldpm_reward.samples import parse_sample
+    from worldpm_reward.scoring import RewardModel
+
+    out = write_tiny_worldpm(path, seed=seed)
+    rm = RewardModel.from_pretrained(out, device="cpu")
+    model = rm.model
+    model.requires_grad_(True).train()
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    prompts = [
+        "How many apples are left?",
+        "What is the total cost?",
+        "Solve the problem.",
+        "How far did she go?",
+    ]
+    for _ in range(steps):
+        batch = []
+        for _ in range(8):
+            prompt = rng.choice(prompts)
+            chosen, rejected = _synthetic_pair(rng)
+            batch += [{"prompt": prompt, "response": chosen}, {"prompt": prompt, "response": rejected}]
+        ids = [rm.encoder.encode(parse_sample(s)).input_ids for s in batch]
+        longest = max(map(len, ids))
+        input_ids = torch.full((len(ids), longest), rm.pad_token_id)
+        mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        for r, x in enumerate(ids):
+            input_ids[r, : len(x)], mask[r, : len(x)] = torch.tensor(x), 1
+        scores = model(input_ids, mask)
+        loss = -torch.nn.functional.logsigmoid(scores[0::2] - scores[1::2]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    _mark_worldpm_config(out)
+    return out
+
+
+def _mark_worldpm_config(out: Path) -> None:
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["architectures"] = ["Qwen2ForRewardModel"]
+    cfg["auto_map"] = {
+        "AutoConfig": "configuration_qwen2_rm.Qwen2RMConfig",
+        "AutoModel": "modeling_qwen2_rm.Qwen2ForRewardModel",
+    }
+    cfg["model_type"] = "qwen2"
+    cfg.pop("pad_token_id", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+CHATML_POLICY_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tiny_policy(
+    corpus: Sequence[str],
+    *,
+    vocab_size: int = 600,
+    seed: int = 0,
+    warmup_steps: int = 0,
+    path: str | os.PathLike[str] | None = None,
+):
+    """(model, tokenizer): a 2-layer Llama policy with its OWN byte-level BPE vocabulary
+    (trained on ``corpus``) and a ChatML chat template, for CPU smoke runs; saved to
+    ``path`` if given (trainers that rebuild a reference model need a path).
+
+    ``warmup_steps`` > 0 first fine-tunes it (next-token loss, a few seconds) on chat-rendered
+    pairs of corpus texts, so that it starts RL from corpus-like replies instead of a
+    uniform distribution over its vocabulary, as a real instruct policy would."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(list(corpus), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>")
+    tok.chat_template = CHATML_POLICY_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    if warmup_steps:
+        _warm_up(model, tok, list(corpus), warmup_steps, seed)
+    if path is not None:
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return model, tok
+
+
+def _warm_up(model: torch.nn.Module, tok: object, corpus: list[str], steps: int, seed: int) -> None:
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        texts = []
+        for _ in range(16):
+            reply = rng.choice(corpus)[:160]
+            texts.append(
+                tok.apply_chat_template(  # type: ignore[attr-defined]
+                    [
+                        {"role": "user", "content": rng.choice(corpus)},
+                        {"role": "assistant", "content": reply},
+                    ],
+                    tokenize=False,
+                )
+            )
+        batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=160)  # type: ignore[operator]
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
