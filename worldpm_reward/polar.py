@@ -332,3 +332,38 @@ class PolarEncoder:
         if isinstance(result, SampleError):
             raise result
         return result
+
+
+def to_internlm2_state_dict(model: PolarRewardModel, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """PolarRewardModel weights back to InternLM2ForRewardModel names (the inverse of
+    :func:`convert_internlm2_state_dict`; fuses q/k/v into ``wqkv`` per KV group)."""
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    d = cfg["hidden_size"] // heads
+    groups = heads // kv
+    inverse = {v: k for k, v in _RENAME.items()}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {
+        "model.tok_embeddings.weight": state.pop("model.embed_tokens.weight"),
+        "model.norm.weight": state.pop("model.norm.weight"),
+        "v_head.weight": state.pop("v_head.weight"),
+    }
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            q = state.pop(p + f"self_attn.q_proj.{kind}", None)
+            if q is None:
+                continue
+            k, v = state.pop(p + f"self_attn.k_proj.{kind}"), state.pop(p + f"self_attn.v_proj.{kind}")
+            rest = q.shape[1:]
+            fused = torch.cat(
+                [q.reshape(kv, groups, d, *rest), k.reshape(kv, 1, d, *rest), v.reshape(kv, 1, d, *rest)], 1
+            )
+            out[p + f"attention.wqkv.{kind}"] = fused.reshape((heads + 2 * kv) * d, *rest)
+    for name, t in state.items():
+        m = _LAYER.match(name)
+        if m:
+            layer, tail = m.groups()
+            module, kind = tail.rsplit(".", 1)
+            out[f"model.layers.{layer}.{inverse[module]}.{kind}"] = t
+    return out

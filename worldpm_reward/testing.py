@@ -370,21 +370,11 @@ def _synthetic_pair(rng: random.Random) -> tuple[str, str]:
     return build(many), build(few)
 
 
-def write_digit_preferring_worldpm(path: str | os.PathLike[str], *, seed: int = 0, steps: int = 200) -> Path:
-    """A tiny WorldPM-layout checkpoint TRAINED to prefer replies with more numbers in them.
-
-    Random tiny weights give rewards no policy can learn from; smoke runs of RL recipes need
-    a fixed reward model with a learnable preference. This trains the tiny model for
-    ``steps`` Bradley-Terry steps on synthetic pairs (the same reply with more vs fewer
-    numbers; a few seconds on CPU), then saves it in the real WorldPM layout. Deterministic
-    per seed.
-    """
+def _train_number_preference(rm: object, steps: int, seed: int, with_reference: bool) -> None:
+    """Bradley-Terry steps on synthetic (more numbers, fewer numbers) pairs, in place."""
     from worldpm_reward.samples import parse_sample
-    from worldpm_reward.scoring import RewardModel
 
-    out = write_tiny_worldpm(path, seed=seed)
-    rm = RewardModel.from_pretrained(out, device="cpu")
-    model = rm.model
+    model = rm.model  # type: ignore[attr-defined]
     model.requires_grad_(True).train()
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -400,10 +390,14 @@ def write_digit_preferring_worldpm(path: str | os.PathLike[str], *, seed: int = 
         for _ in range(8):
             prompt = rng.choice(prompts)
             chosen, rejected = _synthetic_pair(rng)
-            batch += [{"prompt": prompt, "response": chosen}, {"prompt": prompt, "response": rejected}]
-        ids = [rm.encoder.encode(parse_sample(s)).input_ids for s in batch]
+            ref = {"reference": _synthetic_pair(rng)[0]} if with_reference else {}
+            batch += [
+                {"prompt": prompt, "response": chosen, **ref},
+                {"prompt": prompt, "response": rejected, **ref},
+            ]
+        ids = [rm.encoder.encode(parse_sample(s)).input_ids for s in batch]  # type: ignore[attr-defined]
         longest = max(map(len, ids))
-        input_ids = torch.full((len(ids), longest), rm.pad_token_id)
+        input_ids = torch.full((len(ids), longest), rm.pad_token_id)  # type: ignore[attr-defined]
         mask = torch.zeros((len(ids), longest), dtype=torch.long)
         for r, x in enumerate(ids):
             input_ids[r, : len(x)], mask[r, : len(x)] = torch.tensor(x), 1
@@ -413,8 +407,41 @@ def write_digit_preferring_worldpm(path: str | os.PathLike[str], *, seed: int = 
         loss.backward()
         opt.step()
     model.eval()
-    model.save_pretrained(out, safe_serialization=True)
+
+
+def write_digit_preferring_worldpm(path: str | os.PathLike[str], *, seed: int = 0, steps: int = 200) -> Path:
+    """A tiny WorldPM-layout checkpoint TRAINED to prefer replies with more numbers in them.
+
+    Random tiny weights give rewards no policy can learn from; smoke runs of RL recipes need
+    a fixed reward model with a learnable preference. This trains the tiny model for
+    ``steps`` Bradley-Terry steps on synthetic pairs (the same reply with more vs fewer
+    numbers; a few seconds on CPU), then saves it in the real WorldPM layout. Deterministic
+    per seed.
+    """
+    from worldpm_reward.scoring import RewardModel
+
+    out = write_tiny_worldpm(path, seed=seed)
+    rm = RewardModel.from_pretrained(out, device="cpu")
+    _train_number_preference(rm, steps, seed, with_reference=False)
+    rm.model.save_pretrained(out, safe_serialization=True)
     _mark_worldpm_config(out)
+    return out
+
+
+def write_digit_preferring_polar(path: str | os.PathLike[str], *, seed: int = 0, steps: int = 200) -> Path:
+    """The same for POLAR: a tiny InternLM2ForRewardModel-layout checkpoint trained to prefer
+    outputs with more numbers (whatever the reference), saved back in POLAR's layout."""
+    from safetensors.torch import save_file
+
+    from worldpm_reward.polar import to_internlm2_state_dict
+    from worldpm_reward.scoring import RewardModel
+
+    out = write_tiny_polar(path, seed=seed)
+    rm = RewardModel.from_pretrained(out, device="cpu")
+    _train_number_preference(rm, steps, seed, with_reference=True)
+    cfg = json.loads((out / "config.json").read_text())
+    weights = {k: v.contiguous() for k, v in to_internlm2_state_dict(rm.model, cfg).items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 

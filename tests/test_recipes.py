@@ -1,0 +1,195 @@
+"""Recipes: every shipped config loads and validates; the TRL smoke runs raise the mean reward
+against a fixed tiny reward model; the OpenRLHF launch script only uses flags the installed
+OpenRLHF defines, and the reward endpoints it names work with OpenRLHF's own client."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+from wpr_servers import pip_target, server_process
+
+from worldpm_reward.configs import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
+RECIPE_OF = {
+    "grpo": "grpo_worldpm",
+    "rloo": "rloo_worldpm",
+    "polar_grpo": "polar_grpo",
+    "best_of_n": "best_of_n",
+}
+
+
+def recipe_module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def recipe_for(config: Path) -> str:
+    prefix = max((p for p in RECIPE_OF if config.stem.startswith(p + "_")), key=len)
+    return RECIPE_OF[prefix]
+
+
+def test_configs_exist_for_every_recipe() -> None:
+    assert {recipe_for(c) for c in CONFIGS} == set(RECIPE_OF.values())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_shipped_config_loads(config: Path) -> None:
+    module = recipe_module(recipe_for(config))
+    cfg = load_config(module.Config, config)
+    assert isinstance(cfg, module.Config)
+
+
+def test_config_errors_quote_the_key_and_value(tmp_path: Path) -> None:
+    module = recipe_module("grpo_worldpm")
+    base = RECIPES / "configs" / "grpo_smoke.yaml"
+    with pytest.raises(ConfigError, match=r"unknown config keys \['learning_rat'\]"):
+        load_config(module.Config, base, ["learning_rat=1e-6"])
+    with pytest.raises(ConfigError, match=r"max_steps: expected int, got 'many'"):
+        load_config(module.Config, base, ["max_steps=many"])
+    with pytest.raises(ConfigError, match=r"per_device_batch .* multiple of num_generations"):
+        load_config(module.Config, base, ["per_device_batch=12"])
+    with pytest.raises(ConfigError, match="exactly one of reward_model / reward_url"):
+        load_config(module.Config, base, ["reward_url=http://x"])
+
+
+def run_recipe(name: str, config: str, *overrides: str) -> dict:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(RECIPES / f"{name}.py"),
+            "--config",
+            str(RECIPES / "configs" / config),
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("recipe", "config"),
+    [
+        ("grpo_worldpm", "grpo_smoke.yaml"),
+        ("rloo_worldpm", "rloo_smoke.yaml"),
+        ("polar_grpo", "polar_grpo_smoke.yaml"),
+    ],
+)
+def test_trl_smoke_run_raises_the_reward(recipe: str, config: str) -> None:
+    figures = run_recipe(recipe, config)
+    cfg = load_config(recipe_module(recipe).Config, RECIPES / "configs" / config)
+    assert figures["recipe"] == recipe and figures["steps"] == cfg.max_steps
+    assert len(figures["reward_curve"]) == cfg.max_steps
+    assert figures["last_mean_reward"] > figures["first_mean_reward"], figures
+
+
+def test_best_of_n_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bon.jsonl"
+    figures = run_recipe("best_of_n", "best_of_n_smoke.yaml", f"output={out}")
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert figures["kept"] == len(rows) == figures["prompts"] - 0
+    assert all(r["score"] == max(r["scores"]) and len(r["scores"]) <= figures["n"] for r in rows)
+    assert figures["mean_score_kept"] >= figures["mean_score_all"]
+
+
+# -- OpenRLHF launch script ---------------------------------------------------------------
+SCRIPT = RECIPES / "openrlhf_worldpm.sh"
+
+
+def openrlhf_flags() -> set[str]:
+    """Every flag the installed OpenRLHF's train_ppo_ray parser defines (read from its source)."""
+    source = (pip_target("openrlhf==0.11.2") / "openrlhf" / "cli" / "train_ppo_ray.py").read_text()
+    flags = set(re.findall(r'add_argument\(\s*"(--[\w.\-]+)"', source))
+    for template in re.findall(r'add_argument\(\s*f"(--\{prefix\}[\w.\-]+)"', source):
+        flags |= {template.replace("{prefix}", p) for p in ("actor", "critic")}
+    assert "--reward.remote_url" in flags and "--actor.adam.lr" in flags
+    return flags
+
+
+def script_flags() -> list[str]:
+    text = SCRIPT.read_text()
+    job = text[text.index("openrlhf.cli.train_ppo_ray") :]
+    algo = text[text.index('case "$ALGO" in') : text.index("esac")]
+    words = shlex.split((job + "\n" + algo).replace("\\\n", " "), comments=True)
+    return sorted({w for w in words if w.startswith("--")})
+
+
+def test_openrlhf_script_uses_only_defined_flags() -> None:
+    flags = script_flags()
+    assert "--reward.remote_url" in flags and len(flags) > 25
+    unknown = [f for f in flags if f not in openrlhf_flags()]
+    assert not unknown, f"flags train_ppo_ray does not define: {unknown}"
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+
+
+def test_openrlhf_script_reward_endpoints_work(
+    tiny_worldpm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The URL shape and the reward-function file the script hands to OpenRLHF, exercised with
+    OpenRLHF's own client against a live server."""
+    text = SCRIPT.read_text()
+    assert 'REMOTE="$RM_URL/get_reward"' in text and 'REMOTE="$(worldpm-reward openrlhf-file)"' in text
+    reward_file = subprocess.run(
+        ["worldpm-reward", "openrlhf-file"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert Path(reward_file).is_file()
+    sys.path.insert(0, str(pip_target("openrlhf==0.11.2")))
+    try:
+        from openrlhf.utils.agent import SingleTurnAgentExecutor
+    finally:
+        sys.path.pop(0)
+    from worldpm_reward import RewardModel
+    from worldpm_reward.testing import tiny_policy
+
+    _, tok = tiny_policy(["What is 2 + 2?", "Name a primary colour."])
+    conv = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "It is 4."}]
+    want = RewardModel.from_pretrained(tiny_worldpm, device="cpu").score([conv])[0]
+    prompt = tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True)
+    reply = tok(conv[1]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    class Engine:
+        async def generate(self, ids, params, multi_modal_data=None):
+            return SimpleNamespace(
+                outputs=[SimpleNamespace(token_ids=reply, finish_reason="stop", logprobs=None)]
+            )
+
+    token = "recipe-token"
+    with server_process(tiny_worldpm, log=tmp_path / "s.log", env={"WORLDPM_REWARD_TOKEN": token}) as (
+        url,
+        _,
+    ):
+        monkeypatch.setenv("WORLDPM_REWARD_URL", url)
+        monkeypatch.setenv("WORLDPM_REWARD_TOKEN", token)
+        for remote in (reward_file,):  # REWARD_CALL=file (token sent by the file)
+            out = asyncio.run(
+                SingleTurnAgentExecutor(remote_rm_url=remote).execute(
+                    prompt, None, SimpleNamespace(max_tokens=None, logprobs=None), 1024, tok, Engine()
+                )
+            )
+            assert out["reward"] is not None and abs(out["reward"][0] - want) <= 1e-4
+    with server_process(tiny_worldpm, log=tmp_path / "t.log", env={"WORLDPM_REWARD_TOKEN": ""}) as (url, _):
+        out = asyncio.run(
+            SingleTurnAgentExecutor(remote_rm_url=f"{url}/get_reward").execute(  # REWARD_CALL=http
+                prompt, None, SimpleNamespace(max_tokens=None, logprobs=None), 1024, tok, Engine()
+            )
+        )
+        assert out["reward"] is not None and abs(out["reward"][0] - want) <= 1e-4
