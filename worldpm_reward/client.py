@@ -135,6 +135,17 @@ class RemoteScorer:
             for r in results
         ]
 
+    def _accept(self, url: str, r: Any, expected: int) -> tuple[list[ScoreResult] | None, object]:
+        """(results, None) for a good answer; (None, reason) for one worth retrying elsewhere
+        (the endpoint is marked down); raises for an answer no retry can fix (4xx)."""
+        if r.status_code in RETRYABLE:
+            reason = f"HTTP {r.status_code}: {r.text[:200]}"
+            self._mark_down(url, reason)
+            return None, reason
+        if r.status_code != 200:
+            raise RemoteScoringError(f"{url}/v1/score answered HTTP {r.status_code}: {r.text[:500]}")
+        return self._results(r.json(), expected), None
+
     def _delay(self, attempt: int) -> float:
         return min(self.backoff_s * (2**attempt), 8.0)
 
@@ -155,15 +166,9 @@ class RemoteScorer:
             url = self._pick(attempt)
             try:
                 r = self._client.post(f"{url}/v1/score", json={"samples": chunk}, headers=self._headers())
-                if r.status_code in RETRYABLE:
-                    last = f"HTTP {r.status_code}: {r.text[:200]}"
-                    self._mark_down(url, last)
-                else:
-                    if r.status_code != 200:
-                        raise RemoteScoringError(
-                            f"{url}/v1/score answered HTTP {r.status_code}: {r.text[:500]}"
-                        )
-                    return self._results(r.json(), len(chunk))
+                results, last = self._accept(url, r, len(chunk))
+                if results is not None:
+                    return results
             except httpx.TransportError as exc:
                 last = exc
                 self._mark_down(url, exc)
@@ -186,15 +191,9 @@ class RemoteScorer:
             url = self._pick(attempt)
             try:
                 r = await client.post(f"{url}/v1/score", json={"samples": chunk}, headers=self._headers())
-                if r.status_code in RETRYABLE:
-                    last = f"HTTP {r.status_code}: {r.text[:200]}"
-                    self._mark_down(url, last)
-                else:
-                    if r.status_code != 200:
-                        raise RemoteScoringError(
-                            f"{url}/v1/score answered HTTP {r.status_code}: {r.text[:500]}"
-                        )
-                    return self._results(r.json(), len(chunk))
+                results, last = self._accept(url, r, len(chunk))
+                if results is not None:
+                    return results
             except httpx.TransportError as exc:
                 last = exc
                 self._mark_down(url, exc)

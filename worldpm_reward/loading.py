@@ -39,7 +39,11 @@ FAMILIES: tuple[str, ...] = ("auto", "worldpm", "generic", "polar")
 WORLDPM_ARCHITECTURES = ("Qwen2ForRewardModel",)
 POLAR_ARCHITECTURES = ("InternLM2ForRewardModel",)
 #: Weights a checkpoint may carry that the reward model does not use.
-IGNORABLE_WEIGHTS = (re.compile(r"^lm_head\."), re.compile(r"rotary_emb\.inv_freq$"))
+IGNORABLE_WEIGHTS = (
+    re.compile(r"^lm_head\."),
+    re.compile(r"^output\.weight$"),
+    re.compile(r"rotary_emb\.inv_freq$"),
+)
 
 
 @dataclass

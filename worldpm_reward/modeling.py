@@ -27,6 +27,12 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.to(torch.long) * positions).argmax(dim=-1)
 
 
+def pool_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """hidden (B, T, H) -> (B, H): each row's hidden state at its last real token."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, last_token_index(attention_mask).to(hidden.device)]
+
+
 class WorldPMForRewardModel(Qwen2PreTrainedModel):
     """Qwen2 backbone + WorldPM's two-layer head on the last real token.
 
@@ -52,9 +58,6 @@ class WorldPMForRewardModel(Qwen2PreTrainedModel):
         hidden = self.model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
-        pooled = hidden[
-            torch.arange(hidden.shape[0], device=hidden.device),
-            last_token_index(attention_mask).to(hidden.device),
-        ]
-        head_device = self.score[0].weight.device
+        pooled = pool_last(hidden, attention_mask)
+        head_device = next(self.score.parameters()).device
         return self.score(pooled.to(head_device)).squeeze(-1)

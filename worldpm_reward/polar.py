@@ -36,7 +36,8 @@ from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrained
 
 from worldpm_reward.errors import CheckpointError, SampleError
 from worldpm_reward.formatting import Encoded
-from worldpm_reward.modeling import last_token_index
+from worldpm_reward.loading import check_weight_names
+from worldpm_reward.modeling import pool_last
 from worldpm_reward.samples import Sample
 
 logger = logging.getLogger(__name__)
@@ -96,8 +97,7 @@ class PolarRewardModel(LlamaPreTrainedModel):
         hidden = self.model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        pooled = hidden[rows, last_token_index(attention_mask).to(hidden.device)]
+        pooled = pool_last(hidden, attention_mask)
         return self.v_head(pooled.to(self.v_head.weight.device)).squeeze(-1)
 
 
@@ -221,24 +221,7 @@ def load_polar(
     path = _local_dir(name_or_path, hub_kwargs)
     weights = _read_weights(path)
     expected = expected_internlm2_weights(config_dict)
-    ignorable = re.compile(r"(^output\.weight$)|(rotary_emb\.inv_freq$)")
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(k for k in set(weights) - set(expected) if not ignorable.search(k))
-    misshaped = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])
-    if missing or unexpected or misshaped:
-        lines = [f"{where} does not match POLAR's InternLM2ForRewardModel layout; refusing to load it."]
-        if missing:
-            lines.append(f"Missing weights ({len(missing)}): {', '.join(missing[:12])}")
-        if unexpected:
-            lines.append(f"Unexpected weights ({len(unexpected)}): {', '.join(unexpected[:12])}")
-        if misshaped:
-            lines.append(
-                "Wrong shapes: "
-                + "; ".join(
-                    f"{k} has {list(weights[k].shape)} but needs {list(expected[k])}" for k in misshaped[:12]
-                )
-            )
-        raise CheckpointError("\n".join(lines))
+    check_weight_names({k: tuple(v.shape) for k, v in weights.items()}, expected, where)
     config = llama_config_from_internlm2(config_dict)
     with torch.device("meta"):
         model = PolarRewardModel(config)

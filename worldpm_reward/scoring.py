@@ -22,7 +22,7 @@ from worldpm_reward.batching import plan_batches
 from worldpm_reward.errors import BatchScoringError, SampleError
 from worldpm_reward.formatting import WORLDPM_FINAL_TOKEN, ChatTemplateEncoder, Encoded, Overflow
 from worldpm_reward.loading import Family, load_checkpoint
-from worldpm_reward.modeling import WorldPMForRewardModel, last_token_index
+from worldpm_reward.modeling import WorldPMForRewardModel, pool_last
 from worldpm_reward.samples import SampleLike, ScoreResult, parse_sample
 
 logger = logging.getLogger(__name__)
@@ -68,9 +68,7 @@ def _forward_fn(model: nn.Module, family: Family) -> Callable[[torch.Tensor, tor
         # ...): run backbone + head ourselves so pooling uses lengths, not the pad id.
         def decoder_rm(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            pooled = hidden[
-                torch.arange(hidden.shape[0], device=hidden.device), last_token_index(mask).to(hidden.device)
-            ]
+            pooled = pool_last(hidden, mask)
             return head(pooled.to(head.weight.device)).squeeze(-1)  # type: ignore[operator]
 
         return decoder_rm

@@ -165,15 +165,7 @@ def write_tiny_worldpm(
             weights["score.3.weight"] = torch.zeros(1, h)
         save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
 
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["architectures"] = ["Qwen2ForRewardModel"]
-    cfg["auto_map"] = {
-        "AutoConfig": "configuration_qwen2_rm.Qwen2RMConfig",
-        "AutoModel": "modeling_qwen2_rm.Qwen2ForRewardModel",
-    }
-    cfg["model_type"] = "qwen2"
-    cfg.pop("pad_token_id", None)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    _mark_worldpm_config(out)
 
     template = QWEN2_CHAT_TEMPLATE_WITH_EOS if template_appends_eos else QWEN2_CHAT_TEMPLATE
     qwen_tokenizer(template).save_pretrained(out)
@@ -446,6 +438,7 @@ def write_digit_preferring_polar(path: str | os.PathLike[str], *, seed: int = 0,
 
 
 def _mark_worldpm_config(out: Path) -> None:
+    """Make config.json look like the real release: Qwen2ForRewardModel, auto_map, no pad id."""
     cfg = json.loads((out / "config.json").read_text())
     cfg["architectures"] = ["Qwen2ForRewardModel"]
     cfg["auto_map"] = {
