@@ -255,21 +255,24 @@ def test_failover_when_a_server_is_killed_mid_run(
         server_process(tiny_worldpm, log=tmp_path / "a.log") as (url_a, proc_a),
         server_process(tiny_worldpm, log=tmp_path / "b.log") as (url_b, _),
     ):
-        client = RemoteScorer([url_a, url_b], max_chunk=4, retries=4, backoff_s=0.05, timeout_s=30)
-        results: list[Any] = []
-        done = threading.Event()
 
-        def run() -> None:
-            results.extend(client.score_detailed(convs))
-            done.set()
+        class KillAfterFiveChunks(RemoteScorer):
+            """Kills server A (SIGKILL) once 5 chunks have been answered: always mid-run."""
 
-        worker = threading.Thread(target=run)
-        worker.start()
-        time.sleep(1.0)
-        assert not done.is_set(), "the run finished before the kill; make it longer"
-        proc_a.send_signal(signal.SIGKILL)
-        worker.join(120)
-        assert done.is_set()
+            answered = 0
+
+            def _accept(self, url, r, expected):
+                out = super()._accept(url, r, expected)
+                if out[0] is not None:
+                    self.answered += 1
+                    if self.answered == 5:
+                        proc_a.send_signal(signal.SIGKILL)
+                        proc_a.wait(10)
+                return out
+
+        client = KillAfterFiveChunks([url_a, url_b], max_chunk=4, retries=4, backoff_s=0.05, timeout_s=30)
+        results = client.score_detailed(convs)
+        assert proc_a.poll() is not None and client.answered == len(convs) // 4  # A died, B answered the rest
     assert len(results) == len(convs)
     assert max(abs(r.score - w) for r, w in zip(results, want)) <= 1e-4  # every reward once, in order
 
@@ -279,9 +282,10 @@ def test_graceful_shutdown_finishes_in_flight_requests(tiny_worldpm: Path, tmp_p
 
     (Connections still in the kernel's accept queue when the listener closes are reset:
     no server can answer those; clients retry them, OpenRLHF's 5 times.)"""
-    convs = real_conversations(120)
+    convs = real_conversations(240)
     with server_process(tiny_worldpm, "--max-batch-samples", "1", log=tmp_path / "s.log") as (url, proc):
         queued_at_sigterm: list[float] = []
+        taken_at_sigterm: list[float] = []
 
         def taken_in() -> float:
             text = httpx.get(f"{url}/metrics", timeout=10).text
@@ -297,14 +301,14 @@ def test_graceful_shutdown_finishes_in_flight_requests(tiny_worldpm: Path, tmp_p
             return done + queued_at_sigterm[0]
 
         async def go() -> list[Any]:
-            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=300)) as client:
                 tasks = [
                     asyncio.create_task(client.post(f"{url}/v1/score", json={"samples": [c]})) for c in convs
                 ]
                 deadline = time.monotonic() + 30
-                while await asyncio.to_thread(taken_in) < len(convs) and time.monotonic() < deadline:
+                while await asyncio.to_thread(taken_in) < len(convs) - 5 and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
-                assert await asyncio.to_thread(taken_in) >= len(convs)
+                taken_at_sigterm.append(await asyncio.to_thread(taken_in))
                 proc.send_signal(signal.SIGTERM)
                 assert queued_at_sigterm[0] >= 10, (
                     "too little was in flight at SIGTERM for the test to mean much"
@@ -314,7 +318,10 @@ def test_graceful_shutdown_finishes_in_flight_requests(tiny_worldpm: Path, tmp_p
         responses = asyncio.run(go())
         proc.wait(60)
     codes = [r.status_code if isinstance(r, httpx.Response) else type(r).__name__ for r in responses]
-    assert codes.count(200) == len(convs), {c: codes.count(c) for c in set(codes)}
+    # every request the server had taken in (answered or queued) when SIGTERM came got its answer
+    assert taken_at_sigterm[0] >= len(convs) - 5
+    assert codes.count(200) >= taken_at_sigterm[0], {c: codes.count(c) for c in set(codes)}
+    assert not [c for c in codes if isinstance(c, int) and c >= 500]
     assert "Finished server process" in (tmp_path / "s.log").read_text()
     assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a graceful exit
 
