@@ -117,7 +117,15 @@ def build_policy(cfg: Config, prompts: list[str], workdir: Path) -> tuple[Any, A
         gguf_dir = Path(next(iter(spec.submodule_search_locations)))
         gguf = next(p.name for p in gguf_dir.iterdir() if p.name.endswith(".gguf"))
         tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf)  # dequantized to float
+        # still marked as gguf-quantized, which trainers refuse: rebuild it as a plain model
+        config = loaded.config
+        config.quantization_config = None
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
         return model, tok
     return cfg.policy, None
 

@@ -248,3 +248,39 @@ def test_async_form_is_run_concurrently_by_trl(tmp_path: Path, tiny_worldpm: Pat
     clone = pickle.loads(pickle.dumps(AsyncWorldPMReward(tiny_worldpm, shaping={"clip_max": 0.1})))
     assert is_async_callable(clone)
     assert asyncio.run(clone(["q"], ["a reply"]))[0] <= 0.1
+
+
+def _async_grpo_child(reward: Any, prompts: list, completions: list, out: Any) -> None:
+    """What AsyncGRPO's rollout worker does in its spawned, CUDA-free child process."""
+    from trl.experimental.async_grpo.async_rollout_worker import _scrub_child_env
+
+    _scrub_child_env()
+    import torch
+
+    async def score() -> list:
+        assert is_async_callable(reward)
+        return await reward(completions=completions, prompts=prompts, completion_ids=None)
+
+    out.put((torch.cuda.is_available(), asyncio.run(score())))
+
+
+def test_async_reward_in_a_spawned_cuda_free_worker(tiny_worldpm: Path, tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    from wpr_servers import server_process
+
+    prompts = [[{"role": "user", "content": q}] for q in gsm8k_questions(6)]
+    completions = [[{"role": "assistant", "content": f"The answer is {i * 7}."}] for i in range(6)]
+    want = RewardModel.from_pretrained(tiny_worldpm, device="cpu").score(
+        [_as_conversation(p, c) for p, c in zip(prompts, completions)]
+    )
+    with server_process(tiny_worldpm, log=tmp_path / "s.log") as (url, _):
+        reward = AsyncWorldPMReward(url=url)
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_async_grpo_child, args=(reward, prompts, completions, queue))
+        child.start()
+        cuda, got = queue.get(timeout=120)
+        child.join(30)
+    assert child.exitcode == 0 and cuda is False
+    assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4
