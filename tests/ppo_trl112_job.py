@@ -3,6 +3,7 @@ removed in trl 1.13). Usage: python ppo_trl112_job.py CHECKPOINT OUTPUT.json"""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import tempfile
@@ -10,7 +11,7 @@ import tempfile
 import torch
 import trl
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 from trl.experimental.utils import get_reward
 from worldpm_reward.integrations.trl import WorldPMPPORewardModel
@@ -65,18 +66,9 @@ prompts = [
 ]
 prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
 dataset = Dataset.from_dict({"input_ids": prompts})
-value = LlamaForSequenceClassification(
-    LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=pad,
-    )
-)
+value_config = copy.deepcopy(policy.config)  # the critic: the policy's shape with one output
+value_config.num_labels = 1
+value = LlamaForSequenceClassification(value_config)
 args = PPOConfig(
     output_dir=tempfile.mkdtemp(),
     per_device_train_batch_size=4,

@@ -38,7 +38,28 @@ class Encoded:
         return self.num_truncated_tokens > 0
 
 
-class ChatTemplateEncoder:
+class Encoder:
+    """What the scorer needs from an input encoder: ``encode_batch`` returns, per sample,
+    its :class:`Encoded` ids or the :class:`SampleError` that stopped it (never raises for one
+    bad sample); ``encode`` is the single-sample form that raises."""
+
+    max_length: int
+    final_token_id: int | None
+
+    def encode_batch(
+        self, samples: Sequence[Sample], indices: Sequence[int | None] | None = None
+    ) -> list[Encoded | SampleError]:
+        raise NotImplementedError
+
+    def encode(self, sample: Sample, index: int | None = None) -> Encoded:
+        """Encode one sample; raises SampleError if it cannot be encoded."""
+        out = self.encode_batch([sample], [index])[0]
+        if isinstance(out, SampleError):
+            raise out
+        return out
+
+
+class ChatTemplateEncoder(Encoder):
     """Render conversations with a tokenizer's chat template and tokenize them.
 
     Args:
@@ -98,13 +119,6 @@ class ChatTemplateEncoder:
         if not isinstance(text, str):  # some tokenizers return a list for a single conversation
             text = text[0]
         return text
-
-    def encode(self, sample: Sample, index: int | None = None) -> Encoded:
-        """Encode one sample; raises SampleError if it cannot be encoded."""
-        out = self.encode_batch([sample], [index])[0]
-        if isinstance(out, SampleError):
-            raise out
-        return out
 
     def encode_batch(
         self, samples: Sequence[Sample], indices: Sequence[int | None] | None = None

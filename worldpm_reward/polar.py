@@ -35,7 +35,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
 
 from worldpm_reward.errors import CheckpointError, SampleError
-from worldpm_reward.formatting import Encoded
+from worldpm_reward.formatting import Encoded, Encoder
 from worldpm_reward.loading import check_weight_names
 from worldpm_reward.modeling import pool_last
 from worldpm_reward.samples import Sample
@@ -231,7 +231,7 @@ def load_polar(
     return model
 
 
-class PolarEncoder:
+class PolarEncoder(Encoder):
     """POLAR's input encoding (see the module docstring) with per-sample errors in place.
 
     Args:
@@ -309,12 +309,6 @@ class PolarEncoder:
                 continue
             out.append(Encoded(ids, num_truncated_tokens=cut, response_truncated=reply_cut))
         return out
-
-    def encode(self, sample: Sample, index: int | None = None) -> Encoded:
-        result = self.encode_batch([sample], [index])[0]
-        if isinstance(result, SampleError):
-            raise result
-        return result
 
 
 def to_internlm2_state_dict(model: PolarRewardModel, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from worldpm_reward.batching import plan_batches
 from worldpm_reward.errors import BatchScoringError, SampleError
-from worldpm_reward.formatting import WORLDPM_FINAL_TOKEN, ChatTemplateEncoder, Encoded, Overflow
+from worldpm_reward.formatting import WORLDPM_FINAL_TOKEN, ChatTemplateEncoder, Encoded, Encoder, Overflow
 from worldpm_reward.loading import Family, load_checkpoint
 from worldpm_reward.modeling import WorldPMForRewardModel, pool_last
 from worldpm_reward.samples import SampleLike, ScoreResult, parse_sample
@@ -108,7 +108,7 @@ class RewardModel:
         self.family = family
         self.name = name
         config = model.config
-        self.encoder: Any
+        self.encoder: Encoder
         if family == "polar":
             from worldpm_reward.polar import PolarEncoder
 
