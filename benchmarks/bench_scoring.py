@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 MODELS: dict[str, dict[str, int]] = {
     "tiny": dict(
@@ -55,24 +54,20 @@ MODELS: dict[str, dict[str, int]] = {
 def build(model_name: str, dtype: str, device: str):  # -> RewardModel
     import torch
 
-    from worldpm_reward import RewardModel
-    from worldpm_reward.loading import resolve_dtype
-    from worldpm_reward.modeling import WorldPMForRewardModel
-    from worldpm_reward.testing import _init_weights, qwen_tokenizer, tiny_qwen2_config
+    from worldpm_reward.checkpoints import resolve_dtype
+    from worldpm_reward.testing import random_worldpm
 
     torch.manual_seed(0)
-    config = tiny_qwen2_config(**MODELS[model_name])
-    model = WorldPMForRewardModel(config)
-    _init_weights(model, seed=0)
-    model = model.to(device=device, dtype=resolve_dtype(dtype, device)).eval()
-    return RewardModel(model, qwen_tokenizer(), family="worldpm", max_length=2048)
+    rm = random_worldpm(seed=0, max_length=2048, device=device, **MODELS[model_name])
+    rm.model.to(dtype=resolve_dtype(dtype, device))
+    return rm
 
 
 def run_method(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from wpr_testutils import real_conversations
 
     from worldpm_reward.samples import parse_sample
+    from worldpm_reward.testing import real_conversations
 
     torch.set_num_threads(args.threads) if args.threads else None
     rm = build(args.model, args.dtype, args.device)

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +38,6 @@ SIZES: dict[str, dict[str, int]] = {
         num_key_value_heads=2,
     ),
 }
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 async def _load(url: str, queries: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
@@ -70,10 +68,8 @@ async def _load(url: str, queries: list[dict[str, Any]], concurrency: int) -> di
 
 
 def main() -> None:
-    from wpr_servers import server_process
-    from wpr_testutils import real_conversations
 
-    from worldpm_reward.testing import write_tiny_worldpm
+    from worldpm_reward.testing import real_conversations, server_process, write_tiny_worldpm
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="checkpoint directory (default: a random one of --size)")

@@ -119,7 +119,7 @@ def main(cfg: Config) -> dict[str, Any]:
 
     # 2. score everything at once (length-sorted batches), in process or remote
     if cfg.reward_url:
-        from worldpm_reward.client import RemoteScorer
+        from worldpm_reward.serving.client import RemoteScorer
 
         scorer: Any = RemoteScorer(cfg.reward_url, token=os.environ.get("WORLDPM_REWARD_TOKEN"))
     else:
@@ -162,7 +162,7 @@ def main(cfg: Config) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from worldpm_reward.configs import load_config
+    from worldpm_reward.config import load_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)

@@ -197,7 +197,7 @@ def main(cfg: Config) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from worldpm_reward.configs import load_config
+    from worldpm_reward.config import load_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config (see recipes/configs/)")

@@ -14,10 +14,10 @@ from datasets import Dataset
 from transformers import LlamaForSequenceClassification
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 from trl.experimental.utils import get_reward
-from worldpm_reward.integrations.trl import WorldPMPPORewardModel
 from wpr_policy import gsm8k_questions, tiny_policy
 
 from worldpm_reward import RewardModel
+from worldpm_reward.integrations.trl_ppo import WorldPMPPORewardModel
 
 ckpt, out_path = sys.argv[1], sys.argv[2]
 policy, tok = tiny_policy(fmt="chatml")

@@ -6,7 +6,7 @@ import pytest
 from wpr_policy import CHATML_TEMPLATE, LLAMA3_TEMPLATE, PHI3_TEMPLATE
 
 from worldpm_reward import SampleError
-from worldpm_reward.chat_formats import detect_format, parse_rendered
+from worldpm_reward.policy_text import detect_format, parse_rendered
 from worldpm_reward.testing import QWEN2_CHAT_TEMPLATE, qwen_tokenizer
 
 GEMMA_TEMPLATE = (  # google/gemma-2-2b-it, verbatim

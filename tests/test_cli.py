@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from wpr_testutils import ReferenceWorldPM, real_conversations
 
-from worldpm_reward import knowledge
 from worldpm_reward.cli import main
+from worldpm_reward.families import FAMILIES, KnownAnswer, known_answers_for
 
 
 def _write_jsonl(path: Path, lines: list[str]) -> Path:
@@ -104,22 +104,22 @@ def test_selftest_reports_mismatch_and_match(
 ) -> None:
     # Pretend the tiny checkpoint were released with known answers.
     name = tiny_worldpm.name
-    good, bad = knowledge.SANITY_PAIR
+    good, bad = (s["messages"] for s in FAMILIES["worldpm"].sanity_pair)
     ref = ReferenceWorldPM(tiny_worldpm)
     true_scores = [ref.score(good), ref.score(bad)]
     wrong = [
-        knowledge.KnownAnswer("a", good, true_scores[0] + 1.0),
-        knowledge.KnownAnswer("b", bad, true_scores[1]),
+        KnownAnswer("a", good, true_scores[0] + 1.0),
+        KnownAnswer("b", bad, true_scores[1]),
     ]
-    monkeypatch.setitem(knowledge.KNOWN_ANSWERS, name, wrong)
+    monkeypatch.setitem(FAMILIES["worldpm"].known_answers, name, wrong)
     assert main(["selftest", "--model", str(tiny_worldpm), "--device", "cpu"]) == 1
     assert "MISMATCH" in capsys.readouterr().out
 
     right = [
-        knowledge.KnownAnswer("a", good, true_scores[0]),
-        knowledge.KnownAnswer("b", bad, true_scores[1]),
+        KnownAnswer("a", good, true_scores[0]),
+        KnownAnswer("b", bad, true_scores[1]),
     ]
-    monkeypatch.setitem(knowledge.KNOWN_ANSWERS, name, right)
+    monkeypatch.setitem(FAMILIES["worldpm"].known_answers, name, right)
     code = main(["selftest", "--model", str(tiny_worldpm), "--device", "cpu"])
     out = capsys.readouterr().out
     assert out.count("[ok]") >= 2 and "MISMATCH" not in out
@@ -128,7 +128,7 @@ def test_selftest_reports_mismatch_and_match(
 
 
 def test_known_answers_are_the_model_card_values() -> None:
-    answers = knowledge.known_answers_for("Qwen/WorldPM-72B")
+    answers = known_answers_for("Qwen/WorldPM-72B")
     assert [a.score for a in answers] == [0.6298332214355469, -1.6425328254699707]
     assert answers[0].conversation[0] == {"role": "system", "content": ""}
-    assert knowledge.known_answers_for("/models/my-finetune") == []
+    assert known_answers_for("/models/my-finetune") == []

@@ -165,7 +165,7 @@ def test_generic_checks(tmp_path: Path) -> None:
 
 
 def test_polar_is_recognised_not_misloaded(tmp_path: Path) -> None:
-    from worldpm_reward.loading import detect_family
+    from worldpm_reward.families import detect_family
 
     assert detect_family({"architectures": ["InternLM2ForRewardModel"]}) == "polar"
     assert detect_family({"architectures": ["Qwen2ForRewardModel"]}) == "worldpm"

@@ -227,6 +227,6 @@ def test_selftest_runs_for_polar(polar: Path, capsys: pytest.CaptureFixture[str]
     code = main(["selftest", "--model", str(polar), "--device", "cpu"])
     out = capsys.readouterr().out
     assert "family=polar" in out and "no published known answers" in out and code in (0, 1)
-    from worldpm_reward.knowledge import known_answers_for
+    from worldpm_reward.families import known_answers_for
 
     assert [a.score for a in known_answers_for("internlm/POLAR-7B")] == [-0.57, -11.03]

@@ -17,7 +17,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 from wpr_servers import pip_target, server_process
 
-from worldpm_reward.configs import ConfigError, load_config
+from worldpm_reward.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"

@@ -69,10 +69,10 @@ def test_tokenization_is_the_real_qwen2_vocabulary(tiny_worldpm, conversations) 
 
 
 def test_model_card_conversation_renders_exactly(reward_model) -> None:
-    from worldpm_reward.knowledge import KNOWN_ANSWERS
+    from worldpm_reward.families.worldpm import FAMILY
     from worldpm_reward.samples import parse_sample
 
-    conv = KNOWN_ANSWERS["WorldPM-72B"][1].conversation
+    conv = FAMILY.known_answers["WorldPM-72B"][1].conversation
     text = reward_model.encoder.render(parse_sample(conv))
     assert text == (
         "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nTips for better sleep?<|im_end|>\n"

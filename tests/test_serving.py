@@ -20,8 +20,8 @@ from wpr_servers import pip_target, server_process, server_thread
 from wpr_testutils import real_conversations
 
 from worldpm_reward import RewardModel
-from worldpm_reward.client import RemoteScorer
 from worldpm_reward.serving import ServerConfig, create_app
+from worldpm_reward.serving.client import RemoteScorer
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ pytest.importorskip("trl", reason="needs the 'trl' extra: pip install 'worldpm-r
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from trl.trainer.utils import get_callable_name, is_async_callable
-from worldpm_reward.integrations.trl import AsyncWorldPMReward, WorldPMReward
 from wpr_policy import gsm8k_questions, tiny_policy
 
 from worldpm_reward import RewardModel
+from worldpm_reward.integrations.trl import AsyncWorldPMReward, WorldPMReward
 
 
 class RecordingReward(WorldPMReward):

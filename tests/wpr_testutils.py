@@ -1,5 +1,7 @@
 """Shared helpers for the test suite: real data from ../shared/data and an independent reference.
 
+(The data readers live in :mod:`worldpm_reward.testing.data`, shared with the benchmarks.)
+
 The reference scorer here is written from the model card and REFERENCE.md only, without
 importing worldpm_reward's formatting, loading or modeling code: transformers' plain
 Qwen2Model, the head applied by hand from the safetensors tensors, ChatML rendered by
@@ -8,68 +10,18 @@ string concatenation, one conversation at a time, no padding.
 
 from __future__ import annotations
 
-import gzip
-import itertools
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from worldpm_reward.testing.data import real_conversations, shared_data_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("WORLDPM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DATA = shared_data_dir()
 ENDOFTEXT_ID = 151643
 
-
-def _hh_transcript(text: str) -> list[dict[str, str]] | None:
-    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> messages, or None if malformed."""
-    msgs: list[dict[str, str]] = []
-    for chunk in text.split("\n\nHuman: ")[1:]:
-        parts = chunk.split("\n\nAssistant: ")
-        msgs.append({"role": "user", "content": parts[0].strip()})
-        msgs.extend({"role": "assistant", "content": p.strip()} for p in parts[1:])
-    if len(msgs) < 2 or msgs[-1]["role"] != "assistant" or any(not m["content"] for m in msgs):
-        return None
-    if any(a["role"] == b["role"] for a, b in itertools.pairwise(msgs)):
-        return None
-    return msgs
-
-
-def real_conversations(n: int = 240) -> list[list[dict[str, str]]]:
-    """Real conversations (multi-turn hh-rlhf, LLMBar, PandaLM, HHH), deterministic order."""
-    convs: list[list[dict[str, str]]] = []
-    with gzip.open(DATA / "preferences" / "hh_rlhf_harmless_base_test.jsonl.gz", "rt", encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            for key in ("chosen", "rejected"):
-                msgs = _hh_transcript(rec[key])
-                if msgs:
-                    convs.append(msgs)
-            if len(convs) >= n * 2 // 3:
-                break
-    for rec in json.loads((DATA / "preferences" / "llmbar" / "LLMBar_Natural.json").read_text())[: n // 8]:
-        for key in ("output_1", "output_2"):
-            if rec[key].strip():
-                convs.append(
-                    [{"role": "user", "content": rec["input"]}, {"role": "assistant", "content": rec[key]}]
-                )
-    for rec in json.loads((DATA / "preferences" / "pandalm" / "pandalm_testset-v1.json").read_text())[
-        : n // 8
-    ]:
-        prompt = rec["instruction"] + ("\n\n" + rec["input"] if rec["input"] else "")
-        for key in ("response1", "response2"):
-            if rec[key].strip():
-                convs.append(
-                    [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec[key]}]
-                )
-    with open(DATA / "preferences" / "hhh_alignment" / "hhh_alignment_pairs.jsonl", encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            convs.append(
-                [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["chosen"]}]
-            )
-    unique = list({json.dumps(c, sort_keys=True): c for c in convs}.values())  # the sets repeat some replies
-    return unique[:n]
+__all__ = ["DATA", "ROOT", "ReferenceWorldPM", "real_conversations", "render_chatml_by_hand"]
 
 
 def render_chatml_by_hand(messages: list[dict[str, str]]) -> str:

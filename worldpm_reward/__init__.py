@@ -1,17 +1,27 @@
 """worldpm-reward: faithful, fast WorldPM reward scoring for RL training.
 
-The core (this package) knows no training framework: it loads reward-model checkpoints,
-formats conversations in the model's own format, and scores batches. Framework adapters
-live in ``worldpm_reward.integrations``.
+The core knows no training framework: it loads reward-model checkpoints (one module per
+model family in ``worldpm_reward.families``), formats conversations in the model's own
+format, and scores batches (``RewardModel``). ``worldpm_reward.serving`` hosts a model for
+other processes; framework adapters live in ``worldpm_reward.integrations``.
 """
 
-from worldpm_reward.errors import BatchScoringError, CheckpointError, SampleError, WorldPMRewardError
-from worldpm_reward.samples import Sample, ScoreResult, parse_sample
-from worldpm_reward.scoring import RewardModel, Scorer
+from worldpm_reward.config import ModelConfig
+from worldpm_reward.errors import (
+    BatchScoringError,
+    CheckpointError,
+    ConfigError,
+    SampleError,
+    WorldPMRewardError,
+)
+from worldpm_reward.samples import Sample, Scorer, ScoreResult, parse_sample
+from worldpm_reward.scoring import RewardModel
 
 __all__ = [
     "BatchScoringError",
     "CheckpointError",
+    "ConfigError",
+    "ModelConfig",
     "RewardModel",
     "Sample",
     "SampleError",

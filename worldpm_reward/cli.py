@@ -15,9 +15,13 @@ import json
 import logging
 import math
 import sys
+import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from worldpm_reward.policy_text import FORMATS
+from worldpm_reward.shaping import Normalize, ReferenceMode
 
 EPILOG = """examples:
   worldpm-reward demo                      # whole path on a built-in tiny checkpoint, nothing downloaded
@@ -30,52 +34,35 @@ input lines: {"messages": [{"role": "user", "content": ...}, {"role": "assistant
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """The model flags, generated from ModelConfig's fields (names, types, choices, help)."""
+
+    from worldpm_reward.config import ModelConfig, choices_of, cli_fields
+
     g = p.add_argument_group("model")
     g.add_argument("--model", required=required, help="hub id or local checkpoint directory")
-    g.add_argument(
-        "--family",
-        default="auto",
-        choices=["auto", "worldpm", "polar", "generic"],
-        help="checkpoint family (default: from config.json)",
-    )
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    g.add_argument("--device-map", default=None, help="'auto' shards a large model over all visible GPUs")
-    g.add_argument("--attn-implementation", default=None, help="sdpa, eager, flash_attention_2")
-    g.add_argument(
-        "--max-length", type=int, default=None, help="most tokens per sample; longer ones lose their start"
-    )
-    g.add_argument("--max-batch-tokens", type=int, default=None, help="padded-token budget per micro-batch")
-    g.add_argument("--max-batch-size", type=int, default=64)
-    g.add_argument(
-        "--max-padding-fraction",
-        type=float,
-        default=None,
-        help="most padding per micro-batch (default 0.3 GPU, 0.05 CPU)",
-    )
-    g.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run code shipped with the checkpoint (WorldPM never needs it)",
-    )
+    hints = typing.get_type_hints(ModelConfig)
+    for f in cli_fields(ModelConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint, help_text = hints[f.name], f.metadata.get("help", "")
+        if hint is bool:
+            g.add_argument(flag, action="store_true", help=help_text)
+            continue
+        choices = choices_of(hint)
+        kinds = set(typing.get_args(hint)) or {hint}
+        kind = int if int in kinds else float if float in kinds else str
+        g.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
+
+
+def _model_config(args: argparse.Namespace) -> Any:
+    from worldpm_reward.config import ModelConfig, cli_fields
+
+    return ModelConfig(**{f.name: getattr(args, f.name) for f in cli_fields(ModelConfig)})
 
 
 def _load(args: argparse.Namespace, model: str | None = None) -> Any:
     from worldpm_reward.scoring import RewardModel
 
-    return RewardModel.from_pretrained(
-        model or args.model,
-        family=args.family,
-        dtype=args.dtype,
-        device=args.device,
-        device_map=args.device_map,
-        attn_implementation=args.attn_implementation,
-        max_length=args.max_length,
-        max_batch_tokens=args.max_batch_tokens,
-        max_batch_size=args.max_batch_size,
-        max_padding_fraction=args.max_padding_fraction,
-        trust_remote_code=args.trust_remote_code,
-    )
+    return RewardModel.from_pretrained(model or args.model, _model_config(args))
 
 
 def _read_lines(f: TextIO) -> Iterator[tuple[int, Any]]:
@@ -175,7 +162,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from worldpm_reward.knowledge import REFERENCE_SANITY_PAIR, SANITY_PAIR, known_answers_for
+    from worldpm_reward.families import known_answers_for
 
     rm = _load(args)
     dtype = next(rm.model.parameters()).dtype
@@ -183,7 +170,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     ok = True
     answers = known_answers_for(args.model)
     if answers:
-        scores = rm.score([a.conversation for a in answers])
+        scores = rm.score([a.sample for a in answers])
         for a, s in zip(answers, scores):
             diff = abs(s - a.score)
             good = diff <= args.tolerance
@@ -193,11 +180,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
             )
     else:
         print(f"  no published known answers for {args.model!r}; running sanity checks only")
-    if rm.family == "polar":
-        right, wrong, ref = REFERENCE_SANITY_PAIR
-        pair: list[Any] = [{"messages": right, "reference": ref}, {"messages": wrong, "reference": ref}]
-    else:
-        pair = list(SANITY_PAIR)
+    pair: list[Any] = list(rm.family_spec.sanity_pair)
     good, bad = rm.score(pair)
     alone = rm.score(pair[:1])[0]
     finite = math.isfinite(good) and math.isfinite(bad)
@@ -243,14 +226,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _add_shaping_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("reward shaping (the 'reward' field; raw scores are always returned too)")
-    g.add_argument("--normalize", default="none", choices=["none", "running", "fixed"])
+    g.add_argument("--normalize", default="none", choices=typing.get_args(Normalize))
     g.add_argument("--calibration-file", default=None, help="for --normalize fixed (see 'calibrate')")
     g.add_argument("--clip-min", type=float, default=None)
     g.add_argument("--clip-max", type=float, default=None)
     g.add_argument(
         "--reference",
         default="none",
-        choices=["none", "difference", "bt_probability"],
+        choices=typing.get_args(ReferenceMode),
         help="reward relative to a reference answer (OpenRLHF 'labels', or a sample's 'reference')",
     )
 
@@ -268,7 +251,7 @@ def _shaping(args: argparse.Namespace) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from worldpm_reward.serving import ServerConfig, run_server
+    from worldpm_reward.serving.app import ServerConfig, run_server
 
     config = ServerConfig(
         host=args.host,
@@ -283,15 +266,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shaping = _shaping(args)
     run_server(lambda: _load(args), config, shaping)
     return 0
-
-
-def _integration_file(relative: str) -> str:
-    """Path of a shipped adapter file (found, not imported: the core never imports integrations)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("worldpm_reward.integrations")
-    assert spec is not None and spec.submodule_search_locations
-    return str(Path(next(iter(spec.submodule_search_locations))) / relative)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reference",
         default="none",
-        choices=["none", "difference", "bt_probability"],
+        choices=typing.get_args(ReferenceMode),
         help="calibrate reference-relative rewards instead of raw scores",
     )
     p.add_argument("--chunk-size", type=int, default=4096)
@@ -345,10 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=8192, help="most queued samples before 503")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
     p.add_argument(
-        "--chat-format",
-        default="auto",
-        choices=["auto", "chatml", "llama3", "mistral", "gemma", "phi3", "plain"],
-        help="the POLICY's chat format in OpenRLHF queries",
+        "--chat-format", default="auto", choices=FORMATS, help="the POLICY's chat format in OpenRLHF queries"
     )
     p.add_argument("--name", default="worldpm", help="reward name in extra_logs and metrics")
     _add_shaping_args(p)
@@ -362,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("verl-file", help="print the path of the veRL custom reward function file")
-    p.set_defaults(func=lambda args: print(_integration_file("verl.py")) or 0)
+    p.set_defaults(func=lambda args: print(Path(__file__).with_name("integrations") / "verl.py") or 0)
 
     p = sub.add_parser("demo", help="run the whole path on a built-in tiny checkpoint (nothing downloaded)")
     p.add_argument("--device", default=None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from worldpm_reward.samples import ScoreResult
@@ -41,6 +41,10 @@ class SampleError(WorldPMRewardError, ValueError):
         super().__init__(prefix + message)
 
 
+class ConfigError(WorldPMRewardError, ValueError):
+    """A config key or value is not what its dataclass field expects (the message quotes both)."""
+
+
 class CheckpointError(WorldPMRewardError):
     """A checkpoint cannot be loaded faithfully (missing, unexpected or misshaped weights, wrong head)."""
 
@@ -61,6 +65,27 @@ class BatchScoringError(WorldPMRewardError):
             f"{len(failed)} of {len(self.results)} samples could not be scored: {shown}{more}. "
             "Use score_detailed() to get per-sample results instead of an exception."
         )
+
+
+class RequestError(WorldPMRewardError):
+    """A request the reward service refuses: ``status`` is the HTTP status, ``detail`` names the items."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(str(detail))
+        self.status = status
+        self.detail = detail
+
+
+class QueueFullError(WorldPMRewardError):
+    """The server's queue is full; retry later (HTTP 503 with Retry-After)."""
+
+
+class ServerClosingError(WorldPMRewardError):
+    """The server is shutting down and takes no new work (HTTP 503)."""
+
+
+class RemoteScoringError(WorldPMRewardError):
+    """Every reward server failed for a request after all retries, or answered nonsense."""
 
 
 def require_extra(module: str, extra: str) -> ModuleType:

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from worldpm_reward.config import Overflow
 from worldpm_reward.errors import CheckpointError, SampleError
 from worldpm_reward.samples import Conversation, Sample
-
-Overflow = Literal["truncate", "error"]
-
-WORLDPM_FINAL_TOKEN = "<|endoftext|>"
 
 
 @dataclass(frozen=True)

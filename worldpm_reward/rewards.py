@@ -1,6 +1,6 @@
 """Scorer + shaping: samples in, training rewards out. The one verb every adapter calls.
 
-:class:`RewardFunction` scores a batch with any :class:`~worldpm_reward.scoring.Scorer`
+:class:`RewardFunction` scores a batch with any :class:`~worldpm_reward.samples.Scorer`
 (in-process model or remote client), scores the reference answers when the shaping asks
 for reference-relative rewards (each distinct prompt + reference scored once, in the same
 call as the responses), and applies :class:`~worldpm_reward.shaping.RewardShaper`.
@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worldpm_reward.errors import SampleError
-from worldpm_reward.samples import Sample, SampleLike, ScoreResult, parse_sample
-from worldpm_reward.scoring import Scorer
+from worldpm_reward.samples import Sample, SampleLike, Scorer, ScoreResult, parse_sample
 from worldpm_reward.shaping import RewardShaper, ShapingConfig
 
 

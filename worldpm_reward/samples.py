@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from worldpm_reward.errors import SampleError
 
@@ -69,6 +69,17 @@ class ScoreResult:
     @property
     def ok(self) -> bool:
         return self.error is None and self.score is not None
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Anything that turns a batch of samples into per-sample results, in input order.
+
+    Implemented by :class:`~worldpm_reward.scoring.RewardModel` (in process) and :class:`~worldpm_reward.serving.client.RemoteScorer` (remote); the
+    framework adapters depend on this seam only.
+    """
+
+    def score_detailed(self, samples: Sequence[SampleLike]) -> list[ScoreResult]: ...
 
 
 def _check_text(value: Any, *, index: int | None, field: str, allow_empty: bool = False) -> str:

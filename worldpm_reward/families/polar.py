@@ -1,5 +1,8 @@
 """POLAR (internlm/POLAR-1_8B, POLAR-7B and -Base): reference-based reward models, natively.
 
+This module holds everything POLAR-specific: the architecture, checkpoint conversion and
+loading, the input encoding and the published known answers.
+
 Architecture ``InternLM2ForRewardModel`` (remote code upstream): an InternLM2 backbone and
 ``v_head = Linear(h, 1, bias=False)`` on the last token. InternLM2 is Llama with renamed
 weights and a FUSED ``wqkv`` projection, so the checkpoint is mapped onto transformers'
@@ -27,21 +30,24 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
 
+from worldpm_reward.checkpoints import LoadRequest, check_weight_names, place
+from worldpm_reward.config import ModelConfig
 from worldpm_reward.errors import CheckpointError, SampleError
+from worldpm_reward.families.base import KnownAnswer, RewardFamily
 from worldpm_reward.formatting import Encoded, Encoder
-from worldpm_reward.loading import check_weight_names
-from worldpm_reward.modeling import pool_last
-from worldpm_reward.samples import Sample
+from worldpm_reward.pooling import score_last_token
+from worldpm_reward.samples import Conversation, Sample
 
 logger = logging.getLogger(__name__)
 
+ARCHITECTURES = ("InternLM2ForRewardModel",)
 REWARD_SEPARATOR = "<|reward|>"
 REWARD_TOKEN = "[UNUSED_TOKEN_130]"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -94,11 +100,7 @@ class PolarRewardModel(LlamaPreTrainedModel):
     ) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
-        pooled = pool_last(hidden, attention_mask)
-        return self.v_head(pooled.to(self.v_head.weight.device)).squeeze(-1)
+        return score_last_token(self.model, self.v_head, input_ids, attention_mask)
 
 
 def expected_internlm2_weights(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -210,25 +212,29 @@ def _local_dir(name_or_path: str | os.PathLike[str], hub_kwargs: dict[str, Any])
     return Path(snapshot_download(str(name_or_path), **hub_kwargs))
 
 
-def load_polar(
-    name_or_path: str | os.PathLike[str],
-    config_dict: dict[str, Any],
-    dtype: torch.dtype,
-    hub_kwargs: dict[str, Any],
-) -> PolarRewardModel:
-    """Build PolarRewardModel from an InternLM2ForRewardModel checkpoint; refuse any weight mismatch."""
-    where = f"checkpoint {str(name_or_path)!r}"
-    path = _local_dir(name_or_path, hub_kwargs)
+def load_polar(request: LoadRequest) -> PolarRewardModel:
+    """Build PolarRewardModel from an InternLM2ForRewardModel checkpoint; refuse any weight mismatch.
+
+    Honours ``dtype``, ``attn_implementation`` and ``device``/``device_map`` like
+    transformers' ``from_pretrained`` (a ``device_map`` is dispatched by accelerate, never
+    splitting a decoder layer).
+    """
+    path = _local_dir(request.name_or_path, request.hub_kwargs)
     weights = _read_weights(path)
-    expected = expected_internlm2_weights(config_dict)
-    check_weight_names({k: tuple(v.shape) for k, v in weights.items()}, expected, where)
-    config = llama_config_from_internlm2(config_dict)
+    expected = expected_internlm2_weights(request.config_dict)
+    check_weight_names({k: tuple(v.shape) for k, v in weights.items()}, expected, request.where)
+    config = llama_config_from_internlm2(request.config_dict)
+    if request.attn_implementation is not None:
+        config._attn_implementation = request.attn_implementation
     with torch.device("meta"):
         model = PolarRewardModel(config)
-    converted = {k: v.to(dtype) for k, v in convert_internlm2_state_dict(weights, config_dict).items()}
+    converted = {
+        k: v.to(request.dtype) for k, v in convert_internlm2_state_dict(weights, request.config_dict).items()
+    }
+    del weights
     model.load_state_dict(converted, strict=True, assign=True)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # rebuild the non-persistent buffers
-    return model
+    return place(model, request, ["LlamaDecoderLayer"])  # type: ignore[return-value]
 
 
 class PolarEncoder(Encoder):
@@ -344,3 +350,51 @@ def to_internlm2_state_dict(model: PolarRewardModel, cfg: dict[str, Any]) -> dic
             module, kind = tail.rsplit(".", 1)
             out[f"model.layers.{layer}.{inverse[module]}.{kind}"] = t
     return out
+
+
+def _capital(reply: str) -> Conversation:
+    return [
+        {"role": "user", "content": "What is the capital of China?"},
+        {"role": "assistant", "content": reply},
+    ]
+
+
+class PolarFamily(RewardFamily):
+    name = "polar"
+    architectures = ARCHITECTURES
+    #: POLAR-7B (model card, via transformers): "about -0.57" and "about -11.03".
+    known_answers: ClassVar[dict[str, list[KnownAnswer]]] = {
+        "POLAR-7B": [
+            KnownAnswer(
+                "capital of China, right answer",
+                _capital("Beijing."),
+                -0.57,
+                reference="Beijing.",
+                tolerance=0.3,
+            ),
+            KnownAnswer(
+                "capital of China, wrong answer",
+                _capital("Shanghai."),
+                -11.03,
+                reference="Beijing.",
+                tolerance=0.5,
+            ),
+        ]
+    }
+    sanity_pair = (
+        {"messages": _capital("Beijing."), "reference": "Beijing."},
+        {"messages": _capital("Shanghai."), "reference": "Beijing."},
+    )
+
+    def load(self, request: LoadRequest) -> nn.Module:
+        return load_polar(request)
+
+    def encoder(self, tokenizer: Any, hf_config: Any, config: ModelConfig) -> Encoder:
+        return PolarEncoder(
+            tokenizer,
+            max_length=int(config.max_length or 16384),  # POLAR's reference client budget
+            reward_token_id=getattr(hf_config, "reward_token_id", None),
+        )
+
+
+FAMILY = PolarFamily()

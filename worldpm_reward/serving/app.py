@@ -1,4 +1,4 @@
-"""The HTTP reward server (``worldpm-reward serve``): FastAPI + uvicorn, cross-request batching.
+"""The HTTP app and server (``worldpm-reward serve``): FastAPI + uvicorn, cross-request batching.
 
 Endpoints:
   * ``POST /get_reward``: OpenRLHF's remote reward protocol (``--reward.remote_url``).
@@ -26,10 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from worldpm_reward.batcher import BatcherClosedError, BatchReport, DynamicBatcher, QueueFullError
-from worldpm_reward.errors import require_extra
-from worldpm_reward.scoring import Scorer
-from worldpm_reward.service import RequestError, RewardService, Submit
+from worldpm_reward.errors import QueueFullError, RequestError, ServerClosingError, require_extra
+from worldpm_reward.samples import Scorer, ScoreResult
+from worldpm_reward.serving.protocol import RewardService, Submit
+from worldpm_reward.serving.queue import BatchReport, DynamicBatcher
 from worldpm_reward.shaping import ShapingConfig
 
 logger = logging.getLogger(__name__)
@@ -127,8 +127,9 @@ def create_app(
             in a background thread at startup, and /health answers 503 until it is done.
         config: server settings.
         shaping: reward shaping applied to every request.
-        submit: score through this coroutine instead of the built-in dynamic batcher
-            (the Ray Serve deployment passes its ``@serve.batch`` method).
+        submit: score through this coroutine instead of the built-in dynamic batcher (the
+            Ray Serve deployment passes a coroutine that goes through its ``@serve.batch``
+            method); the built-in batcher is then never started.
     """
     fastapi = require_extra("fastapi", "serve")
     pydantic = require_extra("pydantic", "serve")
@@ -167,11 +168,14 @@ def create_app(
         "closing": False,
     }
 
-    def score_fn(samples: Any) -> Any:
-        results = state["scorer"].score_detailed(samples)
+    def count(results: list[ScoreResult]) -> None:
         m_tokens.inc(sum(r.num_tokens for r in results))
         m_samples.inc(len(results))
         m_truncated.inc(sum(r.truncated for r in results))
+
+    def score_fn(samples: Any) -> Any:
+        results = state["scorer"].score_detailed(samples)
+        count(results)
         return results
 
     def on_batch(report: BatchReport) -> None:
@@ -185,8 +189,20 @@ def create_app(
         max_queue=cfg.max_queue,
         on_batch=on_batch,
     )
+    own_batcher = submit is None
+    if submit is not None:
+        host_submit = submit
+
+        async def submit_and_count(samples: Any) -> list[ScoreResult]:
+            results = await host_submit(samples)
+            count(results)
+            return results
+
+        chosen: Submit = submit_and_count
+    else:
+        chosen = batcher.submit
     service = RewardService(
-        batcher.submit, shaping=shaping, chat_format=cfg.chat_format, name=cfg.name, max_items=cfg.max_items
+        chosen, shaping=shaping, chat_format=cfg.chat_format, name=cfg.name, max_items=cfg.max_items
     )
 
     def load() -> None:
@@ -199,12 +215,14 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
-        batcher.start()
+        if own_batcher:
+            batcher.start()
         if state["scorer"] is None:
             threading.Thread(target=load, name="worldpm-load", daemon=True).start()
         yield
         state["closing"] = True
-        await batcher.stop()  # uvicorn stops accepting first; queued work is finished
+        if own_batcher:
+            await batcher.stop()  # uvicorn stops accepting first; queued work is finished
 
     app = fastapi.FastAPI(
         title="worldpm-reward",
@@ -261,7 +279,7 @@ def create_app(
             return JSONResponse(
                 {"detail": str(exc)}, status_code=503, headers={"Retry-After": str(cfg.retry_after_s)}
             )
-        except BatcherClosedError as exc:
+        except ServerClosingError as exc:
             status = 503
             return JSONResponse(
                 {"detail": str(exc)}, status_code=503, headers={"Retry-After": str(cfg.retry_after_s)}

@@ -1,4 +1,4 @@
-"""Request handling shared by every host (the HTTP server, the Ray Serve deployment).
+"""Protocol handling shared by every host (the HTTP server, the Ray Serve deployment).
 
 :class:`RewardService` turns protocol payloads into samples, hands them to a ``submit``
 coroutine (the dynamic batcher, or Ray Serve's batching) and builds the responses. It
@@ -8,7 +8,7 @@ Protocols:
   * OpenRLHF ``/get_reward``: ``{"query": [...], "prompts": [...], "labels": [...]}`` ->
     ``{"rewards": [...], "scores": [...], "extra_logs": {name: [...]}}``. The query is the
     prompt and reply as the POLICY's tokenizer decoded them (special tokens kept); it is
-    parsed back into messages (``chat_formats``) and scored in the reward model's format.
+    parsed back into messages (:mod:`worldpm_reward.policy_text`) and scored in the reward model's format.
     A bad item fails the request with 422 naming it (OpenRLHF cannot take a None reward).
   * native ``/v1/score``: ``{"samples": [...]}`` -> ``{"results": [{"score", "reward",
     "num_tokens", "truncated", "response_truncated", "error"}]}``; a bad item gets its
@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from worldpm_reward.chat_formats import FORMATS, parse_rendered
-from worldpm_reward.errors import SampleError
+from worldpm_reward.errors import RequestError, SampleError
+from worldpm_reward.policy_text import FORMATS, parse_rendered
 from worldpm_reward.rewards import RewardFunction
 from worldpm_reward.samples import ScoreResult, parse_sample
 from worldpm_reward.shaping import ShapingConfig
@@ -31,15 +31,6 @@ from worldpm_reward.shaping import ShapingConfig
 logger = logging.getLogger(__name__)
 
 Submit = Callable[[Sequence[Any]], Awaitable[list[ScoreResult]]]
-
-
-class RequestError(Exception):
-    """A request the service refuses: ``status`` is the HTTP status, ``detail`` names the items."""
-
-    def __init__(self, status: int, detail: Any) -> None:
-        super().__init__(str(detail))
-        self.status = status
-        self.detail = detail
 
 
 class _AsyncScorer:

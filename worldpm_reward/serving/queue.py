@@ -20,18 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from worldpm_reward.errors import WorldPMRewardError
+from worldpm_reward.errors import QueueFullError, ServerClosingError
 from worldpm_reward.samples import ScoreResult
 
 logger = logging.getLogger(__name__)
-
-
-class QueueFullError(WorldPMRewardError):
-    """The batcher's queue holds max_queue samples already; retry later (HTTP 503)."""
-
-
-class BatcherClosedError(WorldPMRewardError):
-    """The batcher is shutting down and takes no new work."""
 
 
 @dataclass
@@ -96,7 +88,7 @@ class DynamicBatcher:
     async def submit(self, samples: Sequence[Any]) -> list[ScoreResult]:
         """Score ``samples`` together with whatever else is queued; results in input order."""
         if self._closing:
-            raise BatcherClosedError("the reward server is shutting down")
+            raise ServerClosingError("the reward server is shutting down")
         if self._queue is None:
             self.start()
         assert self._queue is not None

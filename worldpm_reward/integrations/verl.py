@@ -46,7 +46,7 @@ def _reward_fn() -> RewardFunction:
             shaping = ShapingConfig(**json.loads(os.environ.get("WORLDPM_REWARD_SHAPING", "{}")))
             url, model = os.environ.get("WORLDPM_REWARD_URL"), os.environ.get("WORLDPM_REWARD_MODEL")
             if url:
-                from worldpm_reward.client import RemoteScorer
+                from worldpm_reward.serving.client import RemoteScorer
 
                 scorer: Any = RemoteScorer(url, token=os.environ.get("WORLDPM_REWARD_TOKEN"))
             elif model:

@@ -1,0 +1,128 @@
+"""The layout's rules, checked: the core imports no framework and has no import side effects,
+the package's modules form no import cycle, and benchmarks use only the public package."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "worldpm_reward"
+
+FRAMEWORKS = [
+    "trl",
+    "openrlhf",
+    "ray",
+    "vllm",
+    "sglang",
+    "fastapi",
+    "uvicorn",
+    "deepspeed",
+    "httpx",
+    "pydantic",
+    "prometheus_client",
+]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_core_imports_no_framework() -> None:
+    """Every module outside integrations/ (the adapters) imports cleanly with no framework,
+    no logging handler and no CUDA initialisation."""
+    core = [m for m in _modules() if ".integrations" not in m and m != "worldpm_reward.client"]
+    assert len(core) >= 25, core  # the walk found the package
+    code = (
+        "import importlib, json, logging, sys\n"
+        f"for m in {core!r}: importlib.import_module(m)\n"
+        f"print(json.dumps({{'loaded': [m for m in {FRAMEWORKS!r} if m in sys.modules],"
+        " 'handlers': len(logging.getLogger().handlers), 'cuda': 'torch.cuda' in sys.modules and "
+        "__import__('torch').cuda.is_initialized()}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report == {"loaded": [], "handlers": 0, "cuda": False}
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """Package modules that ``path`` imports anywhere (function-level imports included;
+    ``if TYPE_CHECKING:`` blocks excluded: they never run)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name in known)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.add(sub if sub in known else node.module)
+    return {m for m in out if m in known}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return [*stack[stack.index(n) :], n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_no_import_cycles() -> None:
+    modules = _modules()
+    graph = {m: _imports(p, set(modules)) - {m} for m, p in modules.items()}
+    # a module's own package __init__ is imported first by Python: not a dependency edge of ours
+    graph = {m: {n for n in deps if not m.startswith(n + ".")} for m, deps in graph.items()}
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph) or [])}"
+
+
+def test_cycle_checker_finds_a_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_benchmarks_import_only_the_public_package() -> None:
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            for name in names:
+                assert not name.startswith(("tests", "wpr_")), f"{path.name} imports {name}"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("worldpm_reward"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports private {private} from {node.module}"
+        assert "sys.path" not in path.read_text(encoding="utf-8"), f"{path.name} edits sys.path"
