@@ -230,3 +230,25 @@ def test_selftest_runs_for_polar(polar: Path, capsys: pytest.CaptureFixture[str]
     from worldpm_reward.families import known_answers_for
 
     assert [a.score for a in known_answers_for("internlm/POLAR-7B")] == [-0.57, -11.03]
+
+
+def test_polar_honours_device_map_attn_implementation_and_dtype(polar: Path) -> None:
+    """Like WorldPM: a device_map is dispatched (accelerate), the attention kernel and dtype are
+    the ones asked for, and the scores do not change."""
+    samples = real_polar_samples(8)
+    base = RewardModel.from_pretrained(polar, device="cpu")
+    want = base.score(samples)
+    assert base.model.config._attn_implementation == "sdpa"
+
+    mapped = RewardModel.from_pretrained(polar, device_map={"": "cpu"}, attn_implementation="eager")
+    assert mapped.model.hf_device_map == {"": "cpu"}
+    assert mapped.model.config._attn_implementation == "eager"
+    assert max(abs(a - b) for a, b in zip(mapped.score(samples), want)) <= 1e-4
+
+    auto = RewardModel.from_pretrained(polar, device_map="auto")
+    assert set(auto.model.hf_device_map.values()) == {"cpu"}  # no GPU here: every module on the CPU
+    assert max(abs(a - b) for a, b in zip(auto.score(samples), want)) <= 1e-5
+
+    half = RewardModel.from_pretrained(polar, device="cpu", dtype="bf16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    assert max(abs(a - b) for a, b in zip(half.score(samples), want)) <= 0.1 * max(map(abs, want)) + 0.1

@@ -41,7 +41,13 @@ def test_deployment_http_and_handle_give_the_same_scores(cluster: str, tiny_worl
     from worldpm_reward.integrations.ray_serve import build_app
 
     app = build_app(
-        str(tiny_worldpm), num_gpus=0, num_cpus=0.5, model_kwargs={"device": "cpu"}, batch_wait_timeout_s=0.02
+        {
+            "model": str(tiny_worldpm),
+            "num_gpus": 0,
+            "num_cpus": 0.5,
+            "model_kwargs": {"device": "cpu"},
+            "batch_wait_timeout_s": 0.02,
+        }
     )
     handle = serve.run(app, name="worldpm", route_prefix="/")
     convs = real_conversations(24)
@@ -54,6 +60,10 @@ def test_deployment_http_and_handle_give_the_same_scores(cluster: str, tiny_worl
     got_x = [r["score"] for r in http.json()["results"]]
     assert max(abs(a - b) for a, b in zip(got_h, want)) <= 1e-4
     assert got_h == got_x
+    # both paths went through the @serve.batch method, which coalesced the samples
+    stats = handle.batch_stats.remote().result()
+    assert stats["batched_samples"] == 2 * len(convs)
+    assert 2 <= stats["batch_calls"] <= stats["batched_samples"] // 4
 
     # OpenRLHF's protocol through both paths, and the reward-function file via the handle
     prompt = "<|im_start|>user\nTips for better sleep?<|im_end|>\n<|im_start|>assistant\n"
@@ -93,3 +103,62 @@ def test_deployment_http_and_handle_give_the_same_scores(cluster: str, tiny_worl
     with pytest.raises(Exception, match="index"):
         handle.get_reward.remote([bad], None, None).result()
     assert httpx.get(f"{cluster}/health", timeout=30).status_code == 200
+
+
+def test_killed_replica_is_replaced_and_a_retrying_client_loses_nothing(
+    cluster: str, tiny_worldpm: Path
+) -> None:
+    import time
+
+    from worldpm_reward.integrations.ray_serve import build_app
+    from worldpm_reward.serving.client import RemoteScorer
+
+    app = build_app(
+        {
+            "model": str(tiny_worldpm),
+            "num_gpus": 0,
+            "num_cpus": 0.25,
+            "replicas": 2,
+            "model_kwargs": {"device": "cpu"},
+            "health_check_period_s": 1.0,
+        }
+    )
+    serve.run(app, name="worldpm-two", route_prefix="/two")
+    convs = real_conversations(48)
+    want = RewardModel.from_pretrained(tiny_worldpm, device="cpu").score(convs)
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "worldpm-two" in a["name"]]
+    assert len(replicas) == 2, replicas
+
+    class KillAfterThreeChunks(RemoteScorer):
+        sent = 0
+
+        def _post(self, path: str, payload: dict) -> object:
+            KillAfterThreeChunks.sent += 1
+            if KillAfterThreeChunks.sent == 4:
+                victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+                ray.kill(victim, no_restart=True)
+            return super()._post(path, payload)
+
+    scorer = KillAfterThreeChunks(f"{cluster}/two", max_chunk=4, retries=8, backoff_s=0.2, timeout_s=60)
+    got = [r.score for r in scorer.score_detailed([{"messages": c} for c in convs])]
+    assert len(got) == len(want) and max(abs(a - b) for a, b in zip(got, want)) <= 1e-4  # none lost or mixed
+
+    def replica_names() -> set[str]:
+        return {
+            a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "worldpm-two" in a["name"]
+        }
+
+    def running() -> int:
+        status = serve.status().applications["worldpm-two"].deployments["WorldPMDeployment"]
+        return status.replica_states.get("RUNNING", 0)
+
+    deadline = time.monotonic() + 120  # Serve's controller starts a replacement replica
+    while time.monotonic() < deadline:
+        names = replica_names()
+        if replicas[0]["name"] not in names and len(names) == 2 and running() == 2:
+            break
+        time.sleep(1)
+    names = replica_names()
+    assert replicas[0]["name"] not in names and len(names) == 2 and running() == 2, names
+    again = [r.score for r in scorer.score_detailed([{"messages": c} for c in convs[:8]])]
+    assert max(abs(a - b) for a, b in zip(again, want[:8])) <= 1e-4  # the new replica scores too

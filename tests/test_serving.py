@@ -261,14 +261,13 @@ def test_failover_when_a_server_is_killed_mid_run(
 
             answered = 0
 
-            def _accept(self, url, r, expected):
-                out = super()._accept(url, r, expected)
-                if out[0] is not None:
-                    self.answered += 1
-                    if self.answered == 5:
-                        proc_a.send_signal(signal.SIGKILL)
-                        proc_a.wait(10)
-                return out
+            def _post(self, path, payload):
+                body = super()._post(path, payload)
+                self.answered += 1
+                if self.answered == 5:
+                    proc_a.send_signal(signal.SIGKILL)
+                    proc_a.wait(10)
+                return body
 
         client = KillAfterFiveChunks([url_a, url_b], max_chunk=4, retries=4, backoff_s=0.05, timeout_s=30)
         results = client.score_detailed(convs)
@@ -339,3 +338,73 @@ def test_remote_scorer_async_and_pickle(live: str, direct: RewardModel) -> None:
         )
         == 1
     )
+
+
+def test_create_app_scores_through_the_given_submit(direct: RewardModel) -> None:
+    """The host seam: with ``submit`` (what the Ray Serve deployment passes) every request goes
+    through it, on both protocols, and the built-in batcher never starts."""
+    calls: list[int] = []
+
+    async def submit(samples: Any) -> Any:
+        calls.append(len(samples))
+        return await asyncio.to_thread(direct.score_detailed, samples)
+
+    app = create_app(direct, ServerConfig(), submit=submit)
+    convs = real_conversations(6)
+    with server_thread(app) as url:
+        r = httpx.post(f"{url}/v1/score", json={"samples": [{"messages": c} for c in convs]}, timeout=60)
+        query = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>"
+        g = httpx.post(f"{url}/get_reward", json={"query": [query]}, timeout=60)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert r.status_code == 200 and g.status_code == 200
+    assert calls == [6, 1]
+    assert [x["score"] for x in r.json()["results"]] == direct.score(convs)
+    assert app.state.batcher._worker is None  # never started
+    assert re.search(r"^worldpm_reward_samples_total 7\.0$", metrics, re.M)
+
+
+class _Answer:
+    def __init__(self, status: int, body: Any = None) -> None:
+        self.status_code, self._body, self.text = status, body, json.dumps(body)
+
+    def json(self) -> Any:
+        return self._body
+
+
+def test_one_retry_policy_drives_sync_async_and_get_reward() -> None:
+    """RemoteScorer._attempts is the only retry loop: a transport error and a 503 move to the
+    next server with backoff, a 4xx stops at once, success returns the body."""
+    scorer = RemoteScorer(["http://a", "http://b"], retries=3, backoff_s=0.25, cooldown_s=60)
+    policy = scorer._attempts("/v1/score")
+    first = next(policy)
+    second = policy.send(httpx.ConnectError("refused"))
+    assert second.seconds == 0.25  # backoff after the first failure
+    third = policy.send(None)
+    assert {first.url, third.url} == {"http://a", "http://b"}  # failover to the other server
+    assert policy.send(_Answer(503, {})).seconds == 0.5
+    fourth = policy.send(None)
+    with pytest.raises(StopIteration) as done:
+        policy.send(_Answer(200, {"results": []}))
+    assert done.value.value == {"results": []} and fourth.url in ("http://a", "http://b")
+
+    bad = scorer._attempts("/get_reward")
+    next(bad)
+    with pytest.raises(Exception, match="HTTP 422"):
+        bad.send(_Answer(422, {"detail": "no"}))
+
+    exhausted = RemoteScorer("http://a", retries=1, backoff_s=0.0)._attempts("/v1/score")
+    next(exhausted)
+    exhausted.send(_Answer(500, {}))
+    exhausted.send(None)
+    with pytest.raises(Exception, match="all reward servers failed after 2 attempts"):
+        exhausted.send(_Answer(502, {}))
+
+
+def test_remote_get_reward_matches_the_server(live: str, direct: RewardModel) -> None:
+    prompt = "<|im_start|>user\nTips for better sleep?<|im_end|>\n<|im_start|>assistant\n"
+    query = prompt + "Keep a schedule.<|im_end|>"
+    body = RemoteScorer(["http://127.0.0.1:9", live], retries=3, backoff_s=0.01).get_reward(
+        [query], [prompt], [None]
+    )  # port 9 refuses: the first attempt may fail over
+    want = direct.score([{"prompt": "Tips for better sleep?", "response": "Keep a schedule."}])[0]
+    assert abs(body["rewards"][0] - want) <= 1e-5

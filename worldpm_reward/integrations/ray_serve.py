@@ -70,14 +70,14 @@ class WorldPMDeployment:
         self.batch_calls = 0
         self.batched_samples = 0
         self._fatal: str | None = None
-        self.app = create_app(
+        self.http_app = create_app(
             self.scorer, ServerConfig(**(server or {})), ShapingConfig(**(shaping or {})), submit=self._submit
         )
-        self.service = self.app.state.service
+        self.service = self.http_app.state.service
 
     def __serve_build_asgi_app__(self) -> Any:
         """Serve mounts this replica's FastAPI app (built in __init__, around the loaded model)."""
-        return self.app
+        return self.http_app
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005)
     async def _batched(self, samples: list[Any]) -> list[ScoreResult]:
