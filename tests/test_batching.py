@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -21,21 +22,27 @@ def test_sample_scores_the_same_alone_and_in_any_batch(tiny_worldpm, convs) -> N
     alone_rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", max_batch_size=1)
     alone = [alone_rm.score([c])[0] for c in convs]
     rng = random.Random(0)
-    for budget, size in [(1_000_000, 64), (4096, 64), (2048, 7), (700, 3)]:
+    for (budget, size), share in itertools.product(
+        [(1_000_000, 64), (4096, 64), (2048, 7), (700, 3)], [True, False]
+    ):
         rm = RewardModel.from_pretrained(
-            tiny_worldpm, device="cpu", max_batch_tokens=budget, max_batch_size=size
+            tiny_worldpm, device="cpu", max_batch_tokens=budget, max_batch_size=size, shared_prefix=share
         )
         order = list(range(len(convs)))
         rng.shuffle(order)
         got = rm.score([convs[i] for i in order])
         worst = max(abs(got[k] - alone[i]) for k, i in enumerate(order))
-        assert worst <= 1e-5, f"budget={budget} size={size}: max drift {worst:.2e}"
+        assert worst <= 1e-5, f"budget={budget} size={size} shared_prefix={share}: max drift {worst:.2e}"
         assert rm.last_stats.num_batches > 1
 
 
 def test_batches_really_mix_lengths_and_pad(tiny_worldpm, convs) -> None:
-    """Invariance above is only meaningful if batches hold several lengths (padding present)."""
-    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", max_padding_fraction=1.0)
+    """Invariance above is only meaningful if batches hold several lengths (padding present).
+    (Sharing off: hh-rlhf's chosen/rejected pairs share their prompt and would otherwise run
+    as shared-prefix groups, which tests/test_shared_prefix.py covers.)"""
+    rm = RewardModel.from_pretrained(
+        tiny_worldpm, device="cpu", max_padding_fraction=1.0, shared_prefix=False
+    )
     rm.score(convs)
     assert rm.last_stats.num_batches < len(convs) // 4
     assert rm.last_stats.padding_fraction > 0.01

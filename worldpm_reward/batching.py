@@ -9,6 +9,7 @@ than the budget runs alone.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 
@@ -62,3 +63,57 @@ def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -
     real = sum(lengths[i] for b in batches for i in b)
     computed = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
     return 0.0 if computed == 0 else 1.0 - real / computed
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def plan_shared_prefixes(
+    sequences: Sequence[Sequence[int]], min_prefix: int, min_group: int = 2
+) -> list[tuple[int, list[int]]]:
+    """Find groups of sequences that start with the same long run of token ids.
+
+    A GRPO/RLOO group (several completions of one prompt) encodes to sequences that share
+    the whole rendered prompt; that prefix needs to run through the model only once.
+
+    Sequences are sorted, so sequences with a common prefix are neighbours and the common
+    prefix of a run of neighbours is the smallest common prefix of adjacent pairs. A run is
+    either shared as a whole, or split where that smallest prefix occurs (several prompts
+    that only share a system message), whichever skips more prefix tokens; the choice is
+    made recursively. The shared length is capped one token short of the shortest member,
+    so every member keeps its own scored last token.
+
+    Returns:
+        (shared prefix length, indices) for each group of at least ``min_group``
+        sequences sharing at least ``min_prefix`` tokens; indices in no group are absent.
+    """
+    if min_prefix < 1 or min_group < 2:
+        raise ValueError(f"min_prefix must be >= 1 and min_group >= 2; got {min_prefix}, {min_group}")
+    order = sorted(range(len(sequences)), key=lambda i: (list(sequences[i]), i))
+    lcp = [_common_prefix(sequences[a], sequences[b]) for a, b in itertools.pairwise(order)]
+
+    def best(lo: int, hi: int) -> tuple[int, list[tuple[int, list[int]]]]:
+        """(prefix tokens skipped, groups) for the run order[lo:hi]."""
+        if hi - lo < min_group:
+            return 0, []
+        common = min(lcp[lo : hi - 1])
+        if common < min_prefix:  # split at the breaks; no group spans them
+            cuts = [lo, *(j + 1 for j in range(lo, hi - 1) if lcp[j] < min_prefix), hi]
+            parts = [best(a, b) for a, b in itertools.pairwise(cuts)]
+            return sum(p[0] for p in parts), [g for p in parts for g in p[1]]
+        members = order[lo:hi]
+        shared = min(common, min(len(sequences[i]) for i in members) - 1)
+        whole = ((hi - lo - 1) * shared, [(shared, members)]) if shared >= min_prefix else (0, [])
+        cuts = [lo, *(j + 1 for j in range(lo, hi - 1) if lcp[j] == common), hi]
+        if len(cuts) == 2:  # nothing to split at
+            return whole
+        parts = [best(a, b) for a, b in itertools.pairwise(cuts)]
+        split = (sum(p[0] for p in parts), [g for p in parts for g in p[1]])
+        return max(whole, split, key=lambda x: x[0])
+
+    return best(0, len(order))[1]

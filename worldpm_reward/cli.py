@@ -44,8 +44,11 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     for f in cli_fields(ModelConfig):
         flag = "--" + f.name.replace("_", "-")
         hint, help_text = hints[f.name], f.metadata.get("help", "")
-        if hint is bool:
-            g.add_argument(flag, action="store_true", help=help_text)
+        if hint is bool:  # a flag that flips the default
+            if f.default:
+                g.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=help_text)
+            else:
+                g.add_argument(flag, action="store_true", help=help_text)
             continue
         choices = choices_of(hint)
         kinds = set(typing.get_args(hint)) or {hint}

@@ -75,6 +75,17 @@ class ModelConfig:
             "position costs as much as a real one)"
         ),
     )
+    shared_prefix: bool = field(
+        default=True,
+        metadata=_opt(
+            "run a long prefix shared by several samples of one call (a GRPO group's prompt) once, "
+            "through the KV cache; scores equal unshared scoring within float rounding "
+            "(CLI: --no-shared-prefix turns it off)"
+        ),
+    )
+    min_shared_prefix: int = field(
+        default=32, metadata=_opt("shortest shared prefix, in tokens, worth running once")
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata=_opt(
@@ -94,7 +105,7 @@ class ModelConfig:
             raise ConfigError(f"family: {self.family!r} is not one of {list(typing.get_args(FamilyName))}")
         if self.overflow not in typing.get_args(Overflow):
             raise ConfigError(f"overflow: {self.overflow!r} is not one of {list(typing.get_args(Overflow))}")
-        for name in ("max_length", "max_batch_tokens", "max_batch_size"):
+        for name in ("max_length", "max_batch_tokens", "max_batch_size", "min_shared_prefix"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name}: expected a positive integer, got {value!r}")

@@ -46,3 +46,51 @@ def score_last_token(
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     pooled = pool_last(hidden, attention_mask)
     return head(pooled.to(head_device(head))).squeeze(-1)
+
+
+def encode_prefix(backbone: Any, prefix_ids: torch.Tensor) -> Any:
+    """Run a shared prefix (1, P) once; returns its KV cache (a transformers DynamicCache)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=backbone.config)
+    backbone(input_ids=prefix_ids, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def score_after_prefix(
+    backbone: Any,
+    head: nn.Module,
+    prefix_cache: Any,
+    prefix_length: int,
+    suffix_ids: torch.Tensor,
+    suffix_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Raw scores (B,) of ``prefix + suffix_b`` for each row b, reading the prefix from its cache.
+
+    suffix_ids / suffix_mask: (B, S), right-padded, at least one real token per row. The
+    prefix cache is copied per row (``prefix_cache`` itself is left untouched, so it serves
+    every micro-batch of its group). Positions continue from ``prefix_length``, so each row
+    computes exactly what the full sequence would: the same attention over the same keys.
+    """
+    from transformers import DynamicCache
+
+    rows = suffix_ids.shape[0]
+    layers = [
+        (layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+        for layer in prefix_cache.layers
+    ]
+    cache = DynamicCache(ddp_cache_data=layers, config=backbone.config)
+    device = suffix_ids.device
+    mask = torch.cat(
+        [torch.ones((rows, prefix_length), dtype=suffix_mask.dtype, device=device), suffix_mask], dim=1
+    )
+    positions = torch.arange(prefix_length, prefix_length + suffix_ids.shape[1], device=device)
+    hidden = backbone(
+        input_ids=suffix_ids,
+        attention_mask=mask,
+        position_ids=positions.unsqueeze(0).expand(rows, -1),
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    pooled = pool_last(hidden, suffix_mask)
+    return head(pooled.to(head_device(head))).squeeze(-1)

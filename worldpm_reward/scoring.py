@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from worldpm_reward.batching import plan_batches
+from worldpm_reward.batching import plan_batches, plan_shared_prefixes
 from worldpm_reward.config import ModelConfig
 from worldpm_reward.errors import BatchScoringError, SampleError
 from worldpm_reward.families import RewardFamily, get_family, load
 from worldpm_reward.formatting import Encoded, Encoder
+from worldpm_reward.pooling import encode_prefix, score_after_prefix
 from worldpm_reward.samples import SampleLike, Scorer, ScoreResult, parse_sample
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class BatchStats:
     num_batches: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0  # positions computed, padding included
+    shared_groups: int = 0  # groups whose common prefix ran once
+    shared_prefix_tokens: int = 0  # prefix positions NOT computed thanks to that
 
     @property
     def padding_fraction(self) -> float:
@@ -84,9 +87,20 @@ class RewardModel:
             cfg.max_padding_fraction if cfg.max_padding_fraction is not None else (0.3 if on_gpu else 0.05)
         )
         self._forward = self.family_spec.forward_fn(model)
+        self._prefix_parts = self.family_spec.parts(model) if self._can_share_prefix() else None
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else (self.encoder.final_token_id or 0))
         self.last_stats = BatchStats()
+
+    def _can_share_prefix(self) -> bool:
+        """Shared-prefix scoring is exact only where positions are plain offsets: dynamic RoPE
+        rescales with the sequence length once it passes the trained context."""
+        if not self.config.shared_prefix:
+            return False
+        hf = self.model.config
+        rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+        limit = getattr(hf, "max_position_embeddings", None) or 0
+        return not (rope.get("rope_type", rope.get("type")) == "dynamic" and self.max_length > limit)
 
     @classmethod
     def from_pretrained(
@@ -161,11 +175,18 @@ class RewardModel:
             progress(len(samples) - len(ready))
 
         stats = BatchStats(num_samples=len(samples))
-        lengths = [len(e.input_ids) for _, e in ready]
+        grouped: set[int] = set()
+        if self._prefix_parts is not None and len(ready) > 1:
+            plan = plan_shared_prefixes([e.input_ids for _, e in ready], self.config.min_shared_prefix)
+            for shared, members in plan:
+                if self._run_shared_group(shared, [ready[j] for j in members], results, stats, progress):
+                    grouped.update(members)
+        rest = [item for j, item in enumerate(ready) if j not in grouped]
+        lengths = [len(e.input_ids) for _, e in rest]
         for batch in plan_batches(
             lengths, self.max_batch_tokens, self.max_batch_size, self.max_padding_fraction
         ):
-            self._run_batch([ready[j] for j in batch], results, stats, start_index)
+            self._run_batch([rest[j] for j in batch], results, stats, start_index)
             if progress is not None:
                 progress(len(batch))
         stats.num_errors = sum(r.error is not None for r in results)
@@ -181,6 +202,53 @@ class RewardModel:
         return results
 
     # -- internals -------------------------------------------------------------------
+    def _run_shared_group(
+        self,
+        shared: int,
+        group: list[tuple[int, Encoded]],
+        results: list[ScoreResult],
+        stats: BatchStats,
+        progress: Callable[[int], None] | None,
+    ) -> bool:
+        """Score samples whose first ``shared`` token ids are equal: the prefix runs once, each
+        micro-batch of suffixes attends to its KV cache. False (nothing scored, nothing
+        recorded) if the device ran out of memory: the caller scores them unshared."""
+        assert self._prefix_parts is not None
+        backbone, head = self._prefix_parts
+        suffixes = [e.input_ids[shared:] for _, e in group]
+        longest = max(map(len, suffixes))
+        rows = max(1, min(self.max_batch_size, self.max_batch_tokens // (shared + longest)))
+        plan = plan_batches(
+            [len(x) for x in suffixes], self.max_batch_tokens, rows, self.max_padding_fraction
+        )
+        scores: dict[int, float] = {}
+        computed = shared
+        with contextlib.suppress(torch.OutOfMemoryError), torch.inference_mode():
+            device = self.device
+            prefix = torch.as_tensor(group[0][1].input_ids[:shared], dtype=torch.long, device=device)
+            cache = encode_prefix(backbone, prefix[None])
+            for batch in plan:
+                ids, mask = self._padded([suffixes[j] for j in batch])
+                out = score_after_prefix(backbone, head, cache, shared, ids.to(device), mask.to(device))
+                scores.update(zip(batch, out.float().cpu().tolist()))
+                computed += len(batch) * ids.shape[1]
+            del cache
+        if len(scores) != len(group):
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            logger.warning("out of memory on a shared-prefix group of %d; scoring it unshared", len(group))
+            return False
+        for j, (i, _) in enumerate(group):
+            results[i].score = scores[j]
+        stats.num_batches += len(plan)
+        stats.shared_groups += 1
+        stats.shared_prefix_tokens += shared * (len(group) - 1)
+        stats.real_tokens += shared + sum(map(len, suffixes))
+        stats.padded_tokens += computed
+        if progress is not None:
+            progress(len(group))
+        return True
+
     def _run_batch(
         self,
         batch: list[tuple[int, Encoded]],
@@ -214,18 +282,23 @@ class RewardModel:
         for (i, _), s in zip(batch, scores):
             results[i].score = s
 
-    @torch.inference_mode()
-    def forward_ids(self, batch_ids: Sequence[Sequence[int]]) -> list[float]:
-        """Raw scores of already-encoded sequences (each read at its own last token).
-
-        The sequences are right-padded into one tensor; pass similar lengths for speed.
-        """
+    def _padded(self, batch_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (B, T) ids and attention mask (1 = real token)."""
         longest = max(len(ids) for ids in batch_ids)
         input_ids = torch.full((len(batch_ids), longest), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch_ids), longest), dtype=torch.long)
         for row, ids in enumerate(batch_ids):
             input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
             mask[row, : len(ids)] = 1
+        return input_ids, mask
+
+    @torch.inference_mode()
+    def forward_ids(self, batch_ids: Sequence[Sequence[int]]) -> list[float]:
+        """Raw scores of already-encoded sequences (each read at its own last token).
+
+        The sequences are right-padded into one tensor; pass similar lengths for speed.
+        """
+        input_ids, mask = self._padded(batch_ids)
         device = self.device
         scores = self._forward(input_ids.to(device), mask.to(device))
         return scores.float().cpu().tolist()

@@ -69,6 +69,11 @@ class RewardFamily:
         """How to get raw scores from the loaded model (default: its forward returns them)."""
         return model.forward
 
+    def parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        """(decoder backbone, head) when the model scores through the last-token seam, so a
+        shared prefix can run once through the KV cache; None when it cannot (encoders)."""
+        return None
+
     def known_answers_for(self, name_or_path: str) -> list[KnownAnswer]:
         base = str(name_or_path).rstrip("/").split("/")[-1]
         return list(self.known_answers.get(base, []))

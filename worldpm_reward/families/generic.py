@@ -78,10 +78,19 @@ class GenericFamily(RewardFamily):
             chat_template=config.chat_template,
         )
 
-    def forward_fn(self, model: nn.Module) -> ForwardFn:
+    def parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        """Decoder classifiers (``*ForSequenceClassification`` with ``score = Linear(h, 1)``)."""
         backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
         head = getattr(model, "score", None)
-        if isinstance(head, nn.Linear) and head.out_features == 1 and backbone is not None:
+        if isinstance(head, nn.Linear) and head.out_features == 1 and isinstance(backbone, nn.Module):
+            return backbone, head
+        return None
+
+    def forward_fn(self, model: nn.Module) -> ForwardFn:
+        parts = self.parts(model)
+        if parts is not None:
+            backbone, head = parts
+
             # Decoder reward models: backbone + head through the shared seam (mask-based pooling).
             def decoder_rm(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
                 return score_last_token(backbone, head, ids, mask)

@@ -389,6 +389,9 @@ class PolarFamily(RewardFamily):
     def load(self, request: LoadRequest) -> nn.Module:
         return load_polar(request)
 
+    def parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        return model.model, model.v_head  # type: ignore[return-value]
+
     def encoder(self, tokenizer: Any, hf_config: Any, config: ModelConfig) -> Encoder:
         return PolarEncoder(
             tokenizer,

@@ -135,6 +135,9 @@ class WorldPMFamily(RewardFamily):
         check_loading_info(info, request.where)
         return model
 
+    def parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        return model.model, model.score  # type: ignore[return-value]
+
     def encoder(self, tokenizer: Any, hf_config: Any, config: ModelConfig) -> Encoder:
         return ChatTemplateEncoder(
             tokenizer,

@@ -30,7 +30,7 @@ from worldpm_reward.testing.checkpoints import (
     write_tiny_polar,
     write_tiny_worldpm,
 )
-from worldpm_reward.testing.data import real_conversations, shared_data_dir
+from worldpm_reward.testing.data import grpo_groups, real_conversations, shared_data_dir
 from worldpm_reward.testing.policies import (
     CHATML_POLICY_TEMPLATE,
     LLAMA3_POLICY_TEMPLATE,
@@ -56,6 +56,7 @@ __all__ = [
     "QWEN2_CHAT_TEMPLATE_WITH_EOS",
     "demo_checkpoint",
     "free_port",
+    "grpo_groups",
     "init_weights",
     "polar_tokenizer",
     "qwen_tokenizer",

@@ -82,3 +82,32 @@ def real_conversations(
             )
     unique = list({json.dumps(c, sort_keys=True): c for c in convs}.values())  # the sets repeat some replies
     return unique[:n]
+
+
+def grpo_groups(
+    n_prompts: int = 4,
+    group_size: int = 8,
+    prompt_chars: int = 1200,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> list[dict[str, str]]:
+    """A GRPO-shaped batch of real text: ``group_size`` replies to each of ``n_prompts`` long
+    prompts (the Arena-Hard v0.1 questions closest to ``prompt_chars`` characters, about 300
+    tokens by default), prompt-major.
+
+    Replies are real model outputs from PandaLM's test set, assigned round robin, so the
+    prompt is most of each sample's tokens, as in RL on long instructions.
+    """
+    data = Path(data_dir) if data_dir is not None else shared_data_dir()
+    with gzip.open(data / "prompts" / "arena_hard_v0.1_questions.jsonl.gz", "rt", encoding="utf-8") as f:
+        prompts = [json.loads(line)["prompt"] for line in f.read().split("\n") if line.strip()]
+    prompts = sorted(prompts, key=lambda p: (abs(len(p) - prompt_chars), p))[:n_prompts]
+    records = json.loads((data / "preferences" / "pandalm" / "pandalm_testset-v1.json").read_text())
+    texts = [
+        r[k] for r in records for k in ("response1", "response2") if isinstance(r[k], str) and r[k].strip()
+    ]
+    replies = list(dict.fromkeys(texts))  # PandaLM repeats some replies
+    out = []
+    for p, prompt in enumerate(prompts):
+        for g in range(group_size):
+            out.append({"prompt": prompt, "response": replies[(p * group_size + g) % len(replies)]})
+    return out

@@ -1,0 +1,103 @@
+"""Shared-prefix scoring: a GRPO group's prompt runs once through the KV cache, and every
+score equals unshared scoring (and the independent model-card reference) within fp32 error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from wpr_testutils import ReferenceWorldPM
+
+from worldpm_reward import RewardModel
+from worldpm_reward.batching import plan_shared_prefixes
+from worldpm_reward.testing import grpo_groups, write_tiny_polar
+
+GROUPS = grpo_groups(n_prompts=3, group_size=6)
+
+
+def _max_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b)
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def test_planner_groups_completions_of_each_prompt() -> None:
+    system = [7] * 40
+    p, q = list(range(100)), list(range(1000, 1100))
+    seqs = [system + p + [1, 2, 3], system + p + [1, 2, 4, 5], system + p + [9], system + q + [1]]
+    seqs += [system + q + [2, 2], [5, 5, 5], system + p + [1, 2, 3]]
+    assert plan_shared_prefixes(seqs, min_prefix=32) == [(140, [0, 6, 1, 2]), (140, [3, 4])]
+    # prompts that share only a system message: one group over the system message if that skips more
+    assert plan_shared_prefixes([[*system, 1], [*system, 2], [*system, 3]], 32) == [(40, [0, 1, 2])]
+    assert plan_shared_prefixes([system + p + [1], system + p + [2], system + q + [3]], 32) == [(140, [0, 1])]
+    # identical sequences keep their own last token; short prefixes are not worth it
+    assert plan_shared_prefixes([[1] * 50, [1] * 50], 32) == [(49, [0, 1])]
+    assert plan_shared_prefixes([[1] * 20 + [2], [1] * 20 + [3]], 32) == []
+    with pytest.raises(ValueError):
+        plan_shared_prefixes(seqs, min_prefix=0)
+
+
+def test_grpo_groups_score_as_unshared_and_as_the_reference(tiny_worldpm: Path) -> None:
+    shared = RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+    plain = RewardModel.from_pretrained(tiny_worldpm, device="cpu", shared_prefix=False)
+    got = shared.score(GROUPS)
+    stats = shared.last_stats
+    want = plain.score(GROUPS)
+    assert stats.shared_groups == 3 and stats.shared_prefix_tokens > 0.7 * stats.real_tokens
+    assert plain.last_stats.shared_groups == 0
+    assert _max_diff(got, want) <= 1e-4
+    ref = ReferenceWorldPM(tiny_worldpm)
+    convs = [
+        [{"role": "user", "content": s["prompt"]}, {"role": "assistant", "content": s["response"]}]
+        for s in GROUPS
+    ]
+    assert _max_diff(got[::4], [ref.score(c) for c in convs[::4]]) <= 1e-4
+    # batch invariance: alone (nothing to share) == in its group
+    assert _max_diff([shared.score([s])[0] for s in GROUPS[::5]], got[::5]) <= 1e-5
+    assert len(set(got)) == len(got)  # different replies, different scores
+
+
+def test_micro_batches_and_truncation_keep_the_same_scores(tiny_worldpm: Path) -> None:
+    # a tiny token budget splits every group into several suffix micro-batches
+    small = RewardModel.from_pretrained(tiny_worldpm, device="cpu", max_batch_tokens=700)
+    plain = RewardModel.from_pretrained(tiny_worldpm, device="cpu", shared_prefix=False)
+    assert _max_diff(small.score(GROUPS), plain.score(GROUPS)) <= 1e-4
+    assert small.last_stats.shared_groups == 3 and small.last_stats.num_batches > 3
+    # truncation cuts the START: replies of different lengths lose different amounts, and
+    # every sample still scores exactly as unshared, with the same truncation report
+    cut = RewardModel.from_pretrained(tiny_worldpm, device="cpu", max_length=200)
+    cut_plain = RewardModel.from_pretrained(tiny_worldpm, device="cpu", max_length=200, shared_prefix=False)
+    a, b = cut.score_detailed(GROUPS), cut_plain.score_detailed(GROUPS)
+    assert _max_diff([r.score for r in a], [r.score for r in b]) <= 1e-4
+    assert [(r.truncated, r.num_truncated_tokens, r.response_truncated) for r in a] == [
+        (r.truncated, r.num_truncated_tokens, r.response_truncated) for r in b
+    ]
+    assert any(r.truncated for r in a)
+
+
+def test_bad_samples_and_out_of_memory_fall_back(tiny_worldpm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+    want = RewardModel.from_pretrained(tiny_worldpm, device="cpu", shared_prefix=False).score(GROUPS)
+    mixed = [*GROUPS[:6], {"prompt": GROUPS[0]["prompt"], "response": ""}, *GROUPS[6:]]
+    results = rm.score_detailed(mixed)
+    assert results[6].error is not None and "response" in results[6].error
+    assert _max_diff([r.score for r in results if r.ok], want) <= 1e-4
+
+    import worldpm_reward.scoring as scoring
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(scoring, "score_after_prefix", oom)
+    assert _max_diff(rm.score(GROUPS), want) <= 1e-4  # every group scored unshared instead
+    assert rm.last_stats.shared_groups == 0
+
+
+def test_polar_groups_share_their_prefix(tmp_path: Path) -> None:
+    path = write_tiny_polar(tmp_path / "polar", seed=5)
+    samples = [{**s, "reference": "A careful, complete answer to the question."} for s in GROUPS]
+    shared = RewardModel.from_pretrained(path, device="cpu")
+    got = shared.score(samples)
+    assert shared.last_stats.shared_groups == 3
+    want = RewardModel.from_pretrained(path, device="cpu", shared_prefix=False).score(samples)
+    assert _max_diff(got, want) <= 1e-4
