@@ -88,7 +88,7 @@ def test_bad_samples_and_out_of_memory_fall_back(tiny_worldpm: Path, monkeypatch
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("simulated")
 
-    monkeypatch.setattr(scoring, "score_after_prefix", oom)
+    monkeypatch.setattr(scoring, "score_after_prefixes", oom)
     assert _max_diff(rm.score(GROUPS), want) <= 1e-4  # every group scored unshared instead
     assert rm.last_stats.shared_groups == 0
 
@@ -101,3 +101,38 @@ def test_polar_groups_share_their_prefix(tmp_path: Path) -> None:
     assert shared.last_stats.shared_groups == 3
     want = RewardModel.from_pretrained(path, device="cpu", shared_prefix=False).score(samples)
     assert _max_diff(got, want) <= 1e-4
+
+
+def test_group_size_threshold(tiny_worldpm: Path) -> None:
+    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_group=7)
+    assert rm.min_shared_group == 7
+    got = rm.score(GROUPS)  # groups of 6: below the threshold, nothing shared
+    assert rm.last_stats.shared_groups == 0
+    assert _max_diff(got, RewardModel.from_pretrained(tiny_worldpm, device="cpu").score(GROUPS)) <= 1e-4
+    assert RewardModel.from_pretrained(tiny_worldpm, device="cpu").min_shared_group == 2  # CPU default
+
+
+def test_server_shares_prefixes_across_one_sample_requests(tiny_worldpm: Path) -> None:
+    """OpenRLHF sends one sample per request: the server's batch still shares the group's prompt."""
+    import asyncio
+
+    import httpx
+    from wpr_servers import server_thread
+
+    from worldpm_reward.serving import ServerConfig, create_app
+
+    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+    want = RewardModel.from_pretrained(tiny_worldpm, device="cpu", shared_prefix=False).score(GROUPS)
+    app = create_app(rm, ServerConfig(max_wait_ms=500, max_batch_samples=64))
+
+    async def send(url: str) -> list[float]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            rs = await asyncio.gather(
+                *(client.post(f"{url}/v1/score", json={"samples": [s]}) for s in GROUPS)
+            )
+        return [r.json()["results"][0]["score"] for r in rs]
+
+    with server_thread(app) as url:
+        got = asyncio.run(send(url))
+    assert _max_diff(got, want) <= 1e-4
+    assert rm.last_stats.shared_groups >= 1 and rm.last_stats.num_samples > 1

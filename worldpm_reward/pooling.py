@@ -48,47 +48,49 @@ def score_last_token(
     return head(pooled.to(head_device(head))).squeeze(-1)
 
 
-def encode_prefix(backbone: Any, prefix_ids: torch.Tensor) -> Any:
-    """Run a shared prefix (1, P) once; returns its KV cache (a transformers DynamicCache)."""
+def encode_prefixes(backbone: Any, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor) -> Any:
+    """Run shared prefixes once: (G, P) right-padded ids and mask -> their KV cache
+    (a transformers DynamicCache with G rows)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=backbone.config)
-    backbone(input_ids=prefix_ids, past_key_values=cache, use_cache=True)
+    backbone(input_ids=prefix_ids, attention_mask=prefix_mask, past_key_values=cache, use_cache=True)
     return cache
 
 
-def score_after_prefix(
+def score_after_prefixes(
     backbone: Any,
     head: nn.Module,
     prefix_cache: Any,
-    prefix_length: int,
+    prefix_mask: torch.Tensor,
+    rows: torch.Tensor,
     suffix_ids: torch.Tensor,
     suffix_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Raw scores (B,) of ``prefix + suffix_b`` for each row b, reading the prefix from its cache.
+    """Raw scores (B,) of ``prefix[rows[b]] + suffix[b]``, reading each prefix from the cache.
 
-    suffix_ids / suffix_mask: (B, S), right-padded, at least one real token per row. The
-    prefix cache is copied per row (``prefix_cache`` itself is left untouched, so it serves
-    every micro-batch of its group). Positions continue from ``prefix_length``, so each row
-    computes exactly what the full sequence would: the same attention over the same keys.
+    prefix_mask: (G, P), the mask the prefixes were run with (right padding).
+    rows: (B,) which prefix each suffix continues. suffix_ids / suffix_mask: (B, S),
+    right-padded, at least one real token per row. Each suffix attends to its own prefix's
+    real positions only (the prefix padding is masked) and its positions continue from its
+    prefix's length, so each row computes exactly what its full sequence would. The prefix
+    cache is not modified: it serves every micro-batch of suffixes.
     """
     from transformers import DynamicCache
 
-    rows = suffix_ids.shape[0]
     layers = [
-        (layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+        (layer.keys.index_select(0, rows), layer.values.index_select(0, rows))
         for layer in prefix_cache.layers
     ]
     cache = DynamicCache(ddp_cache_data=layers, config=backbone.config)
-    device = suffix_ids.device
-    mask = torch.cat(
-        [torch.ones((rows, prefix_length), dtype=suffix_mask.dtype, device=device), suffix_mask], dim=1
-    )
-    positions = torch.arange(prefix_length, prefix_length + suffix_ids.shape[1], device=device)
+    prefix_rows = prefix_mask.index_select(0, rows)
+    mask = torch.cat([prefix_rows, suffix_mask.to(prefix_rows.dtype)], dim=1)
+    start = prefix_rows.sum(dim=1, keepdim=True)
+    positions = start + torch.arange(suffix_ids.shape[1], device=suffix_ids.device)
     hidden = backbone(
         input_ids=suffix_ids,
         attention_mask=mask,
-        position_ids=positions.unsqueeze(0).expand(rows, -1),
+        position_ids=positions,
         past_key_values=cache,
         use_cache=True,
     ).last_hidden_state

@@ -25,7 +25,7 @@ from worldpm_reward.config import ModelConfig
 from worldpm_reward.errors import BatchScoringError, SampleError
 from worldpm_reward.families import RewardFamily, get_family, load
 from worldpm_reward.formatting import Encoded, Encoder
-from worldpm_reward.pooling import encode_prefix, score_after_prefix
+from worldpm_reward.pooling import encode_prefixes, score_after_prefixes
 from worldpm_reward.samples import SampleLike, Scorer, ScoreResult, parse_sample
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class RewardModel:
         cfg = self.config
         self.max_batch_tokens = int(cfg.max_batch_tokens or (32768 if on_gpu else 4096))
         self.max_batch_size = cfg.max_batch_size
+        self.min_shared_group = int(cfg.min_shared_group or (8 if on_gpu else 2))
         self.max_padding_fraction = float(
             cfg.max_padding_fraction if cfg.max_padding_fraction is not None else (0.3 if on_gpu else 0.05)
         )
@@ -175,13 +176,16 @@ class RewardModel:
             progress(len(samples) - len(ready))
 
         stats = BatchStats(num_samples=len(samples))
-        grouped: set[int] = set()
+        rest = ready
         if self._prefix_parts is not None and len(ready) > 1:
-            plan = plan_shared_prefixes([e.input_ids for _, e in ready], self.config.min_shared_prefix)
-            for shared, members in plan:
-                if self._run_shared_group(shared, [ready[j] for j in members], results, stats, progress):
-                    grouped.update(members)
-        rest = [item for j, item in enumerate(ready) if j not in grouped]
+            plan = plan_shared_prefixes(
+                [e.input_ids for _, e in ready], self.config.min_shared_prefix, self.min_shared_group
+            )
+            grouped = {j for _, members in plan for j in members}
+            rest = [item for j, item in enumerate(ready) if j not in grouped]
+            if plan:
+                groups = [(shared, [ready[j] for j in members]) for shared, members in plan]
+                rest += self._run_shared_groups(groups, results, stats, progress)
         lengths = [len(e.input_ids) for _, e in rest]
         for batch in plan_batches(
             lengths, self.max_batch_tokens, self.max_batch_size, self.max_padding_fraction
@@ -202,51 +206,82 @@ class RewardModel:
         return results
 
     # -- internals -------------------------------------------------------------------
-    def _run_shared_group(
+    def _run_shared_groups(
         self,
-        shared: int,
-        group: list[tuple[int, Encoded]],
+        groups: list[tuple[int, list[tuple[int, Encoded]]]],
+        results: list[ScoreResult],
+        stats: BatchStats,
+        progress: Callable[[int], None] | None,
+    ) -> list[tuple[int, Encoded]]:
+        """Score groups of samples that share their first token ids: each wave of prefixes runs
+        once as one right-padded batch, then the suffixes of all its groups run in micro-batches
+        that read their own prefix from the KV cache. Returns the samples of waves that ran out
+        of device memory (nothing recorded for them): the caller scores those unshared."""
+        assert self._prefix_parts is not None
+        backbone, head = self._prefix_parts
+        fallback: list[tuple[int, Encoded]] = []
+        prefix_lengths = [shared for shared, _ in groups]
+        for wave in plan_batches(prefix_lengths, self.max_batch_tokens, None, self.max_padding_fraction):
+            done = self._run_wave([groups[k] for k in wave], backbone, head, results, stats, progress)
+            if not done:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                members = [item for k in wave for item in groups[k][1]]
+                logger.warning(
+                    "out of memory on %d shared-prefix samples; scoring them unshared", len(members)
+                )
+                fallback.extend(members)
+        return fallback
+
+    def _run_wave(
+        self,
+        groups: list[tuple[int, list[tuple[int, Encoded]]]],
+        backbone: Any,
+        head: Any,
         results: list[ScoreResult],
         stats: BatchStats,
         progress: Callable[[int], None] | None,
     ) -> bool:
-        """Score samples whose first ``shared`` token ids are equal: the prefix runs once, each
-        micro-batch of suffixes attends to its KV cache. False (nothing scored, nothing
-        recorded) if the device ran out of memory: the caller scores them unshared."""
-        assert self._prefix_parts is not None
-        backbone, head = self._prefix_parts
-        suffixes = [e.input_ids[shared:] for _, e in group]
-        longest = max(map(len, suffixes))
-        rows = max(1, min(self.max_batch_size, self.max_batch_tokens // (shared + longest)))
+        rows = [g for g, (_, members) in enumerate(groups) for _ in members]
+        items = [item for _, members in groups for item in members]
+        suffixes = [enc.input_ids[groups[g][0] :] for g, (_, enc) in zip(rows, items)]
+        longest_prefix = max(shared for shared, _ in groups)
+        max_rows = max(1, self.max_batch_tokens // (longest_prefix + max(map(len, suffixes))))
         plan = plan_batches(
-            [len(x) for x in suffixes], self.max_batch_tokens, rows, self.max_padding_fraction
+            [len(x) for x in suffixes],
+            self.max_batch_tokens,
+            min(self.max_batch_size, max_rows),
+            self.max_padding_fraction,
         )
         scores: dict[int, float] = {}
-        computed = shared
+        computed = len(groups) * longest_prefix
         with contextlib.suppress(torch.OutOfMemoryError), torch.inference_mode():
             device = self.device
-            prefix = torch.as_tensor(group[0][1].input_ids[:shared], dtype=torch.long, device=device)
-            cache = encode_prefix(backbone, prefix[None])
+            prefix_ids, prefix_mask = self._padded(
+                [items[rows.index(g)][1].input_ids[:shared] for g, (shared, _) in enumerate(groups)]
+            )
+            prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
+            cache = encode_prefixes(backbone, prefix_ids, prefix_mask)
             for batch in plan:
                 ids, mask = self._padded([suffixes[j] for j in batch])
-                out = score_after_prefix(backbone, head, cache, shared, ids.to(device), mask.to(device))
+                which = torch.as_tensor([rows[j] for j in batch], device=device)
+                out = score_after_prefixes(
+                    backbone, head, cache, prefix_mask, which, ids.to(device), mask.to(device)
+                )
                 scores.update(zip(batch, out.float().cpu().tolist()))
                 computed += len(batch) * ids.shape[1]
             del cache
-        if len(scores) != len(group):
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            logger.warning("out of memory on a shared-prefix group of %d; scoring it unshared", len(group))
+        if len(scores) != len(items):
             return False
-        for j, (i, _) in enumerate(group):
+        for j, (i, _) in enumerate(items):
             results[i].score = scores[j]
-        stats.num_batches += len(plan)
-        stats.shared_groups += 1
-        stats.shared_prefix_tokens += shared * (len(group) - 1)
-        stats.real_tokens += shared + sum(map(len, suffixes))
+        stats.num_batches += len(plan) + 1
+        stats.shared_groups += len(groups)
+        stats.shared_prefix_tokens += sum(shared * (len(members) - 1) for shared, members in groups)
+        stats.real_tokens += sum(shared for shared, _ in groups) + sum(map(len, suffixes))
         stats.padded_tokens += computed
         if progress is not None:
-            progress(len(group))
+            progress(len(items))
         return True
 
     def _run_batch(

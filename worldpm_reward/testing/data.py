@@ -61,7 +61,7 @@ def real_conversations(
                 break
     for rec in json.loads((data / "preferences" / "llmbar" / "LLMBar_Natural.json").read_text())[: n // 8]:
         for key in ("output_1", "output_2"):
-            if rec[key].strip():
+            if isinstance(rec[key], str) and rec[key].strip():
                 convs.append(
                     [{"role": "user", "content": rec["input"]}, {"role": "assistant", "content": rec[key]}]
                 )
@@ -70,7 +70,7 @@ def real_conversations(
     ]:
         prompt = rec["instruction"] + ("\n\n" + rec["input"] if rec["input"] else "")
         for key in ("response1", "response2"):
-            if rec[key].strip():
+            if isinstance(rec[key], str) and rec[key].strip():
                 convs.append(
                     [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec[key]}]
                 )
