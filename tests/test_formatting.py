@@ -133,3 +133,41 @@ def test_truncated_samples_are_scored_and_flagged(tiny_worldpm) -> None:
     strict = RewardModel.from_pretrained(tiny_worldpm, device="cpu", max_length=48, overflow="error")
     r_long, r_short = strict.score_detailed([conv, short])
     assert not r_long.ok and "max_length=48" in r_long.error and r_short.ok
+
+
+def test_lone_surrogates_and_tokenizer_failures_stay_with_their_sample(reward_model) -> None:
+    """A lone UTF-16 surrogate (valid JSON, invalid Unicode) is that sample's error; the
+    batch-mates keep their scores, and a tokenizer that refuses one text costs only that text."""
+    good = {"prompt": "Tips for better sleep?", "response": "Keep a schedule."}
+    bad = {"prompt": "q", "response": "x\ud800"}
+    results = reward_model.score_detailed([good, bad, good])
+    assert results[0].ok and results[2].ok and results[0].score == results[2].score
+    assert (
+        results[1].error is not None and "sample 1" in results[1].error and "'response'" in results[1].error
+    )
+    assert "surrogate" in results[1].error
+    with pytest.raises(SampleError, match="surrogate"):
+        parse_sample([{"role": "user", "content": "\udfff"}, {"role": "assistant", "content": "ok"}], 0)
+
+    enc = reward_model.encoder
+    real = enc.tokenizer
+
+    class Refusing:
+        """The real tokenizer, refusing any text containing 'REFUSE' (as a tokenizer may on odd input)."""
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, text, **kw):
+            texts = text if isinstance(text, list) else [text]
+            if any("REFUSE" in t for t in texts):
+                raise ValueError("cannot tokenize")
+            return real(text, **kw)
+
+    enc.tokenizer = Refusing()
+    try:
+        mixed = reward_model.score_detailed([good, {"prompt": "REFUSE", "response": "y"}, good])
+    finally:
+        enc.tokenizer = real
+    assert mixed[0].ok and mixed[2].ok and abs(mixed[0].score - results[0].score) <= 1e-6
+    assert "tokenizer failed" in (mixed[1].error or "") and "sample 1" in (mixed[1].error or "")

@@ -408,3 +408,22 @@ def test_remote_get_reward_matches_the_server(live: str, direct: RewardModel) ->
     )  # port 9 refuses: the first attempt may fail over
     want = direct.score([{"prompt": "Tips for better sleep?", "response": "Keep a schedule."}])[0]
     assert abs(body["rewards"][0] - want) <= 1e-5
+
+
+def test_lone_surrogate_is_one_items_error_over_http(direct: RewardModel) -> None:
+    body = '{"samples": [{"prompt": "q", "response": "x\\ud800"}, {"prompt": "hi", "response": "hello"}]}'
+    with server_thread(create_app(direct, ServerConfig())) as url:
+        r = httpx.post(f"{url}/v1/score", content=body, headers={"content-type": "application/json"})
+        g = httpx.post(
+            f"{url}/get_reward",
+            content='{"query": ["<|im_start|>user\\nq<|im_end|>\\n<|im_start|>assistant\\nx\\ud800<|im_end|>"]}',
+            headers={"content-type": "application/json"},
+        )
+    assert r.status_code == 200
+    first, second = r.json()["results"]
+    assert "surrogate" in first["error"] and first["score"] is None
+    assert (
+        second["error"] is None
+        and second["score"] == direct.score([{"prompt": "hi", "response": "hello"}])[0]
+    )
+    assert g.status_code == 422 and "surrogate" in g.text

@@ -130,11 +130,25 @@ class ChatTemplateEncoder(Encoder):
                 texts.append(SampleError(f"chat template failed: {exc}", index=idx, field="messages"))
         good = [i for i, t in enumerate(texts) if isinstance(t, str)]
         fast = bool(getattr(self.tokenizer, "is_fast", False))
-        batch: Any = {"input_ids": []}
+        batch: Any = {"input_ids": [], "offset_mapping": []}
         if good:
-            batch = self.tokenizer(
-                [texts[i] for i in good], add_special_tokens=False, return_offsets_mapping=fast
-            )
+            try:
+                batch = self.tokenizer(
+                    [texts[i] for i in good], add_special_tokens=False, return_offsets_mapping=fast
+                )
+            except Exception:  # one text the tokenizer refuses must not cost the others: one by one
+                kept = []
+                for i in good:
+                    try:
+                        one = self.tokenizer(texts[i], add_special_tokens=False, return_offsets_mapping=fast)
+                    except Exception as exc:
+                        texts[i] = SampleError(f"tokenizer failed: {exc}", index=indices[i], field="messages")
+                        continue
+                    kept.append(i)
+                    batch["input_ids"].append(one["input_ids"])
+                    if fast:
+                        batch["offset_mapping"].append(one["offset_mapping"])
+                good = kept
         out: list[Encoded | SampleError] = [t if isinstance(t, SampleError) else Encoded([]) for t in texts]
         for j, i in enumerate(good):
             text = texts[i]

@@ -87,6 +87,14 @@ def _check_text(value: Any, *, index: int | None, field: str, allow_empty: bool 
         raise SampleError(f"expected a string, got {type(value).__name__}", index=index, field=field)
     if not allow_empty and not value.strip():
         raise SampleError("must not be empty", index=index, field=field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone UTF-16 surrogate: no tokenizer can take it
+        raise SampleError(
+            f"is not valid Unicode text: lone surrogate {value[exc.start]!r} at character {exc.start}",
+            index=index,
+            field=field,
+        ) from None
     return value
 
 

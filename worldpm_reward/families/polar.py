@@ -304,10 +304,13 @@ class PolarEncoder(Encoder):
         for sample, idx in zip(samples, indices):
             try:
                 text, cut, reply_cut = self.text(sample)
+                ids = self.tokenizer.encode(text, add_special_tokens=True)
             except SampleError as exc:
                 out.append(SampleError(exc.reason, index=idx, field=exc.field))
                 continue
-            ids = self.tokenizer.encode(text, add_special_tokens=True)
+            except Exception as exc:  # a text the tokenizer refuses is this sample's error only
+                out.append(SampleError(f"tokenizer failed: {exc}", index=idx, field="messages"))
+                continue
             if not ids or ids[-1] != self.final_token_id:
                 out.append(
                     SampleError(f"encoding does not end with {REWARD_TOKEN}", index=idx, field="response")
