@@ -427,3 +427,10 @@ def test_lone_surrogate_is_one_items_error_over_http(direct: RewardModel) -> Non
         and second["score"] == direct.score([{"prompt": "hi", "response": "hello"}])[0]
     )
     assert g.status_code == 422 and "surrogate" in g.text
+
+
+def test_remote_scorer_sends_a_lone_surrogate_as_that_samples_error(live: str, direct: RewardModel) -> None:
+    samples = [{"prompt": "hi", "response": "hello"}, {"prompt": "q", "response": "x\ud800"}]
+    results = RemoteScorer(live).score_detailed(samples)
+    assert results[0].ok and abs(results[0].score - direct.score(samples[:1])[0]) <= 1e-5
+    assert results[1].score is None and "surrogate" in (results[1].error or "")

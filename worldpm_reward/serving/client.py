@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import threading
 import time
@@ -49,6 +50,12 @@ class _Wait:
 
 #: What the I/O driver sends back into the policy: the httpx response, or the transport error.
 _Outcome = Any
+
+
+def _body(payload: dict[str, Any]) -> bytes:
+    """JSON with non-ASCII escaped: a lone surrogate in one sample travels as ``\\ud800`` and
+    comes back as that sample's error, instead of failing the whole request here."""
+    return json.dumps(payload, ensure_ascii=True).encode("ascii")
 
 
 def _payload_sample(sample: Any) -> Any:
@@ -132,7 +139,10 @@ class RemoteScorer:
         self._down_until[url] = time.monotonic() + self.cooldown_s
 
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
 
     def _delay(self, attempt: int) -> float:
         return min(self.backoff_s * (2**attempt), 8.0)
@@ -176,7 +186,9 @@ class RemoteScorer:
                 outcome: _Outcome = None
             else:
                 try:
-                    outcome = self._client.post(f"{step.url}{path}", json=payload, headers=self._headers())
+                    outcome = self._client.post(
+                        f"{step.url}{path}", content=_body(payload), headers=self._headers()
+                    )
                 except httpx.TransportError as exc:
                     outcome = exc
             try:
@@ -194,7 +206,9 @@ class RemoteScorer:
                 outcome: _Outcome = None
             else:
                 try:
-                    outcome = await client.post(f"{step.url}{path}", json=payload, headers=self._headers())
+                    outcome = await client.post(
+                        f"{step.url}{path}", content=_body(payload), headers=self._headers()
+                    )
                 except httpx.TransportError as exc:
                     outcome = exc
             try:
