@@ -366,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
-    except (WorldPMRewardError, FileNotFoundError) as exc:
+    except (WorldPMRewardError, FileNotFoundError, ImportError) as exc:  # ImportError: names the extra
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
