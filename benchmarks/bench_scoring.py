@@ -15,6 +15,7 @@ Usage:
   python benchmarks/bench_scoring.py                      # both models, fp32
   python benchmarks/bench_scoring.py --models tiny --n 128
   python benchmarks/bench_scoring.py --dtype bf16         # bf16 weights (AMX on recent Xeons, or GPU)
+  python benchmarks/bench_scoring.py --models 0.5b --dtype bf16 --loop-dtype fp32   # bf16 scorer vs the fp32 loop
 
 Prints a table and ends with one JSON line of the figures and ratios (scorer / loop,
 scorer / static) measured in this run.
@@ -118,6 +119,11 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["tiny", "0.5b"], choices=sorted(MODELS))
     p.add_argument("--n", type=int, default=256, help="conversations (tiny); the 0.5b model uses n/4")
     p.add_argument("--dtype", default="fp32")
+    p.add_argument(
+        "--loop-dtype",
+        default=None,
+        help="dtype of the loop baseline (e.g. fp32 with --dtype bf16); default --dtype",
+    )
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--static-batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
@@ -130,7 +136,11 @@ def main() -> None:
         print(json.dumps(run_method(args)))
         return
 
-    figures: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
+    figures: dict[str, Any] = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "loop_dtype": args.loop_dtype or args.dtype,
+    }
     print(
         f"{'model':>6} {'method':>7} {'samples/s':>10} {'tokens/s':>10} {'padding':>8} {'peak MiB':>9} {'vs loop':>8}"
     )
@@ -148,7 +158,7 @@ def main() -> None:
                 "--n",
                 str(n),
                 "--dtype",
-                args.dtype,
+                (args.loop_dtype or args.dtype) if method == "loop" else args.dtype,
                 "--device",
                 args.device,
                 "--static-batch",

@@ -3,8 +3,10 @@
 :class:`RewardModel` validates and encodes every sample (a bad sample becomes an error
 result, the others are still scored), sorts the rest by length into token-budgeted
 micro-batches (little padding), runs them under ``torch.inference_mode`` and reads each
-score at the sequence's true last token (from lengths, never from the pad id). A sample
-scores the same alone as in any batch, and results come back in input order.
+score at the sequence's true last token (from lengths, never from the pad id). Samples that
+start with the same long run of token ids (a GRPO group's prompt) run that prefix once,
+through the KV cache. A sample scores the same alone as in any batch (within float
+rounding), and results come back in input order.
 """
 
 from __future__ import annotations
