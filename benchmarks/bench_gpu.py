@@ -23,16 +23,8 @@ import json
 import time
 from typing import Any
 
-DIMS_7B = dict(
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-)
 
-
-def model_flops(lengths: list[int], computed: int, dims: dict[str, int] = DIMS_7B) -> float:
+def model_flops(lengths: list[int], computed: int, dims: dict[str, int]) -> float:
     """Forward FLOPs: 2 x non-embedding matmul parameters per computed position + causal attention."""
     h, i, n = dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"]
     kv = h // dims["num_attention_heads"] * dims["num_key_value_heads"]
@@ -62,7 +54,9 @@ def main() -> None:
     import torch
 
     from worldpm_reward.samples import parse_sample
-    from worldpm_reward.testing import grpo_groups, random_worldpm, real_conversations
+    from worldpm_reward.testing import QWEN2_DIMENSIONS, grpo_groups, random_worldpm, real_conversations
+
+    dims = QWEN2_DIMENSIONS["7b"]
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the device (spec)")
@@ -84,7 +78,7 @@ def main() -> None:
     figures["matmul_bf16_tflops"] = round(matmul_tflops, 1)
     del a
 
-    rm = random_worldpm(seed=0, max_length=4096, device="cuda", **DIMS_7B)
+    rm = random_worldpm(seed=0, max_length=4096, device="cuda", **dims)
     rm.model.to(torch.bfloat16)
     rm.model.config._attn_implementation = args.attn
 
@@ -104,7 +98,7 @@ def main() -> None:
     long = packed_conversations(args.n, rm)
     lens = lengths(long)
     secs, _, st = run(long, shared_prefix=False)
-    fl = model_flops(lens, st.padded_tokens)
+    fl = model_flops(lens, st.padded_tokens, dims)
     figures["mfu"] = {
         "samples": len(long),
         "median_tokens": sorted(lens)[len(lens) // 2],
@@ -126,7 +120,9 @@ def main() -> None:
             "tokens_per_s": round(sum(lens) / secs),
             "padding": round(st.padding_fraction, 4),
             "batches": st.num_batches,
-            "mfu_vs_spec": round(model_flops(lens, st.padded_tokens) / secs / 1e12 / args.peak_tflops, 3),
+            "mfu_vs_spec": round(
+                model_flops(lens, st.padded_tokens, dims) / secs / 1e12 / args.peak_tflops, 3
+            ),
         }
         print("padding cap", cap, json.dumps(figures["padding"][str(cap)]))
 

@@ -34,32 +34,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MODELS: dict[str, dict[str, int]] = {
-    "tiny": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "0.5b": dict(
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-    ),
-}
-
 
 def build(model_name: str, dtype: str, device: str):  # -> RewardModel
     import torch
 
     from worldpm_reward.checkpoints import resolve_dtype
-    from worldpm_reward.testing import random_worldpm
+    from worldpm_reward.testing import QWEN2_DIMENSIONS, random_worldpm
 
     torch.manual_seed(0)
-    rm = random_worldpm(seed=0, max_length=2048, device=device, **MODELS[model_name])
+    rm = random_worldpm(seed=0, max_length=2048, device=device, **QWEN2_DIMENSIONS[model_name])
     rm.model.to(dtype=resolve_dtype(dtype, device))
     return rm
 
@@ -116,7 +99,7 @@ def run_method(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["tiny", "0.5b"], choices=sorted(MODELS))
+    p.add_argument("--models", nargs="+", default=["tiny", "0.5b"], choices=["tiny", "0.5b", "7b"])
     p.add_argument("--n", type=int, default=256, help="conversations (tiny); the 0.5b model uses n/4")
     p.add_argument("--dtype", default="fp32")
     p.add_argument(

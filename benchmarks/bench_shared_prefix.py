@@ -4,14 +4,13 @@ once through the KV cache, against the same scorer with sharing off, in the same
 Workloads (real text from ../shared/data): ``grpo-G``: 4 Arena-Hard prompts of about 300
 tokens, G PandaLM replies each (about 80% of the tokens are prompt); ``no-shared``: real
 hh-rlhf / LLMBar / PandaLM conversations, nothing in common (sharing must not cost).
-Models: random weights with real dimensions ("tiny", "0.5b" = Qwen2-0.5B, "7b" = Qwen2-7B),
+Models: random weights with real dimensions (``QWEN2_DIMENSIONS``: "tiny", "0.5b", "7b"),
 real Qwen2 vocabulary. Throughput counts the tokens of the full sequences (what a caller
-asked to score), so sharing shows up as more tokens per second. On a GPU, model FLOP
-utilisation (MFU) is reported against ``--peak-tflops`` (dense bf16 of the device).
+asked to score), so sharing shows up as more tokens per second. (GPU MFU: bench_gpu.py.)
 
 Usage:
   python benchmarks/bench_shared_prefix.py                            # 0.5b, fp32, CPU
-  python benchmarks/bench_shared_prefix.py --models 7b --device cuda --dtype bf16 --peak-tflops 989
+  python benchmarks/bench_shared_prefix.py --models 7b --device cuda --dtype bf16
 
 Prints a table and ends with one JSON line of the figures and ratios measured in this run.
 """
@@ -22,39 +21,6 @@ import argparse
 import json
 import time
 from typing import Any
-
-MODELS: dict[str, dict[str, int]] = {
-    "tiny": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "0.5b": dict(
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-    ),
-    "7b": dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-    ),
-}
-
-
-def flops(dims: dict[str, int], lengths: list[int], computed_tokens: int) -> float:
-    """Forward FLOPs: 2 x non-embedding parameters per computed token, plus causal attention."""
-    h, i, n = dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"]
-    kv = h // dims["num_attention_heads"] * dims["num_key_value_heads"]
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i  # q, o, k, v, gate/up/down
-    attention = sum(2 * n * h * t * t for t in lengths)  # QK^T and AV, causal half of 4*h*t^2
-    return 2 * n * per_layer * computed_tokens + attention
 
 
 def timed(rm: Any, samples: list[Any], repeats: int, sync: Any) -> tuple[float, list[float]]:
@@ -72,16 +38,15 @@ def main() -> None:
 
     from worldpm_reward.checkpoints import resolve_dtype
     from worldpm_reward.samples import parse_sample
-    from worldpm_reward.testing import grpo_groups, random_worldpm, real_conversations
+    from worldpm_reward.testing import QWEN2_DIMENSIONS, grpo_groups, random_worldpm, real_conversations
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["0.5b"], choices=sorted(MODELS))
+    p.add_argument("--models", nargs="+", default=["0.5b"], choices=sorted(QWEN2_DIMENSIONS))
     p.add_argument("--groups", nargs="+", type=int, default=[4, 8, 16], help="replies per prompt (G)")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0: not reported)")
     args = p.parse_args()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
@@ -94,7 +59,7 @@ def main() -> None:
         f"{'model':>5} {'workload':>10} {'tokens':>7} {'shared':>7} {'unshared tok/s':>15} {'shared tok/s':>13} {'ratio':>6} {'max|diff|':>9}"
     )
     for name in args.models:
-        rm = random_worldpm(seed=0, max_length=4096, device=args.device, **MODELS[name])
+        rm = random_worldpm(seed=0, max_length=4096, device=args.device, **QWEN2_DIMENSIONS[name])
         rm.model.to(dtype=resolve_dtype(args.dtype, args.device))
         plain = type(rm)(
             rm.model,
@@ -105,7 +70,6 @@ def main() -> None:
         for workload, samples in workloads.items():
             lengths = [len(rm.encoder.encode(parse_sample(s)).input_ids) for s in samples]
             t_plain, s_plain = timed(plain, samples, args.repeats, sync)
-            computed_plain = plain.last_stats.padded_tokens
             t_shared, s_shared = timed(rm, samples, args.repeats, sync)
             st = rm.last_stats
             diff = max(abs(a - b) for a, b in zip(s_plain, s_shared))
@@ -117,11 +81,6 @@ def main() -> None:
                 "ratio": round(t_plain / t_shared, 3),
                 "max_score_diff": diff,
             }
-            if args.peak_tflops:
-                row["unshared_mfu"] = round(
-                    flops(MODELS[name], lengths, computed_plain) / t_plain / 1e12 / args.peak_tflops, 3
-                )
-                row["unshared_padding"] = round(plain.last_stats.padding_fraction, 4)
             figures[f"{name}/{workload}"] = row
             print(
                 f"{name:>5} {workload:>10} {row['tokens']:>7} {st.shared_prefix_tokens / sum(lengths):>6.0%} "

@@ -77,7 +77,7 @@ class RewardModel:
         self.tokenizer = tokenizer
         self.family_spec = family if isinstance(family, RewardFamily) else get_family(family)
         self.family = self.family_spec.name
-        self.config = (config or ModelConfig()).replace(**options) if options else (config or ModelConfig())
+        self.config = (config or ModelConfig()).replace(**options)
         self.name = name
         self.encoder: Encoder = self.family_spec.encoder(tokenizer, model.config, self.config)
         self.max_length = self.encoder.max_length

@@ -83,6 +83,33 @@ def qwen_tokenizer(chat_template: str = QWEN2_CHAT_TEMPLATE):  # -> PreTrainedTo
     return tok
 
 
+#: Qwen2 dimensions for random-weight models in benchmarks: "tiny" (the test fixture's),
+#: "0.5b" (Qwen2-0.5B, 358M non-embedding parameters), "7b" (Qwen2-7B).
+QWEN2_DIMENSIONS: dict[str, dict[str, int]] = {
+    "tiny": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+    ),
+    "7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+    ),
+}
+
+
 def tiny_qwen2_config(**overrides: object):  # -> Qwen2Config
     from transformers import Qwen2Config
 
