@@ -134,16 +134,35 @@ def test_rloo_runs(tmp_path: Path, tiny_worldpm: Path) -> None:
     assert _check_against_core(reward, RewardModel.from_pretrained(tiny_worldpm, device="cpu")) >= 12
 
 
-def test_online_dpo_runs_a_step(tmp_path: Path, tiny_worldpm: Path) -> None:
+class FailingScorer:
+    """A real RewardModel that refuses the completions at chosen positions of each call."""
+
+    def __init__(self, rm: RewardModel, fail: Any) -> None:
+        self.rm, self.fail = rm, fail
+
+    def score_detailed(self, samples: Any) -> list[Any]:
+        from worldpm_reward.samples import ScoreResult
+
+        results = self.rm.score_detailed(samples)
+        bad = self.fail(len(samples))
+        return [ScoreResult(error=f"sample {i}: refused") if i in bad else r for i, r in enumerate(results)]
+
+
+def test_online_dpo_scores_pairs_and_an_unscorable_completion_never_wins(
+    tmp_path: Path, tiny_worldpm: Path
+) -> None:
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
     policy, tok = tiny_policy()
-    reward = RecordingReward(tiny_worldpm, model_kwargs={"device": "cpu"})
+    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+    # pair 0: its first completion fails; pair 1: both fail; pair 2+: both scored
+    flaky = FailingScorer(rm, lambda n: {0, 1, n // 2 + 1})
+    reward = RecordingReward(scorer=flaky)
     args = OnlineDPOConfig(
         output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
+        per_device_train_batch_size=3,
         max_new_tokens=12,
-        max_steps=1,
+        max_steps=2,
         logging_steps=1,
         report_to="none",
         use_cpu=True,
@@ -156,9 +175,76 @@ def test_online_dpo_runs_a_step(tmp_path: Path, tiny_worldpm: Path) -> None:
         args=args,
         train_dataset=_dataset(True, n=8),
     )
+    seen: list[Any] = []
+    calculate = trainer._calculate_rewards_from_functions
+
+    def recording(*a: Any, **kw: Any) -> Any:
+        out = calculate(*a, **kw)
+        seen.append(out.clone())
+        return out
+
+    trainer._calculate_rewards_from_functions = recording
     trainer.train()
-    assert trainer.state.global_step == 1 and reward.calls
-    assert _check_against_core(reward, RewardModel.from_pretrained(tiny_worldpm, device="cpu")) >= 2
+    assert trainer.state.global_step == 2 and len(seen) == 2
+    for rewards, (prompts, completions, returned, _) in zip(seen, reward.calls):
+        n = len(returned)
+        assert n == 6 and all(r is not None for r in returned)  # TRL would turn None into 0
+        assert rewards[0] < rewards[n // 2]  # the unscorable one is the rejected one
+        assert rewards[1] == rewards[n // 2 + 1]  # neither scorable: a tie, logged
+        # the scored completions are exactly the core's scores of those conversations
+        direct = rm.score([_as_conversation(prompts[i], completions[i]) for i in (2, n // 2, n - 1)])
+        assert max(abs(returned[i] - d) for i, d in zip((2, n // 2, n - 1), direct)) <= 1e-5
+        assert abs(returned[0] - (returned[n // 2] - reward.unscorable_margin)) <= 1e-6
+
+
+def test_pair_layout_is_only_detected_for_online_dpo_calls() -> None:
+    from worldpm_reward.integrations.trl import _online_dpo_call, pair_fallback
+
+    prompts = ["a", "b", "a", "b"]
+    assert _online_dpo_call(prompts, {"trainer_state": None})
+    assert not _online_dpo_call(prompts, {"trainer_state": None, "log_metric": print})  # GRPO / RLOO
+    assert not _online_dpo_call(["a", "a", "b", "b"], {"trainer_state": None})
+    assert pair_fallback([1.0, None, None, None], 2.0) == [1.0, -1.0, -1.0, -1.0]
+    assert pair_fallback([None, 3.0, 0.5, 4.0], 1.0) == [-0.5, 3.0, 0.5, 4.0]
+    with pytest.raises(ValueError, match="even"):
+        pair_fallback([1.0, 2.0, 3.0], 1.0)
+
+
+def test_a_rank_with_nothing_scorable_logs_no_nan(tmp_path: Path, tiny_worldpm: Path) -> None:
+    import math
+
+    policy, tok = tiny_policy()
+    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+    reward = RecordingReward(scorer=FailingScorer(rm, lambda n: set(range(n))))
+    trainer = GRPOTrainer(
+        model=policy,
+        processing_class=tok,
+        reward_funcs=[reward],
+        args=_grpo_args(tmp_path, max_steps=1),
+        train_dataset=_dataset(False),
+    )
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "worldpm/failed" in h]
+    assert logged and logged[0]["worldpm/failed"] == 4.0
+    assert "worldpm/raw_mean" not in logged[0]
+    assert not any(isinstance(v, float) and math.isnan(v) for k, v in logged[0].items() if "worldpm" in k)
+
+
+def test_length_bias_diagnostic_is_logged_and_correct(tmp_path: Path, tiny_worldpm: Path) -> None:
+    from worldpm_reward.integrations.trl import length_correlation
+
+    assert length_correlation([1.0, 2.0, 3.0, None], [10, 20, 30, 5]) == pytest.approx(1.0)
+    assert length_correlation([3.0, 2.0, 1.0], [10, 20, 30]) == pytest.approx(-1.0)
+    assert length_correlation([1.0, 1.0, 1.0], [1, 2, 3]) is None  # constant scores: undefined
+    metrics: dict[str, float] = {}
+    reward = WorldPMReward(tiny_worldpm, model_kwargs={"device": "cpu"})
+    completions = ["Yes.", "Yes, it is.", "Yes, it is, because of the reasons below, which are many."]
+    raw = reward(["Is it?"] * 3, completions, log_metric=metrics.__setitem__)
+    lengths = [len(c) for c in completions]  # no completion_ids: characters
+    mx, my = sum(raw) / 3, sum(lengths) / 3
+    cov = sum((x - mx) * (y - my) for x, y in zip(raw, lengths))
+    want = cov / (sum((x - mx) ** 2 for x in raw) * sum((y - my) ** 2 for y in lengths)) ** 0.5
+    assert metrics["worldpm/length_corr"] == pytest.approx(want, abs=1e-9)
 
 
 def test_reference_relative_rewards_from_a_dataset_column(tmp_path: Path, tiny_worldpm: Path) -> None:

@@ -93,6 +93,13 @@ class ModelConfig:
             "small groups were measured slower than plain batches)"
         ),
     )
+    strip_think: bool = field(
+        default=False,
+        metadata=_opt(
+            "score assistant replies without their <think>...</think> reasoning (as POLAR's client "
+            "does); an unclosed <think> leaves an empty answer"
+        ),
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata=_opt(

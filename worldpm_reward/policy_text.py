@@ -16,12 +16,13 @@ known markers is "plain" and is counted as unknown by callers.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from worldpm_reward.errors import SampleError
-from worldpm_reward.samples import Conversation
+from worldpm_reward.samples import Conversation, Sample
 
 FORMATS = ("auto", "chatml", "llama3", "mistral", "gemma", "phi3", "plain")
 
@@ -189,3 +190,33 @@ def _plain(query: str, prompt: str | None, index: int | None) -> Conversation:
     for bos in ("<s>", "<|begin_of_text|>", "<bos>"):
         prompt = prompt.removeprefix(bos)
     return [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": reply}]
+
+
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def strip_reasoning(text: str) -> str:
+    """The answer without its ``<think>...</think>`` reasoning, as POLAR's client strips it.
+
+    Removes every closed block; text before a ``</think>`` with no opening tag (templates
+    that put ``<think>`` in the prompt, e.g. Qwen3 and DeepSeek-R1) is reasoning too; an
+    unclosed ``<think>`` (reasoning cut off by the length limit) leaves no answer: "".
+    """
+    text = _THINK_BLOCK.sub("", text)
+    end = text.rfind("</think>")
+    if end >= 0:
+        text = text[end + len("</think>") :]
+    start = text.find("<think>")
+    if start >= 0:
+        text = text[:start]
+    return text.strip()
+
+
+def without_reasoning(sample: Sample) -> Sample:
+    """``sample`` with :func:`strip_reasoning` applied to every assistant turn and the reference."""
+    messages = [
+        dict(m, content=strip_reasoning(m["content"])) if m["role"] == "assistant" else m
+        for m in sample.messages
+    ]
+    reference = None if sample.reference is None else strip_reasoning(sample.reference)
+    return dataclasses.replace(sample, messages=messages, reference=reference)

@@ -125,5 +125,11 @@ class RewardFunction:
                 if ref.error is not None and own[i].error is None:
                     own[i].error = f"sample {i}, field '{self.shaping.reference_field}': {ref.error}"
                 reference_raw.append(ref.score if ref.error is None else None)
-        shaped = self.shaper(raw, reference_raw)
+        groups: list[Any] | None = None
+        if self.shaping.group != "none":  # a group = the samples of this batch with the same prompt
+            groups = [
+                json.dumps(p.prompt_messages, ensure_ascii=False) if isinstance(p, Sample) else ("bad", i)
+                for i, p in enumerate(parsed)
+            ]
+        shaped = self.shaper(raw, reference_raw, groups)
         return RewardBatch(shaped.rewards, shaped.raw, reference_raw, own)

@@ -27,6 +27,7 @@ from worldpm_reward.config import ModelConfig
 from worldpm_reward.errors import BatchScoringError, SampleError
 from worldpm_reward.families import RewardFamily, get_family, load
 from worldpm_reward.formatting import Encoded, Encoder
+from worldpm_reward.policy_text import without_reasoning
 from worldpm_reward.pooling import encode_prefixes, score_after_prefixes
 from worldpm_reward.samples import SampleLike, Scorer, ScoreResult, parse_sample
 
@@ -160,9 +161,11 @@ class RewardModel:
         parsed: list[tuple[int, Any]] = []
         for i, raw in enumerate(samples):
             try:
-                parsed.append((i, parse_sample(raw, start_index + i)))
+                sample = parse_sample(raw, start_index + i)
             except SampleError as exc:
                 results[i].error = str(exc)
+                continue
+            parsed.append((i, without_reasoning(sample) if self.config.strip_think else sample))
         encoded = self.encoder.encode_batch([s for _, s in parsed], [start_index + i for i, _ in parsed])
         ready: list[tuple[int, Encoded]] = []
         for (i, _), enc in zip(parsed, encoded):

@@ -8,10 +8,14 @@ Order of operations, per batch:
   1. reference-relative (optional): ``raw - raw_reference`` ("difference", a log-odds
      under Bradley-Terry) or ``sigmoid(raw - raw_reference)`` ("bt_probability", the
      modelled probability that the response beats the reference, in (0, 1));
-  2. normalization (optional): "running" (Welford mean/std over everything seen, merged
+  2. group win rate (optional, ``group="bt_winrate"``): within each group of samples that
+     share a prompt (a GRPO/RLOO group), each sample's mean Bradley-Terry probability of
+     beating each other member, ``mean_j sigmoid(s_i - s_j)``, in (0, 1); a group with one
+     scorable member gets 0.5. Invariant to the reward model's offset, and bounded;
+  3. normalization (optional): "running" (Welford mean/std over everything seen, merged
      exactly across processes) or "fixed" (mean/std from a calibration file written by
      ``worldpm-reward calibrate``, or given directly): ``(x - mean) / (std + eps)``;
-  3. clipping (optional) to ``[clip_min, clip_max]``.
+  4. clipping (optional) to ``[clip_min, clip_max]``.
 A sample that could not be scored stays None throughout; it never gets a made-up number.
 """
 
@@ -21,13 +25,14 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 Normalize = Literal["none", "running", "fixed"]
 ReferenceMode = Literal["none", "difference", "bt_probability"]
+GroupMode = Literal["none", "bt_winrate"]
 
 
 @dataclass
@@ -44,6 +49,8 @@ class ShapingConfig:
         clip_max: upper bound of the final reward, or None.
         reference: "none", "difference" or "bt_probability" (needs a reference answer per sample).
         reference_field: dataset column / request field that holds the reference answer.
+        group: "none" or "bt_winrate" (each sample's mean sigmoid(s_i - s_j) over the other
+            samples with the same prompt in the batch).
         sync_across_processes: merge running statistics across torch.distributed ranks.
         eps: added to std to avoid division by zero.
     """
@@ -56,6 +63,7 @@ class ShapingConfig:
     clip_max: float | None = None
     reference: ReferenceMode = "none"
     reference_field: str = "reference"
+    group: GroupMode = "none"
     sync_across_processes: bool = True
     eps: float = 1e-6
 
@@ -68,6 +76,8 @@ class ShapingConfig:
             raise ValueError(
                 f"shaping.reference must be 'none', 'difference' or 'bt_probability'; got {self.reference!r}"
             )
+        if self.group not in ("none", "bt_winrate"):
+            raise ValueError(f"shaping.group must be 'none' or 'bt_winrate'; got {self.group!r}")
         if self.normalize == "fixed":
             if self.calibration_file is not None:
                 calib = read_calibration(self.calibration_file)
@@ -157,6 +167,25 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
+def group_win_rates(values: Sequence[float | None], groups: Sequence[Hashable]) -> list[float | None]:
+    """Each value's mean Bradley-Terry win probability against the other scored values of its
+    group: ``mean_{j != i} sigmoid(v_i - v_j)``; 0.5 alone in its group; None stays None."""
+    members: dict[Hashable, list[int]] = {}
+    for i, (v, g) in enumerate(zip(values, groups)):
+        if v is not None:
+            members.setdefault(g, []).append(i)
+    out: list[float | None] = [None] * len(values)
+    for idx in members.values():
+        for i in idx:
+            vi = values[i]
+            assert vi is not None
+            others = [values[j] for j in idx if j != i]
+            out[i] = (
+                sum(_sigmoid(vi - vj) for vj in others if vj is not None) / len(others) if others else 0.5
+            )
+    return out
+
+
 class RewardShaper:
     """Applies a :class:`ShapingConfig` batch by batch; keeps the running statistics."""
 
@@ -165,8 +194,13 @@ class RewardShaper:
         self.stats = RunningStats()
 
     def __call__(
-        self, raw: Sequence[float | None], reference_raw: Sequence[float | None] | None = None
+        self,
+        raw: Sequence[float | None],
+        reference_raw: Sequence[float | None] | None = None,
+        groups: Sequence[Hashable] | None = None,
     ) -> Shaped:
+        """Shape one batch. ``groups``: one key per sample (equal keys = one group, e.g. the
+        prompt), needed by ``group="bt_winrate"``."""
         cfg = self.config
         values: list[float | None] = list(raw)
         if cfg.needs_reference:
@@ -181,6 +215,10 @@ class RewardShaper:
                 else (r - q if cfg.reference == "difference" else _sigmoid(r - q))
                 for r, q in zip(raw, reference_raw)
             ]
+        if cfg.group == "bt_winrate":
+            if groups is None or len(groups) != len(values):
+                raise ValueError("shaping.group='bt_winrate' needs one group key (the prompt) per sample")
+            values = group_win_rates(values, groups)
         present = [v for v in values if v is not None]
         if cfg.normalize == "running":
             batch = RunningStats.of(present)

@@ -17,9 +17,18 @@ Backends (exactly one):
   * ``url=`` one or more ``worldpm-reward serve`` endpoints (``RemoteScorer``);
   * ``scorer=`` any object with ``score_detailed(samples) -> list[ScoreResult]``.
 
-Each call logs, through TRL's ``log_metric``: ``<name>/raw_mean``, ``<name>/raw_std``,
-``<name>/failed`` and ``<name>/truncated``; and through ``log_extra`` the per-sample raw
-scores as column ``<name>_raw``. TRL logs the returned rewards as ``rewards/<name>/mean``.
+Each call logs, through TRL's ``log_metric``: ``<name>/raw_mean``, ``<name>/raw_std``
+(not logged on a call where nothing could be scored, so TRL's cross-rank average stays a
+number), ``<name>/failed``, ``<name>/truncated`` and ``<name>/length_corr`` (the Pearson
+correlation of raw score and completion length in tokens: a length-bias diagnostic); and
+through ``log_extra`` the per-sample raw scores as column ``<name>_raw``. TRL logs the
+returned rewards as ``rewards/<name>/mean``.
+
+OnlineDPO (``trl.experimental.online_dpo``) calls reward functions synchronously: use
+:class:`WorldPMReward` (not the async class). It scores the two completions of each prompt
+in one call (the first half against the second half) and turns None into 0, which could
+win a pair; so on that call layout (detected, or forced with ``pairs=True``) a completion
+that cannot be scored gets its partner's reward minus ``unscorable_margin``: it always loses.
 """
 
 from __future__ import annotations
@@ -79,6 +88,12 @@ class WorldPMReward:
         name: the name TRL logs the reward under (``rewards/<name>/mean``).
         model_kwargs: passed to ``RewardModel.from_pretrained`` (dtype, max_length, ...).
         client_kwargs: passed to ``RemoteScorer`` (token, timeout, retries, ...).
+        pairs: OnlineDPO's layout (completion i against completion i + n/2): an unscorable
+            completion then loses its pair instead of getting None (TRL's 0). Default (None):
+            detected from the call (TRL's OnlineDPOTrainer: ``trainer_state`` without
+            ``log_metric``, and the second half of the prompts repeating the first).
+        unscorable_margin: how far below its partner an unscorable completion lands (keep it
+            above OnlineDPO's ``missing_eos_penalty``).
     """
 
     def __init__(
@@ -91,6 +106,8 @@ class WorldPMReward:
         name: str = "worldpm",
         model_kwargs: Mapping[str, Any] | None = None,
         client_kwargs: Mapping[str, Any] | None = None,
+        pairs: bool | None = None,
+        unscorable_margin: float = 10.0,
     ) -> None:
         if sum(x is not None for x in (model, url, scorer)) != 1:
             raise ValueError("WorldPMReward needs exactly one of model=..., url=... or scorer=...")
@@ -99,6 +116,8 @@ class WorldPMReward:
         self.model_kwargs = dict(model_kwargs or {})
         self.client_kwargs = dict(client_kwargs or {})
         self.shaping = shaping if isinstance(shaping, ShapingConfig) else ShapingConfig(**dict(shaping or {}))
+        self.pairs = pairs
+        self.unscorable_margin = float(unscorable_margin)
         self.__name__ = name  # TRL names reward functions by __name__
         self._scorer = scorer
         self._reward: RewardFunction | None = None
@@ -172,9 +191,14 @@ class WorldPMReward:
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any
     ) -> list[float | None]:
         batch = self._reward_fn()(self._samples(prompts, completions, kwargs))
-        return self._report(batch, kwargs)
+        rewards = self._report(batch, completions, completion_ids, kwargs)
+        if self.pairs or (self.pairs is None and _online_dpo_call(prompts, kwargs)):
+            return list(pair_fallback(rewards, self.unscorable_margin, name=self.__name__))
+        return rewards
 
-    def _report(self, batch: RewardBatch, kwargs: Mapping[str, Any]) -> list[float | None]:
+    def _report(
+        self, batch: RewardBatch, completions: Sequence[Any], completion_ids: Any, kwargs: Mapping[str, Any]
+    ) -> list[float | None]:
         name = self.__name__
         raw = [r for r in batch.raw if r is not None]
         errors = batch.errors
@@ -184,12 +208,15 @@ class WorldPMReward:
             logger.warning("%s: %d more completions not scored", name, len(errors) - 3)
         log_metric: Callable[[str, float], None] | None = kwargs.get("log_metric")
         if log_metric is not None:
-            mean = sum(raw) / len(raw) if raw else math.nan
-            std = math.sqrt(sum((x - mean) ** 2 for x in raw) / len(raw)) if raw else math.nan
-            log_metric(f"{name}/raw_mean", mean)
-            log_metric(f"{name}/raw_std", std)
+            if raw:  # TRL averages sum/count over ranks: a rank with nothing scored adds nothing
+                mean = sum(raw) / len(raw)
+                log_metric(f"{name}/raw_mean", mean)
+                log_metric(f"{name}/raw_std", math.sqrt(sum((x - mean) ** 2 for x in raw) / len(raw)))
             log_metric(f"{name}/failed", float(len(errors)))
             log_metric(f"{name}/truncated", float(sum(r.truncated for r in batch.results)))
+            corr = length_correlation(batch.raw, _lengths(completions, completion_ids))
+            if corr is not None:
+                log_metric(f"{name}/length_corr", corr)
         log_extra: Callable[[str, list[Any]], None] | None = kwargs.get("log_extra")
         if log_extra is not None:
             log_extra(f"{name}_raw", list(batch.raw))
@@ -197,15 +224,84 @@ class WorldPMReward:
 
 
 class AsyncWorldPMReward(WorldPMReward):
-    """The same reward as an ``async`` callable: TRL 1.16 runs it concurrently with other
-    async reward functions (and AsyncGRPO runs it in its CUDA-free worker process, where it
-    should use ``url=`` so the worker never loads a model)."""
+    """The same reward as an ``async`` callable: TRL 1.16's GRPO and RLOO run it concurrently
+    with other async reward functions (and AsyncGRPO runs it in its CUDA-free worker process,
+    where it should use ``url=`` so the worker never loads a model). OnlineDPO calls reward
+    functions synchronously: give it :class:`WorldPMReward`."""
 
     async def __call__(  # type: ignore[override]
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any
     ) -> list[float | None]:
         batch = await self._reward_fn().acall(self._samples(prompts, completions, kwargs))
-        return self._report(batch, kwargs)
+        return self._report(batch, completions, completion_ids, kwargs)
+
+
+def _online_dpo_call(prompts: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """TRL's OnlineDPOTrainer: ``prompts = 2 * prompts``, ``trainer_state`` and no ``log_metric``
+    (GRPO and RLOO pass ``log_metric``)."""
+    n = len(prompts)
+    return (
+        "trainer_state" in kwargs
+        and "log_metric" not in kwargs
+        and n >= 2
+        and n % 2 == 0
+        and list(prompts[: n // 2]) == list(prompts[n // 2 :])
+    )
+
+
+def pair_fallback(rewards: Sequence[float | None], margin: float, *, name: str = "worldpm") -> list[float]:
+    """OnlineDPO pairs (i, i + n/2) with no None: an unscorable completion gets its partner's
+    reward minus ``margin`` (so it is the rejected one); when neither can be scored, both get
+    the same value (the lowest reward of the call minus ``margin``, or 0) and the pair is logged."""
+    n = len(rewards)
+    half = n // 2
+    if n % 2:
+        raise ValueError(f"OnlineDPO pairs need an even number of completions, got {n}")
+    scored = [r for r in rewards if r is not None]
+    floor = (min(scored) - margin) if scored else 0.0
+    out: list[float] = []
+    for i, r in enumerate(rewards):
+        partner = rewards[(i + half) % n]
+        if r is not None:
+            out.append(float(r))
+        elif partner is not None:
+            out.append(float(partner) - margin)
+        else:
+            if i < half:
+                logger.warning("%s: neither completion of OnlineDPO pair %d could be scored", name, i)
+            out.append(floor)
+    return out
+
+
+def length_correlation(raw: Sequence[float | None], lengths: Sequence[int | None]) -> float | None:
+    """Pearson correlation of score and length over the scored samples (None if fewer than 3
+    or either is constant): near +1 means the reward mostly pays for length."""
+    pairs = [(float(r), float(n)) for r, n in zip(raw, lengths) if r is not None and n is not None]
+    if len(pairs) < 3:
+        return None
+    mx = sum(x for x, _ in pairs) / len(pairs)
+    my = sum(y for _, y in pairs) / len(pairs)
+    sxy = sum((x - mx) * (y - my) for x, y in pairs)
+    sxx = sum((x - mx) ** 2 for x, _ in pairs)
+    syy = sum((y - my) ** 2 for _, y in pairs)
+    if sxx <= 0 or syy <= 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)
+
+
+def _lengths(completions: Sequence[Any], completion_ids: Any) -> list[int | None]:
+    """Completion lengths in the policy's tokens when TRL passes them, else in characters."""
+    if completion_ids is not None and len(completion_ids) == len(completions):
+        return [len(ids) for ids in completion_ids]
+    out: list[int | None] = []
+    for c in completions:
+        if isinstance(c, str):
+            out.append(len(c))
+        elif isinstance(c, list) and all(isinstance(m, Mapping) for m in c):
+            out.append(sum(len(str(_text(m.get("content", "")))) for m in c))
+        else:
+            out.append(None)
+    return out
 
 
 def _process_device() -> str:

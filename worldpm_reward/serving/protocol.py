@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from worldpm_reward.errors import RequestError, SampleError
+from worldpm_reward.errors import ConfigError, RequestError, SampleError
 from worldpm_reward.policy_text import FORMATS, parse_rendered
 from worldpm_reward.rewards import RewardFunction
 from worldpm_reward.samples import ScoreResult, parse_sample
@@ -74,6 +74,12 @@ class RewardService:
     ) -> None:
         if chat_format not in FORMATS:
             raise ValueError(f"chat_format must be one of {FORMATS}; got {chat_format!r}")
+        if shaping is not None and shaping.group != "none":
+            raise ConfigError(
+                f"shaping.group={shaping.group!r} needs each prompt's whole group in one call, which a "
+                "server does not see (OpenRLHF sends one sample per request); apply it on the trainer "
+                "side, e.g. WorldPMReward(url=..., shaping={'group': 'bt_winrate'})"
+            )
         self.reward = RewardFunction(_AsyncScorer(submit), shaping)  # type: ignore[arg-type]
         self.chat_format = chat_format
         self.name = name
