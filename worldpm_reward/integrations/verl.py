@@ -1,81 +1,262 @@
-"""veRL custom reward functions backed by worldpm-reward (POLAR or WorldPM).
+"""veRL reward functions backed by worldpm-reward (WorldPM or POLAR).
 
-veRL config::
+veRL (0.8, 0.9) computes rewards in its reward loop: ``reward.num_workers`` Ray actors
+(8 by default), each running a reward manager (``naive`` by default) that calls
+``compute_score(data_source, solution_str, ground_truth, extra_info, **reward_kwargs)``
+once per sample, concurrently. Config (the ``reward:`` section, or the legacy top-level
+``custom_reward_function``)::
 
-    custom_reward_function:
-      path: /path/to/site-packages/worldpm_reward/integrations/verl.py   # worldpm-reward verl-file
-      name: compute_score_batch
-    reward_model:
-      reward_manager: batch
+    reward:
+      reward_manager: {name: naive}
+      custom_reward_function:
+        path: pkg://worldpm_reward.integrations.verl
+        name: compute_score_async            # batched; compute_score is the plain per-sample form
+        reward_kwargs:
+          url: http://RM_HOST:8000           # worldpm-reward serve (recommended), or
+          # model: Qwen/WorldPM-72B          # a checkpoint loaded in EVERY reward worker
+          token_env: WORLDPM_REWARD_TOKEN    # read the bearer token from this variable
+          client_kwargs: {timeout_s: 180}    # RemoteScorer options (retries, ...)
+          shaping: {clip_min: -5, clip_max: 5}
+          fallback: min
 
-``compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos)`` follows
-POLAR's own veRL recipe: the prompt is ``extra_info["prompt"]`` (a string or a message
-list), the reference answer is ``ground_truth`` (used by POLAR, and by WorldPM only with
-reference-relative shaping), the policy's output is ``solution_str``. Returns one float per
-sample. A sample that cannot be scored raises an error naming it (veRL takes no None).
+``compute_score_async`` gathers the concurrent calls of one reward worker (the naive
+manager awaits all samples of its chunk at once) into one scoring call every
+``batch_wait_ms`` (default 20) or ``max_batch`` samples (default 256): one HTTP request or
+one batched forward pass instead of one per sample. Both forms return
+``{"score": reward, "worldpm_raw": raw, "worldpm_failed": 0.0 | 1.0}``; veRL uses
+``score`` and logs the other keys as reward extra info.
 
-Where the scores come from (environment variables, read on first call):
-  * ``WORLDPM_REWARD_URL``: comma-separated ``worldpm-reward serve`` URLs (recommended:
-    the reward model on its own GPUs), with ``WORLDPM_REWARD_TOKEN``;
-  * or ``WORLDPM_REWARD_MODEL``: a checkpoint scored in this process
-    (``WORLDPM_REWARD_DEVICE``, default cuda if available);
-  * ``WORLDPM_REWARD_SHAPING``: optional JSON of ShapingConfig fields.
+Inputs: the prompt is ``extra_info["prompt"]`` (a string or a message list, as in POLAR's
+own veRL recipe); the reference answer is ``ground_truth`` (a string or a message list:
+used by POLAR, and by WorldPM only with reference-relative shaping); the policy's output
+is ``solution_str``.
+
+Errors: a sample that cannot be scored (no prompt, a bad message, a failed request) gets
+the ``fallback`` reward, with the reason logged and ``worldpm_failed = 1``; it never
+raises into veRL's step. ``fallback``: a number, or ``"min"`` (default): the lowest
+reward this worker has produced so far (0.0 before the first), so a failure never
+out-scores a real answer. ``fallback: raise`` restores all-or-nothing.
+
+Where the model runs: with ``url`` every reward worker sends its batches to the same
+server(s), which batch across workers and keep one set of normalization statistics
+(``worldpm-reward serve --normalize running``): the default for multi-worker runs. With
+``model`` each worker loads its own copy and keeps its own statistics (set
+``reward.num_workers: 1`` for a large model). Settings may also come from environment
+variables (``WORLDPM_REWARD_URL``, ``WORLDPM_REWARD_TOKEN``, ``WORLDPM_REWARD_MODEL``,
+``WORLDPM_REWARD_DEVICE``, ``WORLDPM_REWARD_SHAPING`` as JSON, ``WORLDPM_REWARD_FALLBACK``);
+they reach veRL's Ray workers through ``ray_kwargs.ray_init.runtime_env.env_vars``.
+``reward_kwargs`` travel with veRL's config and need no such plumbing.
+
+``compute_score_batch`` (veRL <= 0.5's ``batch`` reward manager, since removed) is kept
+with the same per-sample fallbacks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from worldpm_reward.errors import ConfigError
 from worldpm_reward.rewards import RewardFunction
+from worldpm_reward.samples import ScoreResult
 from worldpm_reward.shaping import ShapingConfig
 
-__all__ = ["compute_score", "compute_score_batch", "verl_samples"]
+__all__ = ["batch_stats", "compute_score", "compute_score_async", "compute_score_batch", "verl_samples"]
+
+logger = logging.getLogger(__name__)
+
+_SETTINGS = ("url", "token", "token_env", "client_kwargs", "model", "model_kwargs", "shaping", "fallback")
+
+
+@dataclass
+class _Outcome(ScoreResult):
+    """A scoring result with its shaped reward (what the batcher hands each caller)."""
+
+    reward: float | None = None
+
+
+class _Backend:
+    """One scorer + shaping (+ the cross-call batcher per event loop) for one settings dict."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        env = os.environ
+        url = settings.get("url") or env.get("WORLDPM_REWARD_URL")
+        model = settings.get("model") or env.get("WORLDPM_REWARD_MODEL")
+        shaping = settings.get("shaping")
+        if shaping is None:
+            shaping = json.loads(env.get("WORLDPM_REWARD_SHAPING", "{}"))
+        fallback = settings.get("fallback", env.get("WORLDPM_REWARD_FALLBACK", "min"))
+        if fallback not in ("min", "raise"):
+            try:
+                fallback = float(fallback)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"fallback: expected a number, 'min' or 'raise'; got {fallback!r}"
+                ) from None
+        self.fallback: float | str = fallback
+        self.lowest: float | None = None
+        if url:
+            from worldpm_reward.serving.client import RemoteScorer
+
+            token = settings.get("token") or env.get(str(settings.get("token_env") or "WORLDPM_REWARD_TOKEN"))
+            scorer: Any = RemoteScorer(url, token=token, **dict(settings.get("client_kwargs") or {}))
+        elif model:
+            from worldpm_reward.scoring import RewardModel
+
+            kwargs = dict(settings.get("model_kwargs") or {})
+            if "device" not in kwargs and "device_map" not in kwargs and env.get("WORLDPM_REWARD_DEVICE"):
+                kwargs["device"] = env["WORLDPM_REWARD_DEVICE"]
+            logger.warning(
+                "worldpm-reward: loading %s in this veRL reward worker (each of reward.num_workers loads "
+                "its own copy and keeps its own statistics; 'url' shares one server)",
+                model,
+            )
+            scorer = RewardModel.from_pretrained(model, **kwargs)
+        else:
+            raise ConfigError(
+                "veRL reward: set reward_kwargs.url (worldpm-reward serve URLs) or reward_kwargs.model "
+                "(a checkpoint), or the WORLDPM_REWARD_URL / WORLDPM_REWARD_MODEL environment variables"
+            )
+        self.reward = RewardFunction(scorer, ShapingConfig(**shaping))
+        self.lock = threading.Lock()
+        self.batchers: dict[asyncio.AbstractEventLoop, Any] = {}
+        self.batches = 0
+        self.samples = 0
+
+    def score(self, samples: Sequence[Any]) -> list[_Outcome]:
+        """Score and shape one batch (thread-safe: the shaper's statistics are shared)."""
+        samples = list(samples)
+        good = [i for i, s in enumerate(samples) if not isinstance(s, _Outcome)]
+        with self.lock:
+            try:
+                batch = self.reward([samples[i] for i in good]) if good else None
+            except Exception as exc:  # e.g. every server unreachable after retries: these samples fail
+                logger.warning("worldpm-reward: scoring %d samples failed: %s", len(good), exc)
+                batch = None
+                for i in good:
+                    samples[i] = _Outcome(error=f"scoring failed: {exc}")
+            self.batches += 1
+            self.samples += len(samples)
+            out = [s if isinstance(s, _Outcome) else _Outcome() for s in samples]
+            if batch is not None:
+                for j, i in enumerate(good):
+                    r = batch.results[j]
+                    out[i] = _Outcome(score=batch.raw[j], error=r.error, reward=batch.rewards[j])
+            for o in out:
+                if o.reward is not None:
+                    self.lowest = o.reward if self.lowest is None else min(self.lowest, o.reward)
+        return out
+
+    def finish(self, outcome: _Outcome) -> dict[str, float]:
+        if outcome.reward is not None and outcome.error is None:
+            raw = float(outcome.score if outcome.score is not None else outcome.reward)
+            return {"score": float(outcome.reward), "worldpm_raw": raw, "worldpm_failed": 0.0}
+        if self.fallback == "raise":
+            raise ValueError(outcome.error or "sample could not be scored")
+        value = (self.lowest if self.lowest is not None else 0.0) if self.fallback == "min" else self.fallback
+        logger.warning("worldpm-reward: sample not scored, reward %s: %s", value, outcome.error)
+        return {"score": float(value), "worldpm_raw": float(value), "worldpm_failed": 1.0}
+
+    async def submit(self, sample: Any, max_batch: int, wait_s: float) -> _Outcome:
+        from worldpm_reward.serving.queue import DynamicBatcher
+
+        loop = asyncio.get_running_loop()
+        batcher = self.batchers.get(loop)
+        if batcher is None:
+            self.batchers = {k: v for k, v in self.batchers.items() if not k.is_closed()}
+            batcher = DynamicBatcher(
+                self.score,  # type: ignore[arg-type]
+                max_batch_samples=max_batch,
+                max_wait_s=wait_s,
+                max_queue=1 << 30,
+            )
+            batcher.start()
+            self.batchers[loop] = batcher
+        (outcome,) = await batcher.submit([sample])
+        return outcome  # type: ignore[no-any-return]
+
 
 _lock = threading.Lock()
-_reward: RewardFunction | None = None
+_backends: dict[str, _Backend] = {}
 
 
-def _reward_fn() -> RewardFunction:
-    global _reward
+def _backend(kwargs: Mapping[str, Any]) -> _Backend:
+    settings = {k: kwargs[k] for k in _SETTINGS if k in kwargs}
+    key = json.dumps(settings, sort_keys=True, default=str)
     with _lock:
-        if _reward is None:
-            shaping = ShapingConfig(**json.loads(os.environ.get("WORLDPM_REWARD_SHAPING", "{}")))
-            url, model = os.environ.get("WORLDPM_REWARD_URL"), os.environ.get("WORLDPM_REWARD_MODEL")
-            if url:
-                from worldpm_reward.serving.client import RemoteScorer
+        backend = _backends.get(key)
+        if backend is None:
+            backend = _backends[key] = _Backend(settings)
+        return backend
 
-                scorer: Any = RemoteScorer(url, token=os.environ.get("WORLDPM_REWARD_TOKEN"))
-            elif model:
-                from worldpm_reward.scoring import RewardModel
 
-                scorer = RewardModel.from_pretrained(model, device=os.environ.get("WORLDPM_REWARD_DEVICE"))
-            else:
-                raise RuntimeError(
-                    "set WORLDPM_REWARD_URL (reward servers) or WORLDPM_REWARD_MODEL (a checkpoint)"
-                )
-            _reward = RewardFunction(scorer, shaping)
-        return _reward
+def _text(value: Any) -> Any:
+    """A reference given as a message list: its last assistant message's content."""
+    if isinstance(value, list) and value and all(isinstance(m, Mapping) for m in value):
+        replies = [m for m in value if m.get("role") == "assistant"] or value
+        return replies[-1].get("content")
+    return value
+
+
+def _sample(index: int, solution: Any, truth: Any, info: Any) -> Any:
+    """A core sample, or an :class:`_Outcome` carrying the reason it cannot be one."""
+    prompt = info.get("prompt") if isinstance(info, Mapping) else None
+    if prompt is None:
+        return _Outcome(
+            error=f"sample {index}, field 'extra_info.prompt': missing; put the prompt in extra_info['prompt']"
+        )
+    sample: dict[str, Any] = {"prompt": prompt, "response": solution}
+    truth = _text(truth)
+    if isinstance(truth, str) and truth.strip():
+        sample["reference"] = truth
+    return sample
 
 
 def verl_samples(
     solution_strs: Sequence[str], ground_truths: Sequence[Any], extra_infos: Sequence[Any]
 ) -> list[dict[str, Any]]:
-    samples = []
-    for i, (solution, truth, info) in enumerate(zip(solution_strs, ground_truths, extra_infos)):
-        prompt = (info or {}).get("prompt") if isinstance(info, dict) else None
-        if prompt is None:
-            raise ValueError(
-                f"sample {i}, field 'extra_info.prompt': missing; put the prompt in extra_info['prompt']"
-            )
-        sample: dict[str, Any] = {"prompt": prompt, "response": solution}
-        if isinstance(truth, str) and truth.strip():
-            sample["reference"] = truth
-        samples.append(sample)
-    return samples
+    """veRL's per-sample fields as core samples (raises on a sample with no prompt)."""
+    out = []
+    for i, args in enumerate(zip(solution_strs, ground_truths, extra_infos)):
+        s = _sample(i, *args)
+        if isinstance(s, _Outcome):
+            raise ValueError(s.error)
+        out.append(s)
+    return out
+
+
+def compute_score(
+    data_source: Any, solution_str: str, ground_truth: Any, extra_info: Any = None, **kwargs: Any
+) -> dict[str, float]:
+    """veRL's per-sample reward function (one scoring call per sample; see the module docstring)."""
+    backend = _backend(kwargs)
+    (outcome,) = backend.score([_sample(0, solution_str, ground_truth, extra_info)])
+    return backend.finish(outcome)
+
+
+async def compute_score_async(
+    data_source: Any,
+    solution_str: str,
+    ground_truth: Any,
+    extra_info: Any = None,
+    *,
+    max_batch: int = 256,
+    batch_wait_ms: float = 20.0,
+    **kwargs: Any,
+) -> dict[str, float]:
+    """veRL's async reward function: concurrent calls in one worker are scored together."""
+    backend = _backend(kwargs)
+    outcome = await backend.submit(
+        _sample(0, solution_str, ground_truth, extra_info), int(max_batch), float(batch_wait_ms) / 1000.0
+    )
+    return backend.finish(outcome)
 
 
 def compute_score_batch(
@@ -85,16 +266,15 @@ def compute_score_batch(
     extra_infos: Sequence[Any],
     **kwargs: Any,
 ) -> list[float]:
-    """veRL's batched reward function (see the module docstring)."""
-    batch = _reward_fn()(verl_samples(solution_strs, ground_truths, extra_infos))
-    if batch.errors:
-        shown = "; ".join(e for _, e in batch.errors[:3])
-        raise ValueError(f"{len(batch.errors)} of {len(solution_strs)} samples cannot be scored: {shown}")
-    return [float(r) for r in batch.rewards if r is not None]
+    """veRL <= 0.5's batched form: one float per sample (unscorable ones get the fallback)."""
+    backend = _backend(kwargs)
+    samples = [_sample(i, *a) for i, a in enumerate(zip(solution_strs, ground_truths, extra_infos))]
+    return [backend.finish(o)["score"] for o in backend.score(samples)]
 
 
-def compute_score(
-    data_source: Any, solution_str: str, ground_truth: Any, extra_info: Any = None, **kwargs: Any
-) -> float:
-    """veRL's per-sample form."""
-    return compute_score_batch([data_source], [solution_str], [ground_truth], [extra_info])[0]
+def batch_stats() -> dict[str, float]:
+    """Scoring calls and samples so far in this process (all settings together)."""
+    with _lock:
+        batches = sum(b.batches for b in _backends.values())
+        samples = sum(b.samples for b in _backends.values())
+    return {"batches": batches, "samples": samples, "mean_batch": samples / batches if batches else math.nan}
