@@ -180,7 +180,7 @@ class _Backend:
             batcher.start()
             self.batchers[loop] = batcher
         (outcome,) = await batcher.submit([sample])
-        return outcome  # type: ignore[no-any-return]
+        return outcome  # type: ignore[return-value]
 
 
 _lock = threading.Lock()
