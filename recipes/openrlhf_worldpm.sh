@@ -27,7 +27,10 @@ set -euo pipefail
 ALGO=${ALGO:-ppo}
 POLICY=${POLICY:-Qwen/Qwen2.5-7B-Instruct}
 RM=${RM:-Qwen/WorldPM-72B}
-RM_GPUS=${RM_GPUS:-4,5,6,7}
+RM_GPUS=${RM_GPUS:-4,5,6,7}          # the reward server's GPUs (REWARD_HOST=server)
+TRAIN_GPUS=${TRAIN_GPUS:-0,1,2,3}    # the only GPUs Ray (and so OpenRLHF) may use beside it
+N_RM_GPUS=$(echo "$RM_GPUS" | tr ',' '\n' | grep -c .)
+N_TRAIN_GPUS=$(echo "$TRAIN_GPUS" | tr ',' '\n' | grep -c .)
 RM_PORT=${RM_PORT:-8000}
 REWARD_HOST=${REWARD_HOST:-server}      # server | ray-serve
 REWARD_CALL=${REWARD_CALL:-http}        # http | file
@@ -42,16 +45,28 @@ fi
 
 # 1. the reward model on its own GPUs ------------------------------------------------------
 if [ "$REWARD_HOST" = "server" ]; then
+  # --fallback-reward: an unscorable sample gets a low reward (flagged in extra_logs) instead
+  # of a 422 that OpenRLHF retries and then turns into a crashed step; --openrlhf-scores
+  # sigmoid keeps `scores` in (0, 1) for --algo.dynamic_filtering_enable.
   CUDA_VISIBLE_DEVICES=$RM_GPUS nohup worldpm-reward serve --model "$RM" --device-map auto \
-      --host 127.0.0.1 --port "$RM_PORT" --normalize running > reward_server.log 2>&1 &
+      --host 127.0.0.1 --port "$RM_PORT" --normalize running --clip-min -5 --clip-max 5 \
+      --fallback-reward -5 --openrlhf-scores sigmoid > reward_server.log 2>&1 &
   until curl -sf "http://127.0.0.1:$RM_PORT/health" > /dev/null; do sleep 10; done
   RM_URL="http://127.0.0.1:$RM_PORT"
 fi
 
 # 2. the Ray cluster (training GPUs only when the server holds the others) --------------------
-ray start --head --port 6379 --dashboard-host 127.0.0.1
+if [ "$REWARD_HOST" = "server" ]; then
+  # Ray sees only the training GPUs: nothing it schedules can land on the server's GPUs
+  CUDA_VISIBLE_DEVICES=$TRAIN_GPUS ray start --head --port 6379 --dashboard-host 127.0.0.1 \
+      --num-gpus "$N_TRAIN_GPUS"
+else
+  # the reward is a Ray actor too: Ray sees every GPU and places the Serve replica (which
+  # asks for N_RM_GPUS) and OpenRLHF's actors (which ask for the rest) on different ones
+  ray start --head --port 6379 --dashboard-host 127.0.0.1
+fi
 if [ "$REWARD_HOST" = "ray-serve" ]; then
-  worldpm-reward-ray --model "$RM" --num-gpus 4 --model-kwargs '{"device_map": "auto"}' \
+  worldpm-reward-ray --model "$RM" --num-gpus "$N_RM_GPUS" --model-kwargs '{"device_map": "auto"}' \
       --address auto --host 127.0.0.1 --port "$RM_PORT" --name worldpm
   RM_URL="http://127.0.0.1:$RM_PORT"
 fi

@@ -141,6 +141,23 @@ def test_openrlhf_script_uses_only_defined_flags() -> None:
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
 
 
+def test_openrlhf_script_serve_command_parses_and_ray_gets_only_training_gpus() -> None:
+    from worldpm_reward.cli import build_parser
+
+    text = SCRIPT.read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("CUDA_VISIBLE_DEVICES=$RM_GPUS"))
+    command = line[line.index("worldpm-reward serve") :].split(">")[0]
+    words = shlex.split(command.replace('"$RM"', "Qwen/WorldPM-72B").replace('"$RM_PORT"', "8000"))[1:]
+    args = build_parser().parse_args(words)  # every flag the script passes exists
+    assert args.fallback_reward == -5 and args.openrlhf_scores == "sigmoid"
+    ray_lines = [ln.strip() for ln in text.splitlines() if "ray start --head" in ln]
+    assert len(ray_lines) == 2
+    assert ray_lines[0].startswith("CUDA_VISIBLE_DEVICES=$TRAIN_GPUS") and "--num-gpus" in ray_lines[0]
+    # the default GPU split is disjoint
+    defaults = dict(re.findall(r"^(RM_GPUS|TRAIN_GPUS)=\$\{\w+:-([\d,]+)\}", text, flags=re.M))
+    assert not set(defaults["RM_GPUS"].split(",")) & set(defaults["TRAIN_GPUS"].split(","))
+
+
 def test_openrlhf_script_reward_endpoints_work(
     tiny_worldpm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

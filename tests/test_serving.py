@@ -434,3 +434,41 @@ def test_remote_scorer_sends_a_lone_surrogate_as_that_samples_error(live: str, d
     results = RemoteScorer(live).score_detailed(samples)
     assert results[0].ok and abs(results[0].score - direct.score(samples[:1])[0]) <= 1e-5
     assert results[1].score is None and "surrogate" in (results[1].error or "")
+
+
+def test_openrlhf_fallback_reward_and_scores_for_dynamic_filtering(
+    direct: RewardModel, openrlhf_agent: Any
+) -> None:
+    import math
+
+    cfg = ServerConfig(fallback_reward=-10.0, openrlhf_scores="sigmoid", scores_temperature=2.0)
+    tok = tiny_policy_tokenizer(fmt="chatml")
+    conv = [
+        {"role": "user", "content": "Tips for better sleep?"},
+        {"role": "assistant", "content": "Keep a schedule."},
+    ]
+    prompt = "<|im_start|>user\nTips for better sleep?<|im_end|>\n<|im_start|>assistant\n"
+    good = prompt + "Keep a schedule.<|im_end|>"
+    bad = "<|im_start|>user\nhi<|im_end|>\n"  # no reply to score
+    surrogate = prompt + "x\ud800<|im_end|>"  # the tokenizer refuses it: a scoring-time error
+    want = direct.score([conv])[0]
+    with server_thread(create_app(direct, cfg)) as url:
+        payload = json.dumps({"query": [good, bad, surrogate, good]})  # ASCII: \ud800 escaped
+        r = httpx.post(
+            f"{url}/get_reward", content=payload, headers={"content-type": "application/json"}, timeout=60
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["rewards"][1:3] == [-10.0, -10.0]
+        assert abs(body["rewards"][0] - want) <= 1e-4 and body["rewards"][3] == body["rewards"][0]
+        assert body["extra_logs"]["worldpm_failed"] == [0.0, 1.0, 1.0, 0.0]
+        assert [e["index"] for e in body["errors"]] == [1, 2]
+        assert body["scores"] == pytest.approx([1 / (1 + math.exp(-x / 2.0)) for x in body["rewards"]])
+        assert all(0 < s < 1 for s in body["scores"])
+        # through OpenRLHF's own client: the reward, and the (0, 1) score its filter reads
+        executor_out = _openrlhf_rollout(openrlhf_agent, f"{url}/get_reward", tok, conv)
+        assert abs(executor_out[0] - want) <= 1e-4
+    # without the fallback, the same request is a 422 naming the items
+    with server_thread(create_app(direct, ServerConfig())) as url:
+        r = httpx.post(f"{url}/get_reward", json={"query": [good, bad]}, timeout=60)
+        assert r.status_code == 422 and "1" in r.text

@@ -265,6 +265,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_samples=args.max_batch_samples,
         chat_format=args.chat_format,
         name=args.name,
+        fallback_reward=args.fallback_reward,
+        openrlhf_scores=args.openrlhf_scores,
+        scores_temperature=args.scores_temperature,
     )
     shaping = _shaping(args)
     run_server(lambda: _load(args), config, shaping)
@@ -325,6 +328,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat-format", default="auto", choices=FORMATS, help="the POLICY's chat format in OpenRLHF queries"
     )
     p.add_argument("--name", default="worldpm", help="reward name in extra_logs and metrics")
+    g = p.add_argument_group("OpenRLHF (/get_reward)")
+    g.add_argument(
+        "--fallback-reward",
+        type=float,
+        default=None,
+        help="an item that cannot be scored gets this reward (flagged <name>_failed in extra_logs) "
+        "instead of a 422, which OpenRLHF retries and then turns into a crashed step",
+    )
+    g.add_argument(
+        "--openrlhf-scores",
+        default="reward",
+        choices=["reward", "sigmoid"],
+        help="'scores' for OpenRLHF's dynamic filtering, whose range defaults to (0, 1): the reward, "
+        "or sigmoid(reward / --scores-temperature)",
+    )
+    g.add_argument("--scores-temperature", type=float, default=1.0, help="scale of --openrlhf-scores sigmoid")
     _add_shaping_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -54,6 +54,11 @@ class ServerConfig:
         chat_format: how OpenRLHF queries are parsed ("auto", "chatml", "llama3", ...).
         name: reward name used in extra_logs keys and metrics labels.
         retry_after_s: the Retry-After value sent with 503, in seconds.
+        fallback_reward: /get_reward (OpenRLHF): an item that cannot be scored gets this
+            reward and status 200 (flagged in extra_logs) instead of 422. None: 422.
+        openrlhf_scores: /get_reward's ``scores``: "reward" or "sigmoid" (in (0, 1), for
+            OpenRLHF's dynamic filtering).
+        scores_temperature: scale of the "sigmoid" mapping: ``sigmoid(reward / T)``.
     """
 
     host: str = "127.0.0.1"
@@ -67,6 +72,9 @@ class ServerConfig:
     chat_format: str = "auto"
     name: str = "worldpm"
     retry_after_s: int = 1
+    fallback_reward: float | None = None
+    openrlhf_scores: str = "reward"
+    scores_temperature: float = 1.0
 
 
 class BodySizeLimit:
@@ -202,7 +210,14 @@ def create_app(
     else:
         chosen = batcher.submit
     service = RewardService(
-        chosen, shaping=shaping, chat_format=cfg.chat_format, name=cfg.name, max_items=cfg.max_items
+        chosen,
+        shaping=shaping,
+        chat_format=cfg.chat_format,
+        name=cfg.name,
+        max_items=cfg.max_items,
+        fallback_reward=cfg.fallback_reward,
+        scores=cfg.openrlhf_scores,
+        scores_temperature=cfg.scores_temperature,
     )
 
     def load() -> None:

@@ -18,6 +18,7 @@ Protocols:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,13 @@ class ServiceStats:
     truncated: int = 0
 
 
+SCORES = ("reward", "sigmoid")
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
 class RewardService:
     """Protocol handling around a ``submit(samples) -> results`` coroutine.
 
@@ -61,6 +69,14 @@ class RewardService:
         chat_format: how OpenRLHF queries are parsed: one of chat_formats.FORMATS.
         name: prefix of the extra_logs keys (``<name>_raw``, ...).
         max_items: most items per request (larger requests: 413).
+        fallback_reward: OpenRLHF only: an item that cannot be scored gets this reward (and
+            ``<name>_failed = 1`` in extra_logs, the reason in ``errors``) with status 200,
+            instead of a 422 that OpenRLHF retries and then turns into a crashed step. None: 422.
+        scores: what OpenRLHF's ``scores`` (used by its dynamic filtering, which keeps
+            groups whose mean lies in ``--algo.dynamic_filtering_range``, (0, 1) by default)
+            carry: "reward" (the reward itself) or "sigmoid" (``sigmoid(reward / scores_temperature)``,
+            in (0, 1)).
+        scores_temperature: the scale of the "sigmoid" mapping.
     """
 
     def __init__(
@@ -71,7 +87,17 @@ class RewardService:
         chat_format: str = "auto",
         name: str = "worldpm",
         max_items: int = 4096,
+        fallback_reward: float | None = None,
+        scores: str = "reward",
+        scores_temperature: float = 1.0,
     ) -> None:
+        if scores not in SCORES:
+            raise ConfigError(f"scores must be one of {SCORES}; got {scores!r}")
+        if not scores_temperature > 0:
+            raise ConfigError(f"scores_temperature must be positive; got {scores_temperature!r}")
+        self.fallback_reward = None if fallback_reward is None else float(fallback_reward)
+        self.scores_mode = scores
+        self.scores_temperature = float(scores_temperature)
         if chat_format not in FORMATS:
             raise ValueError(f"chat_format must be one of {FORMATS}; got {chat_format!r}")
         if shaping is not None and shaping.group != "none":
@@ -101,6 +127,7 @@ class RewardService:
                     422, [{"field": field, "error": f"has {len(values)} items but query has {len(query)}"}]
                 )
         samples: list[dict[str, Any]] = []
+        kept: list[int] = []  # the request index of each of `samples`
         bad: list[dict[str, Any]] = []
         unknown = 0
         for i, q in enumerate(query):
@@ -114,27 +141,64 @@ class RewardService:
                 parse_sample(sample, i)  # validate before queueing
                 unknown += not parsed.recognised
                 samples.append(sample)
+                kept.append(i)
             except SampleError as exc:
                 bad.append({"index": i, "field": exc.field, "error": str(exc)})
         self.stats.unknown_format += unknown
         if bad:
             self.stats.item_errors += len(bad)
-            raise RequestError(422, bad)
+            if self.fallback_reward is None:
+                raise RequestError(422, bad)
+        kept_set = set(kept)
         batch = await self.reward.acall(samples)
         self._count(batch.results)
         errors = batch.errors
         if errors:
             self.stats.item_errors += len(errors)
-            raise RequestError(422, [{"index": i, "field": "query", "error": e} for i, e in errors])
-        rewards = [float(r) for r in batch.rewards if r is not None]
-        return {
+            if self.fallback_reward is None:
+                raise RequestError(422, [{"index": i, "field": "query", "error": e} for i, e in errors])
+        # every item of the request, in order: scored, or (fallback mode) the fallback reward
+        rewards: list[float] = []
+        raw: list[float] = []
+        truncated: list[float] = []
+        failed: list[float] = []
+        problems = {b["index"]: b for b in bad}
+        for i, e in errors:
+            problems[kept[i]] = {"index": kept[i], "field": "query", "error": e}
+        scored = iter(zip(batch.rewards, batch.raw, batch.results))
+        for i in range(len(query)):
+            if i in problems:
+                if i in kept_set:
+                    next(scored)
+                value = float(self.fallback_reward)  # type: ignore[arg-type]
+                rewards.append(value)
+                raw.append(value)
+                truncated.append(0.0)
+                failed.append(1.0)
+                continue
+            reward, r_raw, result = next(scored)
+            rewards.append(float(reward))  # type: ignore[arg-type]
+            raw.append(float(r_raw))  # type: ignore[arg-type]
+            truncated.append(float(result.truncated))
+            failed.append(0.0)
+        out: dict[str, Any] = {
             "rewards": rewards,
-            "scores": rewards,
-            "extra_logs": {
-                f"{self.name}_raw": [float(r) for r in batch.raw if r is not None],
-                f"{self.name}_truncated": [float(r.truncated) for r in batch.results],
-            },
+            "scores": self._scores(rewards),
+            "extra_logs": {f"{self.name}_raw": raw, f"{self.name}_truncated": truncated},
         }
+        if self.fallback_reward is not None:
+            out["extra_logs"][f"{self.name}_failed"] = failed
+            out["errors"] = [problems[i] for i in sorted(problems)]
+            for p in out["errors"][:3]:
+                logger.warning(
+                    "item %d not scored, fallback reward %s: %s", p["index"], self.fallback_reward, p["error"]
+                )
+        return out
+
+    def _scores(self, rewards: list[float]) -> list[float]:
+        if self.scores_mode == "sigmoid":
+            return [_sigmoid(r / self.scores_temperature) for r in rewards]
+        return list(rewards)
 
     async def score(self, samples: list[Any]) -> dict[str, Any]:
         """The native API: per-item results, per-item errors."""
