@@ -162,3 +162,58 @@ def test_killed_replica_is_replaced_and_a_retrying_client_loses_nothing(
     assert replicas[0]["name"] not in names and len(names) == 2 and running() == 2, names
     again = [r.score for r in scorer.score_detailed([{"messages": c} for c in convs[:8]])]
     assert max(abs(a - b) for a, b in zip(again, want[:8])) <= 1e-4  # the new replica scores too
+
+
+def test_the_example_serve_config_file_deploys_with_serve_run(
+    cluster: str, tiny_worldpm: Path, tmp_path: Path
+) -> None:
+    """recipes/configs/ray_serve_worldpm.yaml, its model and resources swapped for the tiny
+    checkpoint on CPU, deployed by Serve's own CLI (`serve run CONFIG`, as a RayService does
+    from the same document) onto this test's cluster."""
+    import shutil
+    import subprocess
+    import time
+
+    import yaml
+
+    example = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "ray_serve_worldpm.yaml"
+    config = yaml.safe_load(example.read_text())
+    (app,) = config["applications"]
+    assert app["import_path"] == "worldpm_reward.integrations.ray_serve:build_app"
+    app.update(name="worldpm-config", route_prefix="/fromconfig")
+    app["args"].update(model=str(tiny_worldpm), num_gpus=0, num_cpus=0.25, model_kwargs={"device": "cpu"})
+    app["args"]["autoscaling"].update(max_replicas=1)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_cli = shutil.which("serve") or str(Path(sys.executable).with_name("serve"))
+    gcs = ray.get_runtime_context().gcs_address
+    run = subprocess.run(
+        [serve_cli, "run", "--non-blocking", "--address", gcs, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    try:
+        deadline = time.time() + 240
+        convs = real_conversations(6)
+        body = {"samples": [{"messages": c} for c in convs]}
+        r = None
+        while time.time() < deadline:
+            r = httpx.post(f"{cluster}/fromconfig/v1/score", json=body, timeout=60)
+            if r.status_code == 200:
+                break
+            time.sleep(2)
+        assert r is not None and r.status_code == 200, r and r.text
+        want = RewardModel.from_pretrained(tiny_worldpm, device="cpu").score(convs)
+        results = r.json()["results"]
+        assert max(abs(x["score"] - w) for x, w in zip(results, want)) <= 1e-4
+        # the file's shaping reached the replica: clipped to [-5, 5], normalized (not raw)
+        assert all(-5 <= x["reward"] <= 5 for x in results)
+        assert any(abs(x["reward"] - x["score"]) > 1e-6 for x in results)
+        # and its server options: OpenRLHF fallback rewards
+        bad = "<|im_start|>user\nhi<|im_end|>\n"
+        g = httpx.post(f"{cluster}/fromconfig/get_reward", json={"query": [bad]}, timeout=60)
+        assert g.status_code == 200 and g.json()["rewards"] == [-5.0]
+    finally:
+        serve.delete("worldpm-config")

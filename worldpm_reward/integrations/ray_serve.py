@@ -150,14 +150,12 @@ class RayServeConfig:
     health_check_period_s: float = 10.0
 
 
-def build_app(args: Mapping[str, Any] | str | None = None, **kwargs: Any) -> Any:
-    """The Serve application, from one dict of :class:`RayServeConfig` fields (as Serve's
-    config files and RayService pass it) or keywords: ``build_app({"model": ...})``,
-    ``build_app("path", num_gpus=4)``."""
-    values: dict[str, Any] = dict(args) if isinstance(args, Mapping) else {}
-    if isinstance(args, str):
-        values["model"] = args
-    values.update(kwargs)
+def build_app(args: Mapping[str, Any] | str) -> Any:
+    """The Serve application, from one dict of :class:`RayServeConfig` fields, as Serve's
+    config files and RayService pass it (``import_path: ...ray_serve:build_app``; Serve
+    requires a builder with exactly one parameter), or a checkpoint alone:
+    ``build_app({"model": ..., "num_gpus": 4})``, ``build_app("path")``."""
+    values: dict[str, Any] = dict(args) if isinstance(args, Mapping) else {"model": args}
     known = {f.name for f in dataclasses.fields(RayServeConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
