@@ -21,13 +21,16 @@ from worldpm_reward.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
 RECIPE_OF = {
     "grpo": "grpo_worldpm",
     "rloo": "rloo_worldpm",
     "polar_grpo": "polar_grpo",
     "best_of_n": "best_of_n",
 }
+ALL_CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
+CONFIGS = [c for c in ALL_CONFIGS if any(c.stem.startswith(p + "_") for p in RECIPE_OF)]
+# framework configs, deployed by their own tests (test_ray_serve.py, test_verl.py)
+FRAMEWORK_CONFIGS = {"ray_serve_worldpm", "verl_worldpm"}
 
 
 def recipe_module(name: str) -> ModuleType:
@@ -46,6 +49,37 @@ def recipe_for(config: Path) -> str:
 
 def test_configs_exist_for_every_recipe() -> None:
     assert {recipe_for(c) for c in CONFIGS} == set(RECIPE_OF.values())
+    assert {c.stem for c in ALL_CONFIGS} - {c.stem for c in CONFIGS} == FRAMEWORK_CONFIGS
+
+
+GPU_CONFIGS = [c for c in CONFIGS if "smoke" not in c.stem and "cpu" not in c.stem]
+
+
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=[c.stem for c in GPU_CONFIGS])
+def test_gpu_configs_state_memory_arithmetic_that_fits(config: Path) -> None:
+    """Each GPU config's header names its hardware and adds up its memory per GPU; the sum
+    fits the GPU it names, nothing 72B is loaded per training process, and a 7B policy is
+    trained with ZeRO-3 and vLLM generation (DDP would need ~122 GB per GPU)."""
+    import dataclasses
+
+    import yaml
+
+    text = config.read_text()
+    header = "\n".join(ln for ln in text.splitlines() if ln.startswith("#"))
+    m = re.search(r"per GPU: .*?= ~(\d+) GB of (\d+) GB", header, flags=re.S)
+    assert m, f"{config.name}: no 'per GPU: ... = ~N GB of M GB' arithmetic in the header"
+    assert int(m.group(1)) <= int(m.group(2))
+    data = yaml.safe_load(text)
+    assert "72B" not in str(data.get("reward_model", "")), "a 72B reward model cannot be colocated"
+    if "7B" in str(data.get("policy", "")) and "generation_batch" not in data:  # a 7B policy in training
+        extra = data.get("extra", {})
+        assert extra.get("deepspeed", {}).get("zero_optimization", {}).get("stage") == 3
+        assert extra.get("use_vllm") is True
+        from trl import GRPOConfig, RLOOConfig
+
+        trainer_config = RLOOConfig if config.stem.startswith("rloo") else GRPOConfig
+        fields = {f.name for f in dataclasses.fields(trainer_config)}
+        assert set(extra) <= fields, set(extra) - fields
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
