@@ -171,3 +171,27 @@ def test_lone_surrogates_and_tokenizer_failures_stay_with_their_sample(reward_mo
         enc.tokenizer = real
     assert mixed[0].ok and mixed[2].ok and abs(mixed[0].score - results[0].score) <= 1e-6
     assert "tokenizer failed" in (mixed[1].error or "") and "sample 1" in (mixed[1].error or "")
+
+
+def test_strip_think_scores_the_answer_without_its_reasoning(tiny_worldpm) -> None:
+    from worldpm_reward import RewardModel
+    from worldpm_reward.cli import build_parser
+    from worldpm_reward.policy_text import strip_reasoning
+
+    assert strip_reasoning("<think>plan a, b</think>\n\nThe answer is 4.") == "The answer is 4."
+    assert (
+        strip_reasoning("plan; the template opened the block</think>The answer is 4.") == "The answer is 4."
+    )
+    assert strip_reasoning("<think>a</think>x<think>b</think>y") == "xy"
+    assert strip_reasoning("Answer first. <think>cut off by the length lim") == "Answer first."
+    assert strip_reasoning("No reasoning at all.") == "No reasoning at all."
+    plain = RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+    stripping = RewardModel.from_pretrained(tiny_worldpm, device="cpu", strip_think=True)
+    q = {"role": "user", "content": "What is 2 + 2?"}
+    answer = {"role": "assistant", "content": "The answer is 4."}
+    thinking = {"role": "assistant", "content": "<think>2 + 2: add them, 4.</think>\nThe answer is 4."}
+    direct = plain.score([[q, answer]])[0]
+    assert stripping.score([[q, thinking]])[0] == pytest.approx(direct, abs=1e-5)
+    assert abs(plain.score([[q, thinking]])[0] - direct) > 1e-4  # off by default: the text is scored
+    assert stripping.score([[q, answer]])[0] == pytest.approx(direct, abs=1e-5)  # normal text unchanged
+    assert build_parser().parse_args(["serve", "--model", "m", "--strip-think"]).strip_think is True

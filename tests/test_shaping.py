@@ -152,3 +152,56 @@ def test_calibration_round_trip(tmp_path: Path, tiny_worldpm: Path) -> None:
     os.remove(out)
     with pytest.raises(ValueError, match="calibration_file"):
         ShapingConfig(normalize="fixed", calibration_file=str(out))
+
+
+def test_group_win_rates_match_a_direct_computation_and_need_groups() -> None:
+    from worldpm_reward.shaping import group_win_rates
+
+    rng = random.Random(1)
+    values = [rng.gauss(0, 3) for _ in range(12)]
+    values[4] = None  # unscorable: excluded from its group, stays None
+    groups = [i // 4 for i in range(12)]  # three GRPO groups of 4
+    got = group_win_rates(values, groups)
+    for i, v in enumerate(values):
+        if v is None:
+            assert got[i] is None
+            continue
+        others = [values[j] for j in range(12) if groups[j] == groups[i] and j != i and values[j] is not None]
+        want = sum(1 / (1 + math.exp(-(v - o))) for o in others) / len(others)
+        assert got[i] == pytest.approx(want, abs=1e-12)
+    # each group of k scored members sums to k/2 (every pair's two probabilities add to 1)
+    for g in range(3):
+        members = [got[i] for i in range(12) if groups[i] == g and got[i] is not None]
+        assert sum(members) == pytest.approx(len(members) / 2)
+    # an offset of the reward model changes nothing; a member alone gets 0.5
+    assert group_win_rates([x + 7 if x is not None else None for x in values], groups) == pytest.approx(got)
+    assert group_win_rates([1.0, 2.0], ["a", "b"]) == [0.5, 0.5]
+    with pytest.raises(ValueError, match="group key"):
+        RewardShaper(ShapingConfig(group="bt_winrate"))([1.0, 2.0])
+    with pytest.raises(ValueError, match="shaping.group"):
+        ShapingConfig(group="elo")  # type: ignore[arg-type]
+
+
+def test_group_win_rates_through_the_reward_function_and_refused_by_the_server(reward_model) -> None:
+    from worldpm_reward.errors import ConfigError
+    from worldpm_reward.serving.protocol import RewardService
+    from worldpm_reward.shaping import group_win_rates
+
+    convs = real_conversations(12)
+    other = next(c for c in convs if c[:-1] != convs[0][:-1])  # (hh-rlhf pairs share a prompt)
+    prompts = [convs[0][:-1]] * 3 + [other[:-1]] * 3  # two groups of three completions
+    samples = [
+        {"messages": [*p, {"role": "assistant", "content": c[-1]["content"]}]} for p, c in zip(prompts, convs)
+    ]
+    fn = RewardFunction(reward_model, ShapingConfig(group="bt_winrate", clip_min=0.3))
+    batch = fn(samples)
+    raw = reward_model.score(samples)
+    want = [max(0.3, w) for w in group_win_rates(raw, [0, 0, 0, 1, 1, 1])]  # type: ignore[arg-type]
+    assert batch.rewards == pytest.approx(want, abs=1e-6)
+    assert batch.raw == pytest.approx(raw, abs=1e-6)
+
+    async def submit(s):  # never called
+        raise AssertionError
+
+    with pytest.raises(ConfigError, match="trainer side"):
+        RewardService(submit, shaping=ShapingConfig(group="bt_winrate"))
