@@ -178,7 +178,7 @@ def test_group_win_rates_match_a_direct_computation_and_need_groups() -> None:
     assert group_win_rates([1.0, 2.0], ["a", "b"]) == [0.5, 0.5]
     with pytest.raises(ValueError, match="group key"):
         RewardShaper(ShapingConfig(group="bt_winrate"))([1.0, 2.0])
-    with pytest.raises(ValueError, match="shaping.group"):
+    with pytest.raises(ValueError, match=r"shaping\.group"):
         ShapingConfig(group="elo")  # type: ignore[arg-type]
 
 
