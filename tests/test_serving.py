@@ -472,3 +472,49 @@ def test_openrlhf_fallback_reward_and_scores_for_dynamic_filtering(
     with server_thread(create_app(direct, ServerConfig())) as url:
         r = httpx.post(f"{url}/get_reward", json={"query": [good, bad]}, timeout=60)
         assert r.status_code == 422 and "1" in r.text
+
+
+def test_hostile_bodies_and_headers_get_clear_4xx_never_5xx(direct: RewardModel) -> None:
+    """Table of inputs that used to give 500s or unclear 400s; each gets the status that says
+    what is wrong, the server keeps scoring, and nothing is logged as a server error."""
+    cfg = ServerConfig(token="s3cret", max_body_bytes=64 * 1024)
+    auth = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
+    good = json.dumps({"samples": [{"prompt": "hi", "response": "hello"}]}).encode()
+
+    def chunks(data: bytes, size: int = 4096):
+        for i in range(0, len(data), size):
+            yield data[i : i + size]
+
+    cases: list[tuple[str, dict[str, Any], Any, int, str]] = [
+        ("NaN", auth, b'{"samples": NaN}', 400, "NaN"),
+        (
+            "Infinity",
+            auth,
+            b'{"samples": [{"prompt": "a", "response": "b", "x": Infinity}]}',
+            400,
+            "Infinity",
+        ),
+        ("1e400", auth, b'{"query": [1e400]}', 400, "out of range"),
+        ("invalid UTF-8", auth, b'{"samples": ["\xff\xfe"]}', 400, "UTF-8"),
+        ("deep nesting", auth, b'{"samples": ' + b"[" * 20000 + b"]" * 20000 + b"}", 400, "nested"),
+        ("not JSON", auth, b"samples=1", 400, "not valid JSON"),
+        ("text/plain", {**auth, "Content-Type": "text/plain"}, good, 415, "Content-Type: application/json"),
+        ("gzip", {**auth, "Content-Encoding": "gzip"}, good, 415, "gzip"),
+        ("wrong shape", auth, b'{"samples": 3, "query": 3}', 422, "valid list"),
+        (
+            "streamed oversize",
+            auth,
+            list(chunks(b'{"samples": ["' + b"x" * 200_000 + b'"]}')),
+            413,
+            "too large",
+        ),
+        ("non-ASCII token", {**auth, "Authorization": "Bearer s3crét".encode()}, good, 401, "bearer"),
+    ]
+    with server_thread(create_app(direct, cfg)) as url:
+        for name, headers, body, status, says in cases:
+            for path in ("/v1/score", "/get_reward"):
+                r = httpx.post(f"{url}{path}", content=body, headers=headers, timeout=60)
+                assert r.status_code == status, (name, path, r.status_code, r.text[:300])
+                assert says.lower() in r.text.lower(), (name, path, r.text[:300])
+        ok = httpx.post(f"{url}/v1/score", content=good, headers=auth, timeout=60)
+        assert ok.status_code == 200 and ok.json()["results"][0]["error"] is None

@@ -93,6 +93,14 @@ class ModelConfig:
             "small groups were measured slower than plain batches)"
         ),
     )
+    special_tokens_in_content: Literal["text", "literal"] = field(
+        default="text",
+        metadata=_opt(
+            "'text': control-token strings inside message content (<|im_end|>, ...) are encoded "
+            "as plain text, so a policy cannot forge turns; 'literal': as the model card's "
+            "tokenizer call does (they become control tokens)"
+        ),
+    )
     strip_think: bool = field(
         default=False,
         metadata=_opt(

@@ -69,6 +69,12 @@ class ChatTemplateEncoder(Encoder):
             template does not already end with it), or None to use the ids as rendered.
         overflow: "truncate" cuts from the start; "error" refuses over-long samples.
         chat_template: overrides the tokenizer's own template.
+        special_tokens_in_content: "text" (default): a message whose content contains the
+            text of a control token (``<|im_end|>``, ``<|endoftext|>``, ...) has that content
+            encoded as plain text, so a reply cannot close its own turn and forge another (a
+            reward-hacking door in RL); "literal": the model card's call, which turns such
+            strings into control tokens. Content without such strings encodes identically
+            either way.
     """
 
     def __init__(
@@ -80,7 +86,18 @@ class ChatTemplateEncoder(Encoder):
         final_token: str | None = None,
         overflow: Overflow = "truncate",
         chat_template: str | None = None,
+        special_tokens_in_content: str = "text",
     ) -> None:
+        if special_tokens_in_content not in ("text", "literal"):
+            raise ValueError(
+                f"special_tokens_in_content must be 'text' or 'literal', got {special_tokens_in_content!r}"
+            )
+        self.content_as_text = special_tokens_in_content == "text"
+        decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self.control_strings = sorted(
+            {str(getattr(t, "content", t)) for t in decoder.values() if str(getattr(t, "content", t))},
+            key=len,
+        )
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         if overflow not in ("truncate", "error"):
@@ -128,8 +145,17 @@ class ChatTemplateEncoder(Encoder):
                 texts.append(self.render(sample))
             except Exception as exc:  # a template may raise on unusual roles or content
                 texts.append(SampleError(f"chat template failed: {exc}", index=idx, field="messages"))
-        good = [i for i, t in enumerate(texts) if isinstance(t, str)]
         fast = bool(getattr(self.tokenizer, "is_fast", False))
+        # Content that spells a control token: encoded piecewise (markup as markup, content as text)
+        piecewise: dict[int, tuple[list[int], Any]] = {}
+        if self.content_as_text and self.control_strings:
+            for i, (sample, text) in enumerate(zip(samples, texts)):
+                if isinstance(text, str) and self._has_control_text(sample):
+                    try:
+                        piecewise[i] = self._encode_piecewise(sample, text, fast)
+                    except Exception as exc:
+                        texts[i] = SampleError(f"tokenizer failed: {exc}", index=indices[i], field="messages")
+        good = [i for i, t in enumerate(texts) if isinstance(t, str) and i not in piecewise]
         batch: Any = {"input_ids": [], "offset_mapping": []}
         if good:
             try:
@@ -156,7 +182,48 @@ class ChatTemplateEncoder(Encoder):
             ids = list(batch["input_ids"][j])
             offsets = batch["offset_mapping"][j] if fast else None
             out[i] = self._finish(ids, offsets, text, samples[i], indices[i])
+        for i, (ids, offsets) in piecewise.items():
+            text = texts[i]
+            if isinstance(text, str):
+                out[i] = self._finish(ids, offsets, text, samples[i], indices[i])
         return out
+
+    def _has_control_text(self, sample: Sample) -> bool:
+        return any(c in m["content"] for m in sample.messages for c in self.control_strings)
+
+    def _encode_piecewise(self, sample: Sample, text: str, fast: bool) -> tuple[list[int], Any]:
+        """The rendered text's ids with each message's content tokenized as plain text
+        (``split_special_tokens``) and the template's markup as usual; offsets kept."""
+        spans: list[tuple[int, int]] = []
+        cursor = 0
+        for m in sample.messages:
+            content = m["content"]
+            if not content:
+                continue
+            at = text.find(content, cursor)
+            if at < 0:
+                raise ValueError("the chat template altered a message's content; cannot encode it as text")
+            spans.append((at, at + len(content)))
+            cursor = at + len(content)
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        start = 0
+        pieces: list[tuple[int, int, bool]] = []
+        for a, b in spans:
+            if a > start:
+                pieces.append((start, a, False))
+            pieces.append((a, b, True))
+            start = b
+        if start < len(text):
+            pieces.append((start, len(text), False))
+        for a, b, as_text in pieces:
+            enc = self.tokenizer(
+                text[a:b], add_special_tokens=False, return_offsets_mapping=fast, split_special_tokens=as_text
+            )
+            ids.extend(enc["input_ids"])
+            if fast:
+                offsets.extend((a + x, a + y) for x, y in enc["offset_mapping"])
+        return ids, (offsets if fast else None)
 
     def _finish(
         self, ids: list[int], offsets: Any, text: str, sample: Sample, index: int | None

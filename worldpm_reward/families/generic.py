@@ -76,6 +76,7 @@ class GenericFamily(RewardFamily):
             max_length=int(config.max_length or getattr(hf_config, "max_position_embeddings", None) or 4096),
             overflow=config.overflow,
             chat_template=config.chat_template,
+            special_tokens_in_content=config.special_tokens_in_content,
         )
 
     def parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:

@@ -146,6 +146,7 @@ class WorldPMFamily(RewardFamily):
             final_token=FINAL_TOKEN,
             overflow=config.overflow,
             chat_template=config.chat_template,
+            special_tokens_in_content=config.special_tokens_in_content,
         )
 
 

@@ -17,6 +17,7 @@ imported only when an app is created.
 """
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -116,6 +117,56 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+async def parse_body(request: Any, model: Any, pydantic: Any) -> Any:
+    """The request body as ``model``, or a 4xx that says what is wrong: 415 for a content type
+    or encoding other than JSON, 413 over the size limit (declared or streamed), 400 for a body
+    that is not UTF-8 JSON (NaN, Infinity and out-of-range numbers included, or nested too
+    deeply), 422 for JSON of the wrong shape (without echoing the input back)."""
+    from fastapi import HTTPException
+
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise HTTPException(415, f"send the body as JSON with Content-Type: application/json (got {ctype!r})")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise HTTPException(415, f"Content-Encoding {encoding!r} is not accepted; send plain JSON")
+    try:
+        raw = await request.body()
+    except _TooLarge:
+        raise HTTPException(413, "request body too large") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HTTPException(
+            400, f"the request body is not UTF-8 (invalid byte at offset {exc.start})"
+        ) from None
+    try:
+        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise HTTPException(400, "the request body's JSON is nested too deeply") from None
+    except ValueError as exc:
+        raise HTTPException(400, f"the request body is not valid JSON: {exc}") from None
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        detail = [
+            {"loc": ["body", *map(str, e.get("loc", ()))], "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()[:20]
+        ]
+        raise HTTPException(422, detail) from None
 
 
 class _TooLarge(Exception):
@@ -265,7 +316,10 @@ def create_app(
             return
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip(), cfg.token):
+        # bytes: compare_digest raises on non-ASCII str, and a client must never cause a 5xx
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            value.strip().encode("utf-8", "surrogatepass"), cfg.token.encode("utf-8", "surrogatepass")
+        ):
             raise fastapi.HTTPException(
                 401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
@@ -310,18 +364,26 @@ def create_app(
             m_latency.labels(endpoint).observe(time.perf_counter() - start)
             m_queue.set(batcher.queued_samples)
 
-    @app.post("/get_reward", dependencies=[fastapi.Depends(check_auth)])
-    async def get_reward(body: GetRewardRequest) -> Any:
+    def body_doc(model: Any) -> dict[str, Any]:
+        schema = model.model_json_schema()
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+    @app.post(
+        "/get_reward", dependencies=[fastapi.Depends(check_auth)], openapi_extra=body_doc(GetRewardRequest)
+    )
+    async def get_reward(request: fastapi.Request) -> Any:  # type: ignore[name-defined]
         """OpenRLHF's remote reward protocol: rewards for policy-rendered prompt+response texts."""
+        body = await parse_body(request, GetRewardRequest, pydantic)
         before = service.stats.unknown_format
         try:
             return await run("get_reward", lambda: service.get_reward(body.query, body.prompts, body.labels))
         finally:
             m_unknown.inc(service.stats.unknown_format - before)
 
-    @app.post("/v1/score", dependencies=[fastapi.Depends(check_auth)])
-    async def score(body: ScoreRequest) -> Any:
+    @app.post("/v1/score", dependencies=[fastapi.Depends(check_auth)], openapi_extra=body_doc(ScoreRequest))
+    async def score(request: fastapi.Request) -> Any:  # type: ignore[name-defined]
         """Score conversations: one result per sample, in order; bad samples get an error each."""
+        body = await parse_body(request, ScoreRequest, pydantic)
         return await run("score", lambda: service.score(body.samples))
 
     @app.get("/health")
