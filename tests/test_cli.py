@@ -132,3 +132,86 @@ def test_known_answers_are_the_model_card_values() -> None:
     assert [a.score for a in answers] == [0.6298332214355469, -1.6425328254699707]
     assert answers[0].conversation[0] == {"role": "system", "content": ""}
     assert known_answers_for("/models/my-finetune") == []
+
+
+def test_score_streams_every_line_in_order_with_valid_json_out(tmp_path: Path, tiny_worldpm: Path) -> None:
+    """Blank, non-UTF-8, NaN and lone-surrogate lines each get one output line (score null and
+    an error) in place; a stale "error" in a good line is cleared; every line written is valid
+    JSON in valid UTF-8; input is read as a stream (stdin that never closes early)."""
+    import subprocess
+    import sys
+
+    good = {"id": 0, "prompt": "Tips for better sleep?", "response": "Keep a schedule."}
+    lines: list[bytes] = [
+        json.dumps(good).encode(),
+        b"",  # blank
+        b"   ",  # blank with spaces
+        b'{"id": 3, "prompt": "q", "response": "caf\xe9"}',  # Latin-1, not UTF-8
+        b'{"id": 4, "prompt": "q", "response": NaN}',
+        b'{"id": 5, "prompt": "q", "response": "x\\ud800"}',  # a lone surrogate (JSON escape)
+        json.dumps({**good, "id": 6, "error": "stale: from an earlier run", "score": 99}).encode(),
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out.jsonl"
+    rc = main(
+        [
+            "score",
+            "--model",
+            str(tiny_worldpm),
+            "--device",
+            "cpu",
+            "--chunk-size",
+            "2",
+            str(src),
+            "-o",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    raw = out.read_bytes()
+    raw.decode("utf-8")  # valid UTF-8
+
+    def strict(name: str) -> None:
+        raise AssertionError(f"{name} written: not valid JSON")
+
+    rows = [json.loads(x, parse_constant=strict) for x in raw.decode().splitlines()]  # strict JSON
+    assert len(rows) == len(lines)
+    assert [r["score"] is None for r in rows] == [False, True, True, True, True, True, False]
+    assert "blank" in rows[1]["error"] and "line 2" in rows[1]["error"] and "line 3" in rows[2]["error"]
+    assert "UTF-8" in rows[3]["error"] and "NaN" in rows[4]["error"]
+    assert rows[5]["id"] == 5 and "line 6" in rows[5]["error"]
+    assert "error" not in rows[6] and rows[6]["score"] == rows[0]["score"] and rows[6]["id"] == 6
+
+    # streamed: the first results arrive while stdin is still open
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worldpm_reward.cli",
+            "score",
+            "--model",
+            str(tiny_worldpm),
+            "--device",
+            "cpu",
+            "--chunk-size",
+            "1",
+            "-",
+            "-o",
+            "-",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(good).encode() + b"\n")
+        proc.stdin.flush()
+        first = json.loads(proc.stdout.readline())  # before stdin is closed
+        assert abs(first["score"] - rows[0]["score"]) <= 1e-6
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -11,6 +11,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ import sys
 import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 from worldpm_reward.policy_text import FORMATS
 from worldpm_reward.shaping import Normalize, ReferenceMode
@@ -68,15 +69,30 @@ def _load(args: argparse.Namespace, model: str | None = None) -> Any:
     return RewardModel.from_pretrained(model or args.model, _model_config(args))
 
 
-def _read_lines(f: TextIO) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object or an error string); blank lines are skipped."""
-    for lineno, line in enumerate(f, start=1):
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _read_lines(f: BinaryIO) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object or an error string) for EVERY line, read as it comes:
+    blank, undecodable (not UTF-8) and invalid lines are errors in place, so the output has
+    one line per input line, in order."""
+    for lineno, raw in enumerate(f, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield lineno, f"line {lineno}: not UTF-8 (invalid byte at column {exc.start + 1})"
+            continue
         if not line.strip():
+            yield lineno, f"line {lineno}: blank line"
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, parse_constant=_no_constant)
         except json.JSONDecodeError as exc:
             yield lineno, f"line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
+            continue
+        except (ValueError, RecursionError) as exc:
+            yield lineno, f"line {lineno}: invalid JSON ({exc})"
             continue
         if not isinstance(obj, dict):
             yield lineno, f"line {lineno}: expected a JSON object, got {type(obj).__name__}"
@@ -84,36 +100,52 @@ def _read_lines(f: TextIO) -> Iterator[tuple[int, Any]]:
         yield lineno, obj
 
 
+def _json_line(out: dict[str, Any]) -> str:
+    """One output line: valid JSON and valid UTF-8 whatever the input held (a lone surrogate
+    from a JSON escape is written escaped)."""
+    line = json.dumps(out, ensure_ascii=False, allow_nan=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(out, ensure_ascii=True, allow_nan=False)
+    return line + "\n"
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     rm = _load(args)
-    src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")  # noqa: SIM115
+    src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
     dst = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
     total = bad = truncated = 0
+    rows = _read_lines(src)
+    bar = tqdm(unit="sample", desc="scoring", disable=None, file=sys.stderr)
     try:
-        rows = list(_read_lines(src))
-        bar = tqdm(total=len(rows), unit="sample", desc="scoring", disable=None, file=sys.stderr)
-        for start in range(0, len(rows), args.chunk_size):
-            chunk = rows[start : start + args.chunk_size]
+        while chunk := list(itertools.islice(rows, args.chunk_size)):  # streamed: chunk by chunk
             objs = [o for _, o in chunk if isinstance(o, dict)]
-            results = iter(rm.score_detailed(objs, progress=bar.update, start_index=start) if objs else [])
+            results = iter(rm.score_detailed(objs, progress=bar.update, start_index=total) if objs else [])
             for lineno, obj in chunk:
                 if isinstance(obj, str):
                     out: dict[str, Any] = {"score": None, "error": obj}
                     bar.update(1)
                 else:
                     r = next(results)
-                    out = {**obj, "score": r.score}
+                    # our fields are rewritten: a stale "error" or "score" from the input never survives
+                    out = {k: v for k, v in obj.items() if k not in ("score", "error")}
+                    score = r.score if r.score is None or math.isfinite(r.score) else None
+                    out["score"] = score
                     if r.error is not None:
                         out["error"] = f"line {lineno}: {r.error}"
+                    elif score is None:
+                        out["error"] = f"line {lineno}: the model returned a non-finite score"
                     truncated += r.truncated
-                bad += "error" in out and out["score"] is None
+                bad += out["score"] is None
                 total += 1
-                dst.write(json.dumps(out, ensure_ascii=False) + "\n")
+                dst.write(_json_line(out))
+            dst.flush()
         bar.close()
     finally:
-        if src is not sys.stdin:
+        if src is not sys.stdin.buffer:
             src.close()
         if dst is not sys.stdout:
             dst.close()
@@ -208,7 +240,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from worldpm_reward.shaping import RunningStats, ShapingConfig, write_calibration
 
     rm = _load(args)
-    with open(args.input, encoding="utf-8") as f:
+    with open(args.input, "rb") as f:
         rows = [o for _, o in _read_lines(f) if isinstance(o, dict)]
     reward = RewardFunction(rm, ShapingConfig(reference=args.reference))
     stats = RunningStats()
