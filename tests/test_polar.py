@@ -205,8 +205,18 @@ def test_same_scores_through_every_surface(
         [{"prompt": s["prompt"]} for s in samples],
     )
     assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-5
+    # the reference as a message list (as xtuner's client accepts it) scores the same
+    as_messages = verl.compute_score_batch(
+        ["gsm8k"] * len(samples),
+        [s["response"] for s in samples],
+        [[{"role": "assistant", "content": s["reference"]}] for s in samples],
+        [{"prompt": s["prompt"]} for s in samples],
+    )
+    assert as_messages == got
+    # a sample with no prompt: the lowest reward so far (it cannot win), not a crashed step
+    assert verl.compute_score_batch(["x"], ["a"], ["b"], [{}]) == [min(got)]
     with pytest.raises(ValueError, match="extra_info"):
-        verl.compute_score_batch(["x"], ["a"], ["b"], [{}])
+        verl.compute_score_batch(["x"], ["a"], ["b"], [{}], fallback="raise")
 
     # server: native API 'reference' and OpenRLHF 'labels'
     with server_process(polar, log=tmp_path / "srv.log") as (url, _):
