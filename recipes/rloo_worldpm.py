@@ -86,7 +86,9 @@ class Config:
 
 
 def read_prompts(cfg: Config) -> list[str]:
-    path = Path(cfg.prompts) if Path(cfg.prompts).is_absolute() else REPO / cfg.prompts
+    from worldpm_reward.testing import prompt_file
+
+    path = prompt_file(cfg.prompts, REPO)  # also finds ../shared/data via $WORLDPM_SHARED_DATA
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         prompts = [json.loads(line)[cfg.prompt_field] for line in f if line.strip()]

@@ -244,3 +244,26 @@ def test_openrlhf_script_reward_endpoints_work(
             )
         )
         assert out["reward"] is not None and abs(out["reward"][0] - want) <= 1e-4
+
+
+def test_prompt_paths_work_for_an_installed_user_and_fail_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The configs' ../shared/data/... paths resolve through $WORLDPM_SHARED_DATA from any
+    directory (a user of the installed package has no ../shared beside a checkout); a missing
+    file is an error naming it and the variable."""
+    from worldpm_reward.testing import prompt_file, shared_data_dir
+
+    data = shared_data_dir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLDPM_SHARED_DATA", str(data))
+    module = recipe_module("grpo_worldpm")
+    cfg = load_config(module.Config, RECIPES / "configs" / "grpo_smoke.yaml")
+    elsewhere = tmp_path / "not-a-checkout"
+    elsewhere.mkdir()
+    got = prompt_file(cfg.prompts, elsewhere)
+    assert got.resolve() == (data / "prompts" / "gsm8k_train.jsonl.gz").resolve()
+    assert len(module.read_prompts(cfg)) == cfg.num_prompts
+    with pytest.raises(FileNotFoundError, match="WORLDPM_SHARED_DATA") as err:
+        prompt_file("../shared/data/prompts/missing.jsonl", elsewhere)
+    assert "missing.jsonl" in str(err.value)

@@ -31,7 +31,7 @@ from worldpm_reward.testing.checkpoints import (
     write_tiny_polar,
     write_tiny_worldpm,
 )
-from worldpm_reward.testing.data import grpo_groups, real_conversations, shared_data_dir
+from worldpm_reward.testing.data import grpo_groups, prompt_file, real_conversations, shared_data_dir
 from worldpm_reward.testing.policies import (
     CHATML_POLICY_TEMPLATE,
     LLAMA3_POLICY_TEMPLATE,
@@ -61,6 +61,7 @@ __all__ = [
     "grpo_groups",
     "init_weights",
     "polar_tokenizer",
+    "prompt_file",
     "qwen_tokenizer",
     "random_worldpm",
     "real_conversations",

@@ -6,6 +6,7 @@ source checkout.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
 import json
@@ -111,3 +112,23 @@ def grpo_groups(
         for g in range(group_size):
             out.append({"prompt": prompt, "response": replies[(p * group_size + g) % len(replies)]})
     return out
+
+
+def prompt_file(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None) -> Path:
+    """A recipe's prompt file: absolute; or relative to ``base`` (the checkout); or, for a
+    ``../shared/data/...`` path, under :func:`shared_data_dir` (so $WORLDPM_SHARED_DATA works
+    for an installed package). Raises FileNotFoundError naming the file and what was tried."""
+    given = Path(path)
+    tried = [given] if given.is_absolute() else [Path(base or Path.cwd()) / given, Path.cwd() / given]
+    parts = given.parts
+    if not given.is_absolute() and "shared" in parts and "data" in parts:
+        rest = Path(*parts[parts.index("data") + 1 :])
+        with contextlib.suppress(FileNotFoundError):
+            tried.append(shared_data_dir() / rest)
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"prompts: {str(path)!r} not found (tried {', '.join(map(str, tried))}); give an absolute "
+        f"path (prompts=/path/to/file.jsonl) or set {DATA_ENV}=/path/to/shared/data"
+    )
