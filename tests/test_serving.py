@@ -518,3 +518,60 @@ def test_hostile_bodies_and_headers_get_clear_4xx_never_5xx(direct: RewardModel)
                 assert says.lower() in r.text.lower(), (name, path, r.text[:300])
         ok = httpx.post(f"{url}/v1/score", content=good, headers=auth, timeout=60)
         assert ok.status_code == 200 and ok.json()["results"][0]["error"] is None
+
+
+def test_abandoned_requests_are_dropped_before_scoring(direct: RewardModel) -> None:
+    slow = SlowScorer(direct, 2.0)
+    app = create_app(slow, ServerConfig(max_batch_samples=1, max_wait_ms=1))
+    sample = {"samples": [{"prompt": "hi", "response": "hello"}]}
+    with server_thread(app) as url:
+        first = threading.Thread(target=lambda: httpx.post(f"{url}/v1/score", json=sample, timeout=30))
+        first.start()  # holds the scorer for 2 s
+        time.sleep(0.2)
+        for _ in range(5):  # clients that give up while queued behind it
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(f"{url}/v1/score", json=sample, timeout=0.2)
+        first.join()
+        start = time.perf_counter()
+        last = httpx.post(f"{url}/v1/score", json=sample, timeout=30)
+        waited = time.perf_counter() - start
+        assert last.status_code == 200
+        assert slow.calls == 2  # the first and the last; the 5 abandoned were never scored
+        assert app.state.batcher.abandoned_samples == 5
+        assert waited < 3.5  # its own 2 s, not 10 more seconds of scoring for nobody
+
+
+def test_sigterm_drain_finishes_every_accepted_request(
+    direct: RewardModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+
+    from worldpm_reward.serving.app import run_server
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    run_server(direct, ServerConfig())
+    assert seen["timeout_graceful_shutdown"] is None  # default: no cap on finishing accepted work
+    run_server(direct, ServerConfig(drain_timeout_s=30))
+    assert seen["timeout_graceful_shutdown"] == 30
+
+    slow = SlowScorer(direct, 0.4)
+    app = create_app(slow, ServerConfig(max_batch_samples=1, max_wait_ms=1))
+    sample = {"samples": [{"prompt": "hi", "response": "hello"}]}
+    codes: list[int] = []
+    with server_thread(app, timeout_graceful_shutdown=None) as url:
+        threads = [
+            threading.Thread(
+                target=lambda: codes.append(
+                    httpx.post(f"{url}/v1/score", json=sample, timeout=60).status_code
+                )
+            )
+            for _ in range(8)
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # all accepted, most still queued (8 x 0.4 s of scoring)
+        app.state.uvicorn_server.should_exit = True  # what SIGTERM does
+        for t in threads:
+            t.join(60)
+    assert codes == [200] * 8 and slow.calls == 8

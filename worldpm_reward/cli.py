@@ -298,6 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         chat_format=args.chat_format,
         name=args.name,
         fallback_reward=args.fallback_reward,
+        drain_timeout_s=args.drain_timeout,
         openrlhf_scores=args.openrlhf_scores,
         scores_temperature=args.scores_temperature,
     )
@@ -360,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat-format", default="auto", choices=FORMATS, help="the POLICY's chat format in OpenRLHF queries"
     )
     p.add_argument("--name", default="worldpm", help="reward name in extra_logs and metrics")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help="on SIGTERM, finish accepted requests for at most this many seconds (default: no cap)",
+    )
     g = p.add_argument_group("OpenRLHF (/get_reward)")
     g.add_argument(
         "--fallback-reward",

@@ -16,6 +16,7 @@ FastAPI, uvicorn, pydantic and prometheus-client come from the ``serve`` extra a
 imported only when an app is created.
 """
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -60,6 +61,9 @@ class ServerConfig:
         openrlhf_scores: /get_reward's ``scores``: "reward" or "sigmoid" (in (0, 1), for
             OpenRLHF's dynamic filtering).
         scores_temperature: scale of the "sigmoid" mapping: ``sigmoid(reward / T)``.
+        drain_timeout_s: on SIGTERM/SIGINT the server stops accepting and finishes every
+            request already taken in; this caps how long that may take (None: no cap, so a
+            full queue is always finished).
     """
 
     host: str = "127.0.0.1"
@@ -74,6 +78,7 @@ class ServerConfig:
     name: str = "worldpm"
     retry_after_s: int = 1
     fallback_reward: float | None = None
+    drain_timeout_s: float | None = None
     openrlhf_scores: str = "reward"
     scores_temperature: float = 1.0
 
@@ -331,12 +336,32 @@ def create_app(
             detail = state["error"] or "the reward model is still loading"
             raise fastapi.HTTPException(503, detail, headers={"Retry-After": str(cfg.retry_after_s)})
 
-    async def run(endpoint: str, coro_fn: Callable[[], Any]) -> Any:
+    async def until_disconnected(request: Any) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.1)
+
+    async def unless_abandoned(request: Any, coro: Any) -> Any:
+        """Run ``coro``; if the client goes away first, cancel it, so its samples are dropped
+        from the queue instead of scored for nobody."""
+        work = asyncio.ensure_future(coro)
+        watch = asyncio.ensure_future(until_disconnected(request))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not work.done():
+            work.cancel()
+            raise RequestError(499, "client closed the request")
+        return work.result()
+
+    async def run(endpoint: str, coro_fn: Callable[[], Any], request: Any = None) -> Any:
         start = time.perf_counter()
         status = 200
         try:
             check_ready()
             m_queue.set(batcher.queued_samples)
+            if request is not None:
+                return await unless_abandoned(request, coro_fn())
             return await coro_fn()
         except RequestError as exc:
             status = exc.status
@@ -376,7 +401,9 @@ def create_app(
         body = await parse_body(request, GetRewardRequest, pydantic)
         before = service.stats.unknown_format
         try:
-            return await run("get_reward", lambda: service.get_reward(body.query, body.prompts, body.labels))
+            return await run(
+                "get_reward", lambda: service.get_reward(body.query, body.prompts, body.labels), request
+            )
         finally:
             m_unknown.inc(service.stats.unknown_format - before)
 
@@ -384,7 +411,7 @@ def create_app(
     async def score(request: fastapi.Request) -> Any:  # type: ignore[name-defined]
         """Score conversations: one result per sample, in order; bad samples get an error each."""
         body = await parse_body(request, ScoreRequest, pydantic)
-        return await run("score", lambda: service.score(body.samples))
+        return await run("score", lambda: service.score(body.samples), request)
 
     @app.get("/health")
     async def health() -> Any:
@@ -426,7 +453,13 @@ def run_server(
             "serving on %s without a bearer token: anyone who can reach it can use it", config.host
         )
     app = create_app(scorer, config, shaping)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=60)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="info",
+        timeout_graceful_shutdown=None if config.drain_timeout_s is None else int(config.drain_timeout_s),
+    )
 
 
 def wait_until_ready(url: str, timeout_s: float = 60.0, token: str | None = None) -> None:

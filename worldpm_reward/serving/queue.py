@@ -74,6 +74,7 @@ class DynamicBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worldpm-scorer")
         self._closing = False
+        self.abandoned_samples = 0  # dropped before scoring: their callers had gone
 
     @property
     def queued_samples(self) -> int:
@@ -150,6 +151,16 @@ class DynamicBatcher:
 
     async def _run_batch(self, batch: list[_Pending], size: int) -> None:
         assert self._queue is not None
+        abandoned = [p for p in batch if p.future.done()]  # the caller gave up (e.g. disconnected)
+        if abandoned:
+            for p in abandoned:
+                self._queued_samples -= len(p.samples)
+                self._queue.task_done()
+            self.abandoned_samples += sum(len(p.samples) for p in abandoned)
+            batch = [p for p in batch if not p.future.done()]
+            size = sum(len(p.samples) for p in batch)
+            if not batch:
+                return
         flat = [s for p in batch for s in p.samples]
         start = time.perf_counter()
         try:

@@ -62,14 +62,18 @@ def server_process(
 
 
 @contextlib.contextmanager
-def server_thread(app: Any) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn in a thread of this process (a real HTTP server)."""
+def server_thread(app: Any, **uvicorn_options: Any) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn in a thread of this process (a real HTTP server);
+    the server object is ``app.state.uvicorn_server`` (e.g. to start a graceful shutdown)."""
     import uvicorn
 
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **uvicorn_options
+        )
     )
+    app.state.uvicorn_server = server
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
