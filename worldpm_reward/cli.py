@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from worldpm_reward.policy_text import FORMATS
+from worldpm_reward.samples import loads_json
 from worldpm_reward.shaping import Normalize, ReferenceMode
 
 EPILOG = """examples:
@@ -69,10 +70,6 @@ def _load(args: argparse.Namespace, model: str | None = None) -> Any:
     return RewardModel.from_pretrained(model or args.model, _model_config(args))
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _read_lines(f: BinaryIO) -> Iterator[tuple[int, Any]]:
     """(line number, parsed object or an error string) for EVERY line, read as it comes:
     blank, undecodable (not UTF-8) and invalid lines are errors in place, so the output has
@@ -87,7 +84,7 @@ def _read_lines(f: BinaryIO) -> Iterator[tuple[int, Any]]:
             yield lineno, f"line {lineno}: blank line"
             continue
         try:
-            obj = json.loads(line, parse_constant=_no_constant)
+            obj = loads_json(line)
         except json.JSONDecodeError as exc:
             yield lineno, f"line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
             continue

@@ -9,6 +9,8 @@ It knows nothing about tokenizers or models.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, runtime_checkable
@@ -187,3 +189,20 @@ def parse_sample(sample: Any, index: int | None = None) -> Sample:
         )
     msgs = _check_messages(sample, index=index, field="messages", final_assistant=True)
     return Sample(msgs)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def loads_json(text: str) -> Any:
+    """``json.loads`` for untrusted input: NaN, Infinity and numbers that overflow to inf are
+    refused (ValueError), so nothing non-finite reaches scoring or is written back out."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)

@@ -163,7 +163,8 @@ class Shaped:
     reference_raw: list[float | None] | None = None
 
 
-def _sigmoid(x: float) -> float:
+def sigmoid(x: float) -> float:
+    """The logistic function, without overflow for large |x|."""
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
@@ -180,9 +181,7 @@ def group_win_rates(values: Sequence[float | None], groups: Sequence[Hashable]) 
             vi = values[i]
             assert vi is not None
             others = [values[j] for j in idx if j != i]
-            out[i] = (
-                sum(_sigmoid(vi - vj) for vj in others if vj is not None) / len(others) if others else 0.5
-            )
+            out[i] = sum(sigmoid(vi - vj) for vj in others if vj is not None) / len(others) if others else 0.5
     return out
 
 
@@ -212,7 +211,7 @@ class RewardShaper:
             values = [
                 None
                 if (r is None or q is None)
-                else (r - q if cfg.reference == "difference" else _sigmoid(r - q))
+                else (r - q if cfg.reference == "difference" else sigmoid(r - q))
                 for r, q in zip(raw, reference_raw)
             ]
         if cfg.group == "bt_winrate":

@@ -18,7 +18,6 @@ imported only when an app is created.
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worldpm_reward.errors import QueueFullError, RequestError, ServerClosingError, require_extra
-from worldpm_reward.samples import Scorer, ScoreResult
+from worldpm_reward.samples import Scorer, ScoreResult, loads_json
 from worldpm_reward.serving.protocol import RewardService, Submit
 from worldpm_reward.serving.queue import BatchReport, DynamicBatcher
 from worldpm_reward.shaping import ShapingConfig
@@ -124,22 +123,12 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
-async def parse_body(request: Any, model: Any, pydantic: Any) -> Any:
+async def parse_body(request: Any, model: Any) -> Any:
     """The request body as ``model``, or a 4xx that says what is wrong: 415 for a content type
     or encoding other than JSON, 413 over the size limit (declared or streamed), 400 for a body
     that is not UTF-8 JSON (NaN, Infinity and out-of-range numbers included, or nested too
     deeply), 422 for JSON of the wrong shape (without echoing the input back)."""
+    import pydantic
     from fastapi import HTTPException
 
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -159,7 +148,7 @@ async def parse_body(request: Any, model: Any, pydantic: Any) -> Any:
             400, f"the request body is not UTF-8 (invalid byte at offset {exc.start})"
         ) from None
     try:
-        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+        data = loads_json(text)
     except RecursionError:
         raise HTTPException(400, "the request body's JSON is nested too deeply") from None
     except ValueError as exc:
@@ -398,7 +387,7 @@ def create_app(
     )
     async def get_reward(request: fastapi.Request) -> Any:  # type: ignore[name-defined]
         """OpenRLHF's remote reward protocol: rewards for policy-rendered prompt+response texts."""
-        body = await parse_body(request, GetRewardRequest, pydantic)
+        body = await parse_body(request, GetRewardRequest)
         before = service.stats.unknown_format
         try:
             return await run(
@@ -410,7 +399,7 @@ def create_app(
     @app.post("/v1/score", dependencies=[fastapi.Depends(check_auth)], openapi_extra=body_doc(ScoreRequest))
     async def score(request: fastapi.Request) -> Any:  # type: ignore[name-defined]
         """Score conversations: one result per sample, in order; bad samples get an error each."""
-        body = await parse_body(request, ScoreRequest, pydantic)
+        body = await parse_body(request, ScoreRequest)
         return await run("score", lambda: service.score(body.samples), request)
 
     @app.get("/health")

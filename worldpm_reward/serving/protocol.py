@@ -18,7 +18,6 @@ Protocols:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from worldpm_reward.errors import ConfigError, RequestError, SampleError
 from worldpm_reward.policy_text import FORMATS, parse_rendered
 from worldpm_reward.rewards import RewardFunction
 from worldpm_reward.samples import ScoreResult, parse_sample
-from worldpm_reward.shaping import ShapingConfig
+from worldpm_reward.shaping import ShapingConfig, sigmoid
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +53,6 @@ class ServiceStats:
 
 
 SCORES = ("reward", "sigmoid")
-
-
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 class RewardService:
@@ -149,7 +144,6 @@ class RewardService:
             self.stats.item_errors += len(bad)
             if self.fallback_reward is None:
                 raise RequestError(422, bad)
-        kept_set = set(kept)
         batch = await self.reward.acall(samples)
         self._count(batch.results)
         errors = batch.errors
@@ -158,29 +152,18 @@ class RewardService:
             if self.fallback_reward is None:
                 raise RequestError(422, [{"index": i, "field": "query", "error": e} for i, e in errors])
         # every item of the request, in order: scored, or (fallback mode) the fallback reward
-        rewards: list[float] = []
-        raw: list[float] = []
-        truncated: list[float] = []
-        failed: list[float] = []
         problems = {b["index"]: b for b in bad}
         for i, e in errors:
             problems[kept[i]] = {"index": kept[i], "field": "query", "error": e}
-        scored = iter(zip(batch.rewards, batch.raw, batch.results))
-        for i in range(len(query)):
-            if i in problems:
-                if i in kept_set:
-                    next(scored)
-                value = float(self.fallback_reward)  # type: ignore[arg-type]
-                rewards.append(value)
-                raw.append(value)
-                truncated.append(0.0)
-                failed.append(1.0)
-                continue
-            reward, r_raw, result = next(scored)
-            rewards.append(float(reward))  # type: ignore[arg-type]
-            raw.append(float(r_raw))  # type: ignore[arg-type]
-            truncated.append(float(result.truncated))
-            failed.append(0.0)
+        scored = dict(zip(kept, zip(batch.rewards, batch.raw, batch.results)))
+        fallback = float(self.fallback_reward or 0.0)  # only reached in fallback mode
+        rows = [
+            (fallback, fallback, 0.0, 1.0)
+            if i in problems
+            else (float(scored[i][0]), float(scored[i][1]), float(scored[i][2].truncated), 0.0)  # type: ignore[arg-type]
+            for i in range(len(query))
+        ]
+        rewards, raw, truncated, failed = (list(col) for col in zip(*rows)) if rows else ([], [], [], [])
         out: dict[str, Any] = {
             "rewards": rewards,
             "scores": self._scores(rewards),
@@ -197,7 +180,7 @@ class RewardService:
 
     def _scores(self, rewards: list[float]) -> list[float]:
         if self.scores_mode == "sigmoid":
-            return [_sigmoid(r / self.scores_temperature) for r in rewards]
+            return [sigmoid(r / self.scores_temperature) for r in rewards]
         return list(rewards)
 
     async def score(self, samples: list[Any]) -> dict[str, Any]:
