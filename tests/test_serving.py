@@ -364,40 +364,87 @@ def test_create_app_scores_through_the_given_submit(direct: RewardModel) -> None
 
 
 class _Answer:
-    def __init__(self, status: int, body: Any = None) -> None:
+    def __init__(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
         self.status_code, self._body, self.text = status, body, json.dumps(body)
+        self.headers = headers or {}
 
     def json(self) -> Any:
         return self._body
 
 
-def test_one_retry_policy_drives_sync_async_and_get_reward() -> None:
-    """RemoteScorer._attempts is the only retry loop: a transport error and a 503 move to the
-    next server with backoff, a 4xx stops at once, success returns the body."""
-    scorer = RemoteScorer(["http://a", "http://b"], retries=3, backoff_s=0.25, cooldown_s=60)
+def _next_send(policy: Any, step: Any) -> Any:
+    """Drive the policy through its waits (sleeping them, as a driver does) to its next _Send."""
+    from worldpm_reward.serving.client import _Wait
+
+    while isinstance(step, _Wait):
+        time.sleep(step.seconds)
+        step = policy.send(None)
+    return step
+
+
+def test_one_retry_and_hedge_policy_drives_sync_async_and_get_reward() -> None:
+    """RemoteScorer._attempts is the only retry/hedge loop (the sync and async drivers only do
+    its I/O): a transport error and a 503 move to the next server with backoff, Retry-After
+    is honoured, a 4xx stops at once, an unanswered attempt is hedged to the other replica
+    after the hedge delay and the first good answer wins, the deadline bounds everything."""
+    from worldpm_reward.serving.client import _Send, _Wait
+
+    scorer = RemoteScorer(["http://a", "http://b"], retries=3, backoff_s=0.25, cooldown_s=60, hedge=None)
     policy = scorer._attempts("/v1/score")
     first = next(policy)
-    second = policy.send(httpx.ConnectError("refused"))
-    assert second.seconds == 0.25  # backoff after the first failure
-    third = policy.send(None)
-    assert {first.url, third.url} == {"http://a", "http://b"}  # failover to the other server
-    assert policy.send(_Answer(503, {})).seconds == 0.5
-    fourth = policy.send(None)
+    assert isinstance(first, _Send) and isinstance(policy.send(None), _Wait)  # waits for the answer
+    backoff = policy.send((first.attempt, httpx.ConnectError("refused")))
+    assert isinstance(backoff, _Wait) and backoff.seconds == pytest.approx(0.25, abs=0.02)
+    second = _next_send(policy, backoff)
+    assert isinstance(second, _Send) and second.url != first.url  # failover to the other server
+    policy.send(None)
     with pytest.raises(StopIteration) as done:
-        policy.send(_Answer(200, {"results": []}))
-    assert done.value.value == {"results": []} and fourth.url in ("http://a", "http://b")
+        policy.send((second.attempt, _Answer(200, {"results": []})))
+    assert done.value.value == {"results": []}
 
     bad = scorer._attempts("/get_reward")
-    next(bad)
+    sent = next(bad)
+    bad.send(None)
     with pytest.raises(Exception, match="HTTP 422"):
-        bad.send(_Answer(422, {"detail": "no"}))
+        bad.send((sent.attempt, _Answer(422, {"detail": "no"})))
 
     exhausted = RemoteScorer("http://a", retries=1, backoff_s=0.0)._attempts("/v1/score")
-    next(exhausted)
-    exhausted.send(_Answer(500, {}))
+    sent = next(exhausted)
+    exhausted.send(None)
+    sent = _next_send(exhausted, exhausted.send((sent.attempt, _Answer(500, {}))))
     exhausted.send(None)
     with pytest.raises(Exception, match="all reward servers failed after 2 attempts"):
-        exhausted.send(_Answer(502, {}))
+        exhausted.send((sent.attempt, _Answer(502, {})))
+
+    # Retry-After: the only server says 3 s; the next attempt waits for it, not the 0.01 s backoff
+    polite = RemoteScorer("http://a", backoff_s=0.01, cooldown_s=0.0)._attempts("/v1/score")
+    sent = next(polite)
+    polite.send(None)
+    wait = polite.send((sent.attempt, _Answer(503, {}, {"retry-after": "3"})))
+    assert isinstance(wait, _Wait) and 2.5 <= wait.seconds <= 3.0
+
+    # hedging: no answer after the (fixed) hedge delay -> the same request to the other replica
+    hedged = RemoteScorer(["http://a", "http://b"], hedge=0.5)
+    policy = hedged._attempts("/v1/score")
+    first = next(policy)
+    wait = policy.send(None)
+    assert isinstance(wait, _Wait) and 0.4 <= wait.seconds <= 0.5
+    time.sleep(wait.seconds)
+    hedge = policy.send(None)
+    assert isinstance(hedge, _Send) and hedge.url != first.url
+    policy.send(None)
+    with pytest.raises(StopIteration) as done:
+        policy.send((hedge.attempt, _Answer(200, {"ok": 1})))
+    assert done.value.value == {"ok": 1} and hedged.stats["hedge_wins"] == 1
+    assert hedged._pick(set(), time.monotonic()) == hedge.url  # the slow one is out of rotation
+
+    # the deadline bounds the whole call, whatever the per-attempt timeout
+    late = RemoteScorer("http://a", deadline_s=0.2, timeout_s=100)._attempts("/v1/score")
+    sent = next(late)
+    assert sent.timeout <= 0.2
+    time.sleep(0.25)
+    with pytest.raises(Exception, match="deadline_s=0.2"):
+        late.send(None)
 
 
 def test_remote_get_reward_matches_the_server(live: str, direct: RewardModel) -> None:

@@ -268,6 +268,16 @@ def _add_shaping_args(p: argparse.ArgumentParser) -> None:
         choices=typing.get_args(ReferenceMode),
         help="reward relative to a reference answer (OpenRLHF 'labels', or a sample's 'reference')",
     )
+    g.add_argument(
+        "--normalize-state",
+        default=None,
+        metavar="PATH",
+        help="--normalize running: keep the statistics in this file (restored at start; replicas "
+        "given the same file on a shared filesystem share one set of statistics)",
+    )
+    g.add_argument(
+        "--normalize-sync", type=float, default=5.0, help="seconds between merges into --normalize-state"
+    )
 
 
 def _shaping(args: argparse.Namespace) -> Any:
@@ -279,6 +289,8 @@ def _shaping(args: argparse.Namespace) -> Any:
         clip_min=args.clip_min,
         clip_max=args.clip_max,
         reference=args.reference,
+        state_file=args.normalize_state,
+        state_sync_s=args.normalize_sync,
     )
 
 
@@ -298,6 +310,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         openrlhf_scores=args.openrlhf_scores,
         scores_temperature=args.scores_temperature,
+        max_request_tokens=args.max_request_tokens or None,
+        max_queue_tokens=args.max_queue_tokens or None,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        body_timeout_s=args.body_timeout,
+        header_timeout_s=args.header_timeout,
+        idle_timeout_s=args.idle_timeout,
+        max_connections=args.max_connections or None,
+        request_id_cache=args.request_id_cache,
     )
     shaping = _shaping(args)
     run_server(lambda: _load(args), config, shaping)
@@ -354,6 +374,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-samples", type=int, default=256, help="most samples per model call")
     p.add_argument("--max-queue", type=int, default=8192, help="most queued samples before 503")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
+    g = p.add_argument_group("bounds (hostile or runaway clients)")
+    g.add_argument(
+        "--max-request-tokens",
+        type=int,
+        default=2_000_000,
+        help="most estimated tokens per request (413); 0: none",
+    )
+    g.add_argument(
+        "--max-queue-tokens", type=int, default=8_000_000, help="most estimated tokens queued (503); 0: none"
+    )
+    g.add_argument(
+        "--max-upload-mb", type=float, default=256.0, help="most body bytes held by all uploads (503)"
+    )
+    g.add_argument(
+        "--body-timeout", type=float, default=60.0, help="seconds for a request body to arrive (408)"
+    )
+    g.add_argument("--header-timeout", type=float, default=10.0, help="seconds for request headers to arrive")
+    g.add_argument("--idle-timeout", type=float, default=5.0, help="idle connections are closed after this")
+    g.add_argument("--max-connections", type=int, default=4096, help="most open connections (503); 0: none")
+    g.add_argument(
+        "--request-id-cache",
+        type=int,
+        default=4096,
+        help="answers kept by X-Request-ID so retries/hedges are not scored twice; 0: off",
+    )
     p.add_argument(
         "--chat-format", default="auto", choices=FORMATS, help="the POLICY's chat format in OpenRLHF queries"
     )

@@ -21,11 +21,12 @@ A sample that could not be scored stays None throughout; it never gets a made-up
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,13 @@ class ShapingConfig:
         group: "none" or "bt_winrate" (each sample's mean sigmoid(s_i - s_j) over the other
             samples with the same prompt in the batch).
         sync_across_processes: merge running statistics across torch.distributed ranks.
+        state_file: normalize="running": keep the statistics in this JSON file: read at start
+            (a restart continues where it stopped) and merged into under a file lock every
+            ``state_sync_s`` seconds and at shutdown. Several processes (server replicas on a
+            shared filesystem) given the same file share one set of statistics: each adds
+            what it saw since its last merge and adopts the total. With torch.distributed
+            only rank 0 writes it (the ranks' statistics are already merged).
+        state_sync_s: seconds between merges into ``state_file`` (0: after every batch).
         eps: added to std to avoid division by zero.
     """
 
@@ -65,6 +73,8 @@ class ShapingConfig:
     reference_field: str = "reference"
     group: GroupMode = "none"
     sync_across_processes: bool = True
+    state_file: str | None = None
+    state_sync_s: float = 5.0
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -191,6 +201,10 @@ class RewardShaper:
     def __init__(self, config: ShapingConfig | None = None) -> None:
         self.config = config or ShapingConfig()
         self.stats = RunningStats()
+        self._unsynced = RunningStats()  # seen here since the last merge into the state file
+        self._synced_at = -math.inf
+        if self.config.state_file and self.config.normalize == "running":
+            self.sync(force=True)
 
     def __call__(
         self,
@@ -224,6 +238,8 @@ class RewardShaper:
             if cfg.sync_across_processes:
                 batch = _all_gather_stats(batch)
             self.stats = self.stats.merge(batch)
+            self._unsynced = self._unsynced.merge(batch)
+            self.sync()
             mean, std = self.stats.mean, self.stats.std
         elif cfg.normalize == "fixed":
             mean, std = float(cfg.mean or 0.0), float(cfg.std or 1.0)
@@ -235,11 +251,78 @@ class RewardShaper:
             values = [None if v is None else min(max(v, lo), hi) for v in values]
         return Shaped(values, list(raw), None if reference_raw is None else list(reference_raw))
 
+    def sync(self, force: bool = False) -> None:
+        """Merge what this process saw since the last merge into ``state_file`` (under an
+        exclusive lock; written atomically) and adopt the file's total. A no-op without a
+        state file, or before ``state_sync_s`` has passed unless ``force``."""
+        cfg = self.config
+        now = time.monotonic()
+        if not cfg.state_file or cfg.normalize != "running":
+            return
+        if not force and now - self._synced_at < cfg.state_sync_s:
+            return
+        self._synced_at = now
+        writer = _is_rank_zero()
+        with _locked(cfg.state_file):
+            total = read_stats(cfg.state_file)
+            if not writer:  # other ranks: read once at start, then follow their own merged stats
+                if self.stats.count == 0:
+                    self.stats = total
+                self._unsynced = RunningStats()
+                return
+            total = total.merge(self._unsynced)
+            if self._unsynced.count:
+                write_stats(cfg.state_file, total)
+        self.stats, self._unsynced = total, RunningStats()
+
     def state_dict(self) -> dict[str, Any]:
         return asdict(self.stats)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stats = RunningStats(int(state["count"]), float(state["mean"]), float(state["m2"]))
+
+
+def _is_rank_zero() -> bool:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return True
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive advisory lock on ``path + ".lock"`` (POSIX flock)."""
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_stats(path: str | os.PathLike[str]) -> RunningStats:
+    """Running statistics from a state file; empty if the file does not exist yet."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return RunningStats()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"shaping.state_file {str(path)!r} cannot be read: {exc}") from exc
+    try:
+        return RunningStats(int(data["count"]), float(data["mean"]), float(data["m2"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"shaping.state_file {str(path)!r} is not a statistics file: {exc}") from exc
+
+
+def write_stats(path: str | os.PathLike[str], stats: RunningStats) -> None:
+    """Write atomically (a temporary file renamed over the old one)."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({**asdict(stats), "std": stats.std}) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,10 @@ imported only when an app is created.
 """
 
 import asyncio
+import collections
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import secrets
@@ -30,7 +33,7 @@ from typing import Any
 from worldpm_reward.errors import QueueFullError, RequestError, ServerClosingError, require_extra
 from worldpm_reward.samples import Scorer, ScoreResult, loads_json
 from worldpm_reward.serving.protocol import RewardService, Submit
-from worldpm_reward.serving.queue import BatchReport, DynamicBatcher
+from worldpm_reward.serving.queue import BatchReport, DynamicBatcher, current_client
 from worldpm_reward.shaping import ShapingConfig
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,19 @@ class ServerConfig:
         drain_timeout_s: on SIGTERM/SIGINT the server stops accepting and finishes every
             request already taken in; this caps how long that may take (None: no cap, so a
             full queue is always finished).
+        max_request_tokens: most estimated tokens in one request (more: 413); None: no bound.
+        max_queue_tokens: most estimated tokens waiting to be scored (more: 503 + Retry-After).
+        max_upload_bytes: most request-body bytes held in memory by all uploads together
+            (a body that would exceed it: 503 + Retry-After).
+        body_timeout_s: a request body must arrive within this many seconds (else 408).
+        header_timeout_s: a request's headers must arrive within this many seconds of its
+            first byte (else the connection is closed).
+        idle_timeout_s: a connection that sends nothing for this long (before its first
+            request, or between keep-alive requests) is closed.
+        max_connections: most open connections and requests at once (more: 503).
+        request_id_cache: how many answers are kept by ``X-Request-ID``, so a retried or
+            hedged request is answered again without being scored (or counted by the running
+            normalization) twice; 0 turns it off.
     """
 
     host: str = "127.0.0.1"
@@ -80,47 +96,124 @@ class ServerConfig:
     drain_timeout_s: float | None = None
     openrlhf_scores: str = "reward"
     scores_temperature: float = 1.0
+    max_request_tokens: int | None = 2_000_000
+    max_queue_tokens: int | None = 8_000_000
+    max_upload_bytes: int = 256 * 2**20
+    body_timeout_s: float = 60.0
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 5.0
+    max_connections: int | None = 4096
+    request_id_cache: int = 4096
 
 
 class BodySizeLimit:
-    """ASGI middleware: refuse bodies over ``limit`` bytes with 413, declared or streamed."""
+    """ASGI middleware that bounds request bodies: 413 over ``limit`` bytes (declared or
+    streamed); 503 when all bodies being received together would hold more than
+    ``total_limit`` bytes of memory; 408 when a body takes longer than ``timeout_s`` to arrive."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(
+        self, app: Any, limit: int, total_limit: int | None = None, timeout_s: float | None = None
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.total_limit = total_limit
+        self.timeout_s = timeout_s
+        self.inflight_bytes = 0  # bytes of bodies received by requests that have not finished
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._reject(send)
+            return await self._reject(send, 413, f"request body too large (limit {self.limit} bytes)")
         seen = 0
+        started = time.monotonic()
 
         async def limited_receive() -> Any:
             nonlocal seen
-            message = await receive()
+            if self.timeout_s is None:
+                message = await receive()
+            else:
+                remaining = started + self.timeout_s - time.monotonic()
+                try:
+                    message = await asyncio.wait_for(receive(), timeout=max(remaining, 0.001))
+                except asyncio.TimeoutError:
+                    raise _BodyError(
+                        408, f"the request body did not arrive within {self.timeout_s:g} s"
+                    ) from None
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                chunk = len(message.get("body", b""))
+                seen += chunk
                 if seen > self.limit:
-                    raise _TooLarge
+                    raise _BodyError(413, f"request body too large (limit {self.limit} bytes)")
+                if self.total_limit is not None and self.inflight_bytes + chunk > self.total_limit:
+                    raise _BodyError(503, "the server holds too many uploads right now; retry shortly")
+                self.inflight_bytes += chunk
             return message
 
         try:
             await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._reject(send)
+        except _BodyError as exc:
+            await self._reject(send, exc.status, exc.detail)
+        finally:
+            self.inflight_bytes -= seen
 
-    async def _reject(self, send: Any) -> None:
-        body = b'{"detail":"request body too large (limit %d bytes)"}' % self.limit
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    async def _reject(self, send: Any, status: int, detail: str) -> None:
+        headers = [(b"content-type", b"application/json")]
+        if status == 503:
+            headers.append((b"retry-after", b"1"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": json.dumps({"detail": detail}).encode()})
+
+
+def guarded_protocol(base: type, header_timeout_s: float) -> type:
+    """A uvicorn HTTP protocol class (h11 or httptools) that also closes connections which
+    send nothing after connecting (uvicorn's keep-alive timeout, armed at connect too) and
+    connections whose request headers do not complete within ``header_timeout_s``."""
+
+    class Guarded(base):  # type: ignore[misc,valid-type]
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._header_timer: Any = None
+            self._header_cycle: Any = None
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._header_timer is not None and self.cycle is not self._header_cycle:
+                self._header_timer.cancel()  # the pending request's headers arrived
+                self._header_timer = None
+            idle = self.cycle is None or self.cycle.response_complete
+            if self._header_timer is None and idle and not self.transport.is_closing():
+                self._header_cycle = self.cycle
+                self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self.cycle is self._header_cycle and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    Guarded.__name__ = f"Guarded{base.__name__}"
+    return Guarded
+
+
+def uvicorn_options(config: ServerConfig) -> dict[str, Any]:
+    """The uvicorn settings that enforce ``config``'s connection bounds."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    return {
+        "http": guarded_protocol(AutoHTTPProtocol, config.header_timeout_s),
+        "timeout_keep_alive": max(1, int(config.idle_timeout_s)),
+        "limit_concurrency": config.max_connections,
+        "timeout_graceful_shutdown": None if config.drain_timeout_s is None else int(config.drain_timeout_s),
+    }
 
 
 async def parse_body(request: Any, model: Any) -> Any:
@@ -137,10 +230,7 @@ async def parse_body(request: Any, model: Any) -> Any:
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise HTTPException(415, f"Content-Encoding {encoding!r} is not accepted; send plain JSON")
-    try:
-        raw = await request.body()
-    except _TooLarge:
-        raise HTTPException(413, "request body too large") from None
+    raw = await request.body()  # BodySizeLimit turns oversize / slow / too many uploads into 413 / 408 / 503
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -163,8 +253,53 @@ async def parse_body(request: Any, model: Any) -> Any:
         raise HTTPException(422, detail) from None
 
 
-class _TooLarge(Exception):
-    pass
+class _BodyError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+class RecentRequests:
+    """Answers by request key (endpoint, ``X-Request-ID``, body hash), so a retried or hedged
+    request is answered again without being scored, or counted by running normalization,
+    twice. A duplicate that arrives while the first copy is still running waits for it; a
+    copy that failed or was abandoned is forgotten (the next copy runs). LRU, ``size`` keys."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: collections.OrderedDict[Any, asyncio.Future[Any]] = collections.OrderedDict()
+
+    async def once(self, key: Any, coro_fn: Callable[[], Any]) -> tuple[Any, bool]:
+        """``(result, fresh)``: fresh is False when the answer is another copy's."""
+        while key is not None and key in self._entries:
+            first = self._entries[key]
+            self._entries.move_to_end(key)
+            try:
+                return await asyncio.shield(first), False
+            except asyncio.CancelledError:
+                if not first.cancelled():
+                    raise  # this request itself was cancelled
+            except Exception:  # the first copy failed; this one runs
+                continue
+        if key is None:
+            return await coro_fn(), True
+        mine: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._entries[key] = mine
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        try:
+            result = await coro_fn()
+        except BaseException as exc:
+            if self._entries.get(key) is mine:
+                del self._entries[key]
+            if isinstance(exc, asyncio.CancelledError):
+                mine.cancel()
+            else:
+                mine.set_exception(exc)
+                mine.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
+        mine.set_result(result)
+        return result, True
 
 
 def create_app(
@@ -214,6 +349,11 @@ def create_app(
     m_tokens = prom.Counter("worldpm_reward_tokens", "tokens scored (rate() = tokens/s)", registry=registry)
     m_samples = prom.Counter("worldpm_reward_samples", "samples scored", registry=registry)
     m_truncated = prom.Counter("worldpm_reward_truncated", "samples cut to max_length", registry=registry)
+    m_duplicates = prom.Counter(
+        "worldpm_reward_duplicate_requests",
+        "requests answered from the X-Request-ID cache (retries, hedges), not scored again",
+        registry=registry,
+    )
 
     state: dict[str, Any] = {
         "scorer": None if callable(scorer) and not hasattr(scorer, "score_detailed") else scorer,
@@ -240,6 +380,7 @@ def create_app(
         max_batch_samples=cfg.max_batch_samples,
         max_wait_s=cfg.max_wait_ms / 1000,
         max_queue=cfg.max_queue,
+        max_queue_tokens=cfg.max_queue_tokens,
         on_batch=on_batch,
     )
     own_batcher = submit is None
@@ -263,7 +404,9 @@ def create_app(
         fallback_reward=cfg.fallback_reward,
         scores=cfg.openrlhf_scores,
         scores_temperature=cfg.scores_temperature,
+        max_request_tokens=cfg.max_request_tokens,
     )
+    recent = RecentRequests(cfg.request_id_cache)
 
     def load() -> None:
         try:
@@ -283,6 +426,7 @@ def create_app(
         state["closing"] = True
         if own_batcher:
             await batcher.stop()  # uvicorn stops accepting first; queued work is finished
+        service.reward.shaper.sync(force=True)  # running statistics to the state file, if any
 
     app = fastapi.FastAPI(
         title="worldpm-reward",
@@ -291,7 +435,12 @@ def create_app(
         description="WorldPM reward scoring with cross-request batching. Scores are raw reward-model outputs "
         "(higher = preferred); 'reward' is after the server's shaping.",
     )
-    app.add_middleware(BodySizeLimit, limit=cfg.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        limit=cfg.max_body_bytes,
+        total_limit=cfg.max_upload_bytes,
+        timeout_s=cfg.body_timeout_s,
+    )
 
     class GetRewardRequest(pydantic.BaseModel):  # type: ignore[name-defined,misc]
         query: list[str]
@@ -343,15 +492,22 @@ def create_app(
             raise RequestError(499, "client closed the request")
         return work.result()
 
-    async def run(endpoint: str, coro_fn: Callable[[], Any], request: Any = None) -> Any:
+    async def run(endpoint: str, coro_fn: Callable[[], Any], request: Any) -> Any:
         start = time.perf_counter()
         status = 200
         try:
             check_ready()
             m_queue.set(batcher.queued_samples)
-            if request is not None:
-                return await unless_abandoned(request, coro_fn())
-            return await coro_fn()
+            peer = request.client.host if request.client else ""
+            current_client.set(request.headers.get("x-client-id") or peer)
+            key = None
+            request_id = request.headers.get("x-request-id")
+            if request_id and recent.size:
+                key = (endpoint, request_id, hashlib.sha256(await request.body()).digest())
+            result, fresh = await recent.once(key, lambda: unless_abandoned(request, coro_fn()))
+            if not fresh:
+                m_duplicates.inc()
+            return result
         except RequestError as exc:
             status = exc.status
             if status == 422:
@@ -427,6 +583,7 @@ def create_app(
 
     app.state.service = service
     app.state.batcher = batcher
+    app.state.recent_requests = recent
     return app
 
 
@@ -442,13 +599,7 @@ def run_server(
             "serving on %s without a bearer token: anyone who can reach it can use it", config.host
         )
     app = create_app(scorer, config, shaping)
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level="info",
-        timeout_graceful_shutdown=None if config.drain_timeout_s is None else int(config.drain_timeout_s),
-    )
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", **uvicorn_options(config))
 
 
 def wait_until_ready(url: str, timeout_s: float = 60.0, token: str | None = None) -> None:

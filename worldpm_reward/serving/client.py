@@ -3,24 +3,41 @@
 :class:`RemoteScorer` implements the same scorer seam as the in-process RewardModel
 (``score_detailed``), so every adapter can score remotely, and also speaks OpenRLHF's
 ``/get_reward`` (:meth:`RemoteScorer.get_reward`, used by the OpenRLHF reward-function file).
-It splits large batches into chunks, spreads chunks over several endpoints (round robin),
-retries a failed chunk with exponential backoff on the next healthy endpoint (failover),
-and reassembles results by position: results are never reordered, dropped or duplicated.
-Scores are the server's RAW scores (``score``); shaping is left to the caller.
+It splits large batches into chunks and reassembles results by position: results are never
+reordered, dropped or duplicated. Scores are the server's RAW scores (``score``); shaping is
+left to the caller.
 
-There is ONE retry/failover policy, :meth:`RemoteScorer._attempts`: a generator that says
-where to send each attempt and how long to wait, and judges each answer. The sync and the
-async drivers only do the I/O it asks for, so they cannot drift apart.
+Against flaky or hung replicas (an RL run must not stall on one):
+  * every attempt has its own timeout (``timeout_s``); the whole call has a deadline (``deadline_s``);
+  * a chunk that has not been answered after the *hedge delay* is also sent to another healthy
+    replica, and the first good answer wins (``hedge``): derived from observed latency (2x the
+    95th percentile of recent answers, at least ``hedge_min_s``), or a fixed number of seconds;
+  * failed replicas are skipped (circuit breaking) and, with several URLs, probed in the
+    background (``GET /health`` every ``health_interval_s``), so a hung replica leaves the
+    rotation within one probe and comes back when it answers again;
+  * ``Retry-After`` on 429/503 is honoured: that replica is not asked again before it says;
+  * every chunk carries one ``X-Request-ID`` for all of its retries and hedges, so a server
+    that has already answered it returns the same answer without scoring (or counting) it again.
+
+There is ONE retry/hedge policy, :meth:`RemoteScorer._attempts`: a generator that says where
+to send each attempt and how long to wait, and judges each answer. The sync and the async
+drivers only do the I/O it asks for, so they cannot drift apart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import json
 import logging
+import math
+import os
+import socket
 import threading
 import time
+import uuid
+from collections import deque
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,23 +49,29 @@ logger = logging.getLogger(__name__)
 
 #: HTTP statuses worth retrying on another endpoint (overload, restarts, gateways).
 RETRYABLE = {408, 429, 500, 502, 503, 504}
+#: The header that makes retries and hedges of one chunk idempotent on the server.
+REQUEST_ID_HEADER = "X-Request-ID"
 
 
 @dataclass(frozen=True)
 class _Send:
-    """An attempt: POST ``payload`` to ``url``."""
+    """Start attempt ``attempt``: POST to ``url`` with this per-attempt timeout (seconds)."""
 
+    attempt: int
     url: str
+    timeout: float
 
 
 @dataclass(frozen=True)
 class _Wait:
-    """Sleep this many seconds before the next attempt."""
+    """Wait up to ``seconds`` for an attempt in flight to finish (just sleep if none is).
+    The driver sends back ``(attempt, outcome)`` (the httpx response, or the transport
+    error) for the first one that finished, or None if none did in time."""
 
     seconds: float
 
 
-#: What the I/O driver sends back into the policy: the httpx response, or the transport error.
+#: What the I/O driver sends back into the policy.
 _Outcome = Any
 
 
@@ -67,6 +90,21 @@ def _payload_sample(sample: Any) -> Any:
     return sample
 
 
+def _client_id() -> str:
+    """Sent as ``X-Client-ID``: the server schedules clients fairly (round-robin) by it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def retry_after_seconds(response: Any, cap: float = 60.0) -> float:
+    """The delay a ``Retry-After`` header asks for (delta-seconds form), capped; 0 if absent."""
+    value = (getattr(response, "headers", None) or {}).get("retry-after")
+    try:
+        seconds = float(value) if value is not None else 0.0
+    except ValueError:
+        return 0.0
+    return min(max(seconds, 0.0), cap) if math.isfinite(seconds) else 0.0
+
+
 class RemoteScorer:
     """Score samples on one or more reward servers.
 
@@ -74,11 +112,20 @@ class RemoteScorer:
         urls: base URL(s), e.g. "http://10.0.0.5:8000" (a trailing "/v1/score" or
             "/get_reward" is accepted and stripped), or a comma-separated string.
         token: bearer token (the server's WORLDPM_REWARD_TOKEN).
-        timeout_s: per-request timeout in seconds.
-        retries: extra attempts per chunk after the first, each on the next endpoint.
+        timeout_s: timeout of one attempt, in seconds.
+        deadline_s: the most one chunk may take over all its attempts, in seconds.
+        retries: extra attempts per chunk after the first (hedges not counted).
         backoff_s: first retry delay in seconds; doubles each retry (capped at 8 s).
         max_chunk: most samples per request.
-        cooldown_s: how long a failed endpoint is skipped before it is tried again.
+        cooldown_s: how long a failed endpoint is skipped before it is tried again
+            (the background health probe brings it back sooner, or keeps it out).
+        hedge: "auto" (hedge after 2x the p95 of recent latencies), a number of seconds, or
+            None (never hedge). Hedging needs at least two URLs.
+        hedge_min_s: the shortest automatic hedge delay.
+        hedge_initial_s: the hedge delay before enough latencies were observed.
+        health_interval_s: seconds between background ``/health`` probes of every URL
+            (only with two or more URLs; 0 turns the probes off).
+        health_timeout_s: a probe slower than this marks the replica down.
     """
 
     def __init__(
@@ -87,26 +134,49 @@ class RemoteScorer:
         *,
         token: str | None = None,
         timeout_s: float = 180.0,
+        deadline_s: float = 600.0,
         retries: int = 4,
         backoff_s: float = 0.5,
         max_chunk: int = 256,
         cooldown_s: float = 5.0,
+        hedge: str | float | None = "auto",
+        hedge_min_s: float = 0.1,
+        hedge_initial_s: float = 2.0,
+        health_interval_s: float = 2.0,
+        health_timeout_s: float = 2.0,
     ) -> None:
         if isinstance(urls, str):
             urls = [u for u in urls.split(",") if u.strip()]
         if not urls:
             raise ValueError("RemoteScorer needs at least one server URL")
+        if hedge is not None and hedge != "auto" and not (isinstance(hedge, (int, float)) and hedge >= 0):
+            raise ValueError(f"hedge must be 'auto', a number of seconds >= 0, or None; got {hedge!r}")
         self.urls = [self._base(u) for u in urls]
         self.token = token
         self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_chunk = max_chunk
         self.cooldown_s = cooldown_s
-        self._down_until: dict[str, float] = {}
+        self.hedge = hedge
+        self.hedge_min_s = hedge_min_s
+        self.hedge_initial_s = hedge_initial_s
+        self.health_interval_s = health_interval_s
+        self.health_timeout_s = health_timeout_s
+        self.stats = {"attempts": 0, "hedges": 0, "hedge_wins": 0, "retries": 0, "probes_failed": 0}
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._down_until: dict[str, float] = {}  # circuit breaker: skipped until then
+        self._not_before: dict[str, float] = {}  # Retry-After: not asked before then
+        self._latencies: deque[float] = deque(maxlen=64)
         self._rr = itertools.count()
         self._lock = threading.Lock()
         self._client: Any = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._prober: threading.Thread | None = None
+        self._closed = threading.Event()
 
     @staticmethod
     def _base(url: str) -> str:
@@ -116,30 +186,83 @@ class RemoteScorer:
         return url
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.update(_client=None, _lock=None, _rr=None)
-        return state
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}  # settings + stats
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
-        self._rr = itertools.count()
+        self._init_runtime()
 
-    # -- the one retry / failover policy -----------------------------------------------
-    def _pick(self, attempt: int) -> str:
+    # -- replica health ------------------------------------------------------------------
+    def _available(self, url: str, now: float) -> bool:
+        return self._down_until.get(url, 0.0) <= now and self._not_before.get(url, 0.0) <= now
+
+    def _pick(self, exclude: set[str], now: float) -> str | None:
+        """The next replica in round-robin order: a healthy one, else (exclude empty) the one
+        that recovers first. None: no healthy replica outside ``exclude``."""
         with self._lock:
             start = next(self._rr)
-        now = time.monotonic()
-        order = [self.urls[(start + attempt + k) % len(self.urls)] for k in range(len(self.urls))]
-        healthy = [u for u in order if self._down_until.get(u, 0.0) <= now]
-        return (healthy or order)[0]
+        order = [self.urls[(start + k) % len(self.urls)] for k in range(len(self.urls))]
+        healthy = [u for u in order if u not in exclude and self._available(u, now)]
+        if healthy:
+            return healthy[0]
+        if exclude:
+            return None
+        return min(order, key=lambda u: max(self._down_until.get(u, 0.0), self._not_before.get(u, 0.0)))
 
-    def _mark_down(self, url: str, why: object) -> None:
-        logger.warning("reward server %s failed (%s); skipping it for %.0f s", url, why, self.cooldown_s)
-        self._down_until[url] = time.monotonic() + self.cooldown_s
+    def _mark_down(self, url: str, why: object, seconds: float | None = None) -> None:
+        seconds = self.cooldown_s if seconds is None else seconds
+        logger.warning("reward server %s failed (%s); skipping it for %.1f s", url, why, seconds)
+        self._down_until[url] = max(self._down_until.get(url, 0.0), time.monotonic() + seconds)
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
+    def _mark_up(self, url: str) -> None:
+        self._down_until.pop(url, None)
+
+    def _probe_loop(self) -> None:
+        """Active health checks: every replica's /health, every ``health_interval_s``."""
+        httpx = require_extra("httpx", "client")
+        with httpx.Client(timeout=self.health_timeout_s) as client:
+            while not self._closed.wait(self.health_interval_s):
+                for url in self.urls:
+                    try:
+                        ok = client.get(f"{url}/health").status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    if ok:
+                        self._mark_up(url)
+                    else:
+                        self.stats["probes_failed"] += 1
+                        self._down_until[url] = (
+                            time.monotonic() + 2 * self.health_interval_s + self.health_timeout_s
+                        )
+
+    def _start_prober(self) -> None:
+        if self._prober is None and len(self.urls) > 1 and self.health_interval_s > 0:
+            with self._lock:
+                if self._prober is None:
+                    self._prober = threading.Thread(
+                        target=self._probe_loop, name="worldpm-health", daemon=True
+                    )
+                    self._prober.start()
+
+    # -- the one retry / hedge policy ----------------------------------------------------
+    def hedge_delay(self) -> float | None:
+        """Seconds after which an unanswered chunk is also sent to another replica (None: never)."""
+        if self.hedge is None or len(self.urls) < 2:
+            return None
+        if self.hedge != "auto":
+            return float(self.hedge)
+        if len(self._latencies) < 8:
+            return self.hedge_initial_s
+        ordered = sorted(self._latencies)
+        p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        return max(self.hedge_min_s, 2.0 * p95)
+
+    def _headers(self, request_id: str) -> dict[str, str]:
+        headers = {
+            "Content-Type": "application/json",
+            REQUEST_ID_HEADER: request_id,
+            "X-Client-ID": _client_id(),
+        }
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         return headers
@@ -148,73 +271,164 @@ class RemoteScorer:
         return min(self.backoff_s * (2**attempt), 8.0)
 
     def _attempts(self, path: str) -> Generator[_Send | _Wait, _Outcome, Any]:
-        """The retry/failover loop, without I/O. Yields :class:`_Send` (the driver POSTs
-        and sends back the response or the transport exception) and :class:`_Wait`; returns
-        the JSON body of the first good answer. A retryable status or a transport error
-        marks the endpoint down and moves on; any other non-200 answer cannot be fixed by
-        a retry and raises at once."""
+        """The retry/hedge loop, without I/O. Yields :class:`_Send` (the driver starts that
+        attempt) and :class:`_Wait` (the driver sends back the first finished attempt, or
+        None); returns the JSON body of the first good answer. A retryable status or a
+        transport error marks that replica down (for its ``Retry-After`` if it sent one) and
+        the chunk moves on; any other non-200 answer cannot be fixed by a retry and raises."""
+        begin = time.monotonic()
+        deadline = begin + self.deadline_s
+        inflight: dict[int, tuple[str, float]] = {}
+        ids = itertools.count(1)
+        failures = hedges = 0
+        not_before = 0.0
+        hedge_ids: set[int] = set()
         last: object = None
-        for attempt in range(self.retries + 1):
-            url = self._pick(attempt)
-            outcome = yield _Send(url)
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise RemoteScoringError(
+                    f"no reward server answered within deadline_s={self.deadline_s:g} "
+                    f"({failures} failed attempts; last: {last})"
+                )
+            if not inflight:
+                if failures > self.retries:
+                    raise RemoteScoringError(f"all reward servers failed after {failures} attempts: {last}")
+                url = self._pick(set(), now)
+                assert url is not None
+                wait_for = max(not_before, self._not_before.get(url, 0.0)) - now
+                if wait_for > 0:
+                    yield _Wait(min(wait_for, deadline - now))
+                    continue
+                attempt = next(ids)
+                inflight[attempt] = (url, now)
+                self.stats["attempts"] += 1
+                yield _Send(attempt, url, max(0.001, min(self.timeout_s, deadline - now)))
+                continue
+            hedge_at = math.inf
+            delay = self.hedge_delay()
+            if delay is not None and hedges < 1:
+                hedge_at = min(sent for _, sent in inflight.values()) + delay
+            reply = yield _Wait(max(0.0, min(deadline, hedge_at) - now))
+            now = time.monotonic()
+            if reply is None:
+                if now >= hedge_at:
+                    hedges += 1  # hedge once per chunk, if any other replica is healthy
+                    other = self._pick({u for u, _ in inflight.values()}, now)
+                    if other is not None:
+                        attempt = next(ids)
+                        inflight[attempt] = (other, now)
+                        hedge_ids.add(attempt)
+                        self.stats["hedges"] += 1
+                        self.stats["attempts"] += 1
+                        yield _Send(attempt, other, max(0.001, min(self.timeout_s, deadline - now)))
+                continue
+            attempt, outcome = reply
+            url, sent = inflight.pop(attempt)
             if isinstance(outcome, BaseException):
-                last = outcome
-                self._mark_down(url, outcome)
+                last = f"{type(outcome).__name__}: {outcome}"
+                self._mark_down(url, last)
             elif outcome.status_code in RETRYABLE:
                 last = f"HTTP {outcome.status_code}: {outcome.text[:200]}"
-                self._mark_down(url, last)
+                wait = retry_after_seconds(outcome)
+                if wait > 0:
+                    self._not_before[url] = now + wait
+                self._mark_down(url, last, max(wait, self.cooldown_s))
             elif outcome.status_code != 200:
                 raise RemoteScoringError(
                     f"{url}{path} answered HTTP {outcome.status_code}: {outcome.text[:500]}"
                 )
             else:
+                self._latencies.append(now - sent)
+                self._mark_up(url)
+                self.stats["hedge_wins"] += attempt in hedge_ids
+                for other_url, other_sent in inflight.values():  # lost the race by a hedge delay
+                    self._mark_down(
+                        other_url, f"no answer after {now - other_sent:.1f} s while another replica answered"
+                    )
                 return outcome.json()
-            if attempt < self.retries:
-                yield _Wait(self._delay(attempt))
-        raise RemoteScoringError(f"all reward servers failed after {self.retries + 1} attempts: {last}")
+            failures += 1
+            self.stats["retries"] += 1
+            if not inflight:
+                not_before = now + self._delay(failures - 1)
 
     # -- drivers: the same policy, sync and async I/O ------------------------------------
     def _post(self, path: str, payload: dict[str, Any]) -> Any:
         httpx = require_extra("httpx", "client")
-        if self._client is None:
-            self._client = httpx.Client(timeout=self.timeout_s)
+        self._start_prober()
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client(timeout=self.timeout_s, limits=httpx.Limits(max_connections=64))
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="worldpm-client")
+        body, headers = _body(payload), self._headers(uuid.uuid4().hex)
         policy = self._attempts(path)
-        step = next(policy)
-        while True:
-            if isinstance(step, _Wait):
-                time.sleep(step.seconds)
-                outcome: _Outcome = None
-            else:
-                try:
-                    outcome = self._client.post(
-                        f"{step.url}{path}", content=_body(payload), headers=self._headers()
+        running: dict[concurrent.futures.Future[Any], int] = {}
+        try:
+            step = next(policy)
+            while True:
+                reply: Any = None
+                if isinstance(step, _Send):
+                    fut = self._pool.submit(
+                        self._client.post,
+                        f"{step.url}{path}",
+                        content=body,
+                        headers=headers,
+                        timeout=step.timeout,
                     )
-                except httpx.TransportError as exc:
-                    outcome = exc
-            try:
-                step = policy.send(outcome)
-            except StopIteration as done:
-                return done.value
+                    running[fut] = step.attempt
+                elif not running:
+                    time.sleep(step.seconds)
+                else:
+                    done, _ = concurrent.futures.wait(
+                        running, timeout=step.seconds, return_when=concurrent.futures.FIRST_COMPLETED
+                    )
+                    if done:
+                        fut = done.pop()
+                        exc = fut.exception()
+                        if exc is not None and not isinstance(exc, httpx.TransportError):
+                            raise exc
+                        reply = (running.pop(fut), exc if exc is not None else fut.result())
+                step = policy.send(reply)
+        except StopIteration as finished:
+            return finished.value
+        finally:
+            for fut in running:  # a losing hedge: its answer is not needed (its timeout bounds it)
+                fut.cancel()
 
     async def _apost(self, client: Any, path: str, payload: dict[str, Any]) -> Any:
         httpx = require_extra("httpx", "client")
+        self._start_prober()
+        body, headers = _body(payload), self._headers(uuid.uuid4().hex)
         policy = self._attempts(path)
-        step = next(policy)
-        while True:
-            if isinstance(step, _Wait):
-                await asyncio.sleep(step.seconds)
-                outcome: _Outcome = None
-            else:
-                try:
-                    outcome = await client.post(
-                        f"{step.url}{path}", content=_body(payload), headers=self._headers()
+        running: dict[asyncio.Task[Any], int] = {}
+        try:
+            step = next(policy)
+            while True:
+                reply: Any = None
+                if isinstance(step, _Send):
+                    task = asyncio.ensure_future(
+                        client.post(f"{step.url}{path}", content=body, headers=headers, timeout=step.timeout)
                     )
-                except httpx.TransportError as exc:
-                    outcome = exc
-            try:
-                step = policy.send(outcome)
-            except StopIteration as done:
-                return done.value
+                    running[task] = step.attempt
+                elif not running:
+                    await asyncio.sleep(step.seconds)
+                else:
+                    done, _ = await asyncio.wait(
+                        running, timeout=step.seconds, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if done:
+                        task = done.pop()
+                        exc = task.exception()
+                        if exc is not None and not isinstance(exc, httpx.TransportError):
+                            raise exc
+                        reply = (running.pop(task), exc if exc is not None else task.result())
+                step = policy.send(reply)
+        except StopIteration as finished:
+            return finished.value
+        finally:
+            for task in running:
+                task.cancel()
 
     # -- /v1/score --------------------------------------------------------------------
     def _chunks(self, samples: Sequence[Any]) -> list[list[Any]]:
@@ -272,6 +486,10 @@ class RemoteScorer:
         return body
 
     def close(self) -> None:
+        self._closed.set()
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None

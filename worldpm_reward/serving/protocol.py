@@ -25,7 +25,7 @@ from typing import Any
 from worldpm_reward.errors import ConfigError, RequestError, SampleError
 from worldpm_reward.policy_text import FORMATS, parse_rendered
 from worldpm_reward.rewards import RewardFunction
-from worldpm_reward.samples import ScoreResult, parse_sample
+from worldpm_reward.samples import ScoreResult, estimate_tokens, parse_sample
 from worldpm_reward.shaping import ShapingConfig, sigmoid
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class RewardService:
             carry: "reward" (the reward itself) or "sigmoid" (``sigmoid(reward / scores_temperature)``,
             in (0, 1)).
         scores_temperature: the scale of the "sigmoid" mapping.
+        max_request_tokens: most estimated tokens in one request (more: 413); None: no bound.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class RewardService:
         fallback_reward: float | None = None,
         scores: str = "reward",
         scores_temperature: float = 1.0,
+        max_request_tokens: int | None = None,
     ) -> None:
         if scores not in SCORES:
             raise ConfigError(f"scores must be one of {SCORES}; got {scores!r}")
@@ -105,17 +107,26 @@ class RewardService:
         self.chat_format = chat_format
         self.name = name
         self.max_items = max_items
+        self.max_request_tokens = max_request_tokens
         self.stats = ServiceStats()
 
-    def _check_size(self, n: int) -> None:
-        if n > self.max_items:
-            raise RequestError(413, f"{n} items in one request; the limit is {self.max_items}")
+    def _check_size(self, items: Sequence[Any]) -> None:
+        if len(items) > self.max_items:
+            raise RequestError(413, f"{len(items)} items in one request; the limit is {self.max_items}")
+        if self.max_request_tokens is not None:
+            tokens = sum(estimate_tokens(x) for x in items)
+            if tokens > self.max_request_tokens:
+                raise RequestError(
+                    413,
+                    f"about {tokens} tokens in one request; the limit is {self.max_request_tokens} "
+                    "(split it into smaller requests)",
+                )
 
     async def get_reward(
         self, query: list[str], prompts: list[str] | None, labels: list[Any] | None
     ) -> dict[str, Any]:
         """OpenRLHF's remote reward protocol."""
-        self._check_size(len(query))
+        self._check_size(query)
         for field, values in (("prompts", prompts), ("labels", labels)):
             if values is not None and len(values) != len(query):
                 raise RequestError(
@@ -185,7 +196,7 @@ class RewardService:
 
     async def score(self, samples: list[Any]) -> dict[str, Any]:
         """The native API: per-item results, per-item errors."""
-        self._check_size(len(samples))
+        self._check_size(samples)
         batch = await self.reward.acall(samples)
         self._count(batch.results)
         self.stats.item_errors += len(batch.errors)

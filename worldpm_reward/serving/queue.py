@@ -1,36 +1,61 @@
-"""Cross-request dynamic batching on an asyncio event loop.
+"""Cross-request dynamic batching on an asyncio event loop, fair across clients.
 
 Many small concurrent requests (OpenRLHF sends ONE sample per request from every rollout
-actor) are queued; a single worker takes whole requests off the queue until it holds
-``max_batch_samples`` samples or ``max_wait_s`` has passed since the first one, and runs
-the scorer on all of them at once in a worker thread (the event loop keeps accepting
-requests meanwhile, so the next batch fills while the model runs). The scorer's own
-planner then sorts the batch into token-budgeted micro-batches. Each request gets exactly
-its own results, in its own order.
+actor) are queued; a single worker waits until ``max_batch_samples`` samples are queued or
+``max_wait_s`` has passed since the oldest arrived, takes work off the queue and runs the
+scorer on it in a worker thread (the event loop keeps accepting requests meanwhile, so the
+next batch fills while the model runs). The scorer's own planner then sorts the batch into
+token-budgeted micro-batches. Each request gets exactly its own results, in its own order.
+
+Fairness: each client (``client`` argument of :meth:`DynamicBatcher.submit`, by default the
+:data:`current_client` context variable that the HTTP app sets from the peer address or an
+``X-Client-ID`` header) has its own FIFO, and batches are filled round-robin across
+clients, one piece at a time. A large request is cut into pieces of at most
+``max_batch_samples`` samples, so 4,000 samples from one client delay another client's
+request by at most one piece's scoring time, not by the whole request.
+
+Bounds: ``max_queue`` samples and ``max_queue_tokens`` estimated tokens
+(:func:`~worldpm_reward.samples.estimate_tokens`) may wait; beyond either, ``submit``
+raises :class:`~worldpm_reward.errors.QueueFullError` (a 503 with Retry-After). A request
+whose caller went away (its future is done) is dropped before it is scored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from worldpm_reward.errors import QueueFullError, ServerClosingError
-from worldpm_reward.samples import ScoreResult
+from worldpm_reward.samples import ScoreResult, estimate_tokens
 
 logger = logging.getLogger(__name__)
 
+#: The client a submission is accounted to (fair scheduling), when ``submit`` is not told.
+current_client: contextvars.ContextVar[str] = contextvars.ContextVar("worldpm_client", default="")
+
 
 @dataclass
-class _Pending:
-    samples: list[Any]
+class _Request:
     future: asyncio.Future[list[ScoreResult]]
+    results: list[ScoreResult | None]
+    pieces_left: int
     enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Piece:
+    request: _Request
+    offset: int
+    samples: list[Any]
+    tokens: int
 
 
 @dataclass
@@ -44,14 +69,16 @@ class BatchReport:
 
 
 class DynamicBatcher:
-    """Queue requests, score them together.
+    """Queue requests, score them together, round-robin across clients.
 
     Args:
         score_fn: ``samples -> list[ScoreResult]`` (e.g. ``RewardModel.score_detailed``);
             called in one worker thread, never concurrently with itself.
-        max_batch_samples: most samples per model call (a larger single request runs alone).
-        max_wait_s: how long the first queued request waits for company.
+        max_batch_samples: most samples per model call; larger requests are cut into pieces.
+        max_wait_s: how long the oldest queued request waits for company.
         max_queue: most samples waiting; beyond it ``submit`` raises QueueFullError.
+        max_queue_tokens: most estimated tokens waiting (None: no token bound); a request
+            that arrives at an empty queue is always taken (bound single requests upstream).
         on_batch: called with a :class:`BatchReport` after each model call.
     """
 
@@ -62,15 +89,20 @@ class DynamicBatcher:
         max_batch_samples: int = 256,
         max_wait_s: float = 0.005,
         max_queue: int = 4096,
+        max_queue_tokens: int | None = None,
         on_batch: Callable[[BatchReport], None] | None = None,
     ) -> None:
         self.score_fn = score_fn
-        self.max_batch_samples = max_batch_samples
+        self.max_batch_samples = max(1, max_batch_samples)
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.max_queue_tokens = max_queue_tokens
         self.on_batch = on_batch
-        self._queue: asyncio.Queue[_Pending] | None = None
+        self._clients: OrderedDict[str, deque[_Piece]] = OrderedDict()
         self._queued_samples = 0
+        self._queued_tokens = 0
+        self._arrived: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worldpm-scorer")
         self._closing = False
@@ -80,106 +112,163 @@ class DynamicBatcher:
     def queued_samples(self) -> int:
         return self._queued_samples
 
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
     def start(self) -> None:
         """Start the worker on the running event loop."""
         if self._worker is None:
-            self._queue = asyncio.Queue()
+            self._arrived, self._idle = asyncio.Event(), asyncio.Event()
+            self._idle.set()
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="worldpm-batcher")
 
-    async def submit(self, samples: Sequence[Any]) -> list[ScoreResult]:
-        """Score ``samples`` together with whatever else is queued; results in input order."""
+    async def submit(
+        self, samples: Sequence[Any], client: str | None = None, tokens: Sequence[int] | None = None
+    ) -> list[ScoreResult]:
+        """Score ``samples`` together with whatever else is queued; results in input order.
+        ``client``: whom to account them to (default: :data:`current_client`); ``tokens``:
+        each sample's cost (default: :func:`estimate_tokens`)."""
         if self._closing:
             raise ServerClosingError("the reward server is shutting down")
-        if self._queue is None:
+        if self._worker is None:
             self.start()
-        assert self._queue is not None
         if not samples:
             return []
+        samples = list(samples)
+        costs = list(tokens) if tokens is not None else [estimate_tokens(s) for s in samples]
+        total = sum(costs)
         if self._queued_samples + len(samples) > self.max_queue:
             raise QueueFullError(
                 f"{self._queued_samples} samples already queued (max_queue={self.max_queue})"
             )
-        pending = _Pending(list(samples), asyncio.get_running_loop().create_future())
+        if (
+            self.max_queue_tokens is not None
+            and self._queued_samples
+            and self._queued_tokens + total > self.max_queue_tokens
+        ):
+            raise QueueFullError(
+                f"about {self._queued_tokens} tokens already queued and this request adds about {total} "
+                f"(max_queue_tokens={self.max_queue_tokens})"
+            )
+        step = self.max_batch_samples
+        request = _Request(
+            asyncio.get_running_loop().create_future(), [None] * len(samples), -(-len(samples) // step)
+        )
+        queue = self._clients.setdefault(current_client.get() if client is None else client, deque())
+        for start in range(0, len(samples), step):
+            queue.append(
+                _Piece(request, start, samples[start : start + step], sum(costs[start : start + step]))
+            )
         self._queued_samples += len(samples)
-        self._queue.put_nowait(pending)
-        return await pending.future
+        self._queued_tokens += total
+        assert self._arrived is not None and self._idle is not None
+        self._idle.clear()
+        self._arrived.set()
+        return await request.future
 
     async def stop(self) -> None:
         """Finish everything queued, then stop (graceful shutdown)."""
         self._closing = True
-        if self._worker is not None and self._queue is not None:
-            await self._queue.join()
+        if self._worker is not None and self._idle is not None:
+            await self._idle.wait()
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
         self._executor.shutdown(wait=True)
 
+    # -- the worker --------------------------------------------------------------------
     async def _run(self) -> None:
-        assert self._queue is not None
+        assert self._arrived is not None and self._idle is not None
         loop = asyncio.get_running_loop()
         while True:
-            first = await self._queue.get()
-            batch = [first]
-            size = len(first.samples)
-            deadline = loop.time() + self.max_wait_s
-            while size < self.max_batch_samples:
-                nxt = self._next_nowait()
-                if nxt is None:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        nxt = await asyncio.wait_for(self._queue.get(), timeout=remaining)
-                    except asyncio.TimeoutError:
-                        break
-                if size + len(nxt.samples) > self.max_batch_samples:
-                    # keep request boundaries: it opens the next batch
-                    await self._run_batch(batch, size)
-                    batch, size, deadline = [nxt], len(nxt.samples), loop.time() + self.max_wait_s
-                    continue
-                batch.append(nxt)
-                size += len(nxt.samples)
-            await self._run_batch(batch, size)
+            self._drop_abandoned()
+            if not self._clients:
+                self._idle.set()
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            oldest = min(q[0].request.enqueued for q in self._clients.values())
+            while self._queued_samples < self.max_batch_samples:  # wait for company
+                remaining = oldest + self.max_wait_s - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), timeout=remaining)
+            batch = self._take()
+            if batch:
+                await self._run_batch(batch, loop)
 
-    def _next_nowait(self) -> _Pending | None:
-        assert self._queue is not None
-        try:
-            return self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
+    def _drop(self, piece: _Piece) -> None:
+        self._queued_samples -= len(piece.samples)
+        self._queued_tokens -= piece.tokens
 
-    async def _run_batch(self, batch: list[_Pending], size: int) -> None:
-        assert self._queue is not None
-        abandoned = [p for p in batch if p.future.done()]  # the caller gave up (e.g. disconnected)
-        if abandoned:
-            for p in abandoned:
-                self._queued_samples -= len(p.samples)
-                self._queue.task_done()
-            self.abandoned_samples += sum(len(p.samples) for p in abandoned)
-            batch = [p for p in batch if not p.future.done()]
-            size = sum(len(p.samples) for p in batch)
-            if not batch:
-                return
+    def _drop_abandoned(self) -> None:
+        for client in list(self._clients):
+            queue = self._clients[client]
+            kept = deque(p for p in queue if not p.request.future.done())
+            for p in queue:
+                if p.request.future.done():  # cancelled (caller gone) or failed in an earlier piece
+                    self._drop(p)
+                    self.abandoned_samples += len(p.samples) if p.request.future.cancelled() else 0
+            if kept:
+                self._clients[client] = kept
+            else:
+                del self._clients[client]
+
+    def _take(self) -> list[_Piece]:
+        """Fill one batch round-robin over clients, one piece per client per round; a client
+        that got a piece goes to the back of the line."""
+        self._drop_abandoned()
+        batch: list[_Piece] = []
+        size = 0
+        progressed = True
+        while progressed and self._clients and size < self.max_batch_samples:
+            progressed = False
+            for client in list(self._clients):
+                queue = self._clients[client]
+                piece = queue[0]
+                if batch and size + len(piece.samples) > self.max_batch_samples:
+                    continue  # does not fit this batch; it opens a later one
+                queue.popleft()
+                batch.append(piece)
+                size += len(piece.samples)
+                progressed = True
+                if queue:
+                    self._clients.move_to_end(client)
+                else:
+                    del self._clients[client]
+                if size >= self.max_batch_samples:
+                    break
+        return batch
+
+    async def _run_batch(self, batch: list[_Piece], loop: asyncio.AbstractEventLoop) -> None:
         flat = [s for p in batch for s in p.samples]
         start = time.perf_counter()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, self.score_fn, flat)
+            results = await loop.run_in_executor(self._executor, self.score_fn, flat)
             error: Exception | None = None
         except Exception as exc:  # the model failed for the whole batch: fail these requests only
-            logger.exception("scoring a batch of %d samples failed", size)
+            logger.exception("scoring a batch of %d samples failed", len(flat))
             results, error = [], exc
         seconds = time.perf_counter() - start
         offset = 0
         for p in batch:
-            if not p.future.done():
+            self._drop(p)
+            request = p.request
+            if not request.future.done():
                 if error is not None:
-                    p.future.set_exception(error)
+                    request.future.set_exception(error)
                 else:
-                    p.future.set_result(results[offset : offset + len(p.samples)])
+                    request.results[p.offset : p.offset + len(p.samples)] = results[
+                        offset : offset + len(p.samples)
+                    ]
+                    request.pieces_left -= 1
+                    if request.pieces_left == 0:
+                        request.future.set_result(request.results)  # type: ignore[arg-type]
             offset += len(p.samples)
-            self._queued_samples -= len(p.samples)
-            self._queue.task_done()
         if self.on_batch is not None:
-            wait = sum(start - p.enqueued for p in batch) / len(batch)
-            self.on_batch(BatchReport(len(batch), size, seconds, wait))
+            wait = sum(start - p.request.enqueued for p in batch) / len(batch)
+            self.on_batch(BatchReport(len({id(p.request) for p in batch}), len(flat), seconds, wait))
