@@ -443,7 +443,7 @@ def test_one_retry_and_hedge_policy_drives_sync_async_and_get_reward() -> None:
     sent = next(late)
     assert sent.timeout <= 0.2
     time.sleep(0.25)
-    with pytest.raises(Exception, match="deadline_s=0.2"):
+    with pytest.raises(Exception, match=r"deadline_s=0\.2"):
         late.send(None)
 
 

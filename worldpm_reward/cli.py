@@ -99,13 +99,19 @@ def _read_lines(f: BinaryIO) -> Iterator[tuple[int, Any]]:
 
 def _json_line(out: dict[str, Any]) -> str:
     """One output line: valid JSON and valid UTF-8 whatever the input held (a lone surrogate
-    from a JSON escape is written escaped)."""
+    from a JSON escape is written escaped), and one line for every reader: the characters
+    that ``str.splitlines`` and some JSONL readers take as line breaks (U+0085, U+2028,
+    U+2029) are written as JSON escapes."""
     line = json.dumps(out, ensure_ascii=False, allow_nan=False)
     try:
         line.encode("utf-8")
     except UnicodeEncodeError:
         line = json.dumps(out, ensure_ascii=True, allow_nan=False)
-    return line + "\n"
+    return line.translate(_LINE_BREAKS) + "\n"
+
+
+#: Line-break characters that json.dumps leaves unescaped (it escapes everything below U+0020).
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 def cmd_score(args: argparse.Namespace) -> int:

@@ -233,6 +233,7 @@ class DynamicBatcher:
                 if batch and size + len(piece.samples) > self.max_batch_samples:
                     continue  # does not fit this batch; it opens a later one
                 queue.popleft()
+                self._drop(piece)  # no longer waiting: being scored
                 batch.append(piece)
                 size += len(piece.samples)
                 progressed = True
@@ -256,7 +257,6 @@ class DynamicBatcher:
         seconds = time.perf_counter() - start
         offset = 0
         for p in batch:
-            self._drop(p)
             request = p.request
             if not request.future.done():
                 if error is not None:
