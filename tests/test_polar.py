@@ -18,6 +18,7 @@ from wpr_testutils import DATA
 
 from worldpm_reward import CheckpointError, RewardModel
 from worldpm_reward.cli import main
+from worldpm_reward.serving.client import RemoteScorer
 from worldpm_reward.testing import write_tiny_polar
 
 
@@ -168,7 +169,19 @@ def test_same_scores_through_every_surface(
     polar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     samples = real_polar_samples(12)
-    want = RewardModel.from_pretrained(polar, device="cpu").score(samples)
+    rm = RewardModel.from_pretrained(polar, device="cpu")
+    want = rm.score(samples)
+    # the reference as a message list (xtuner's client accepts both): role names dropped,
+    # contents joined by newlines, as POLAR's encoding joins messages
+    listed = [{**s, "reference": [{"role": "assistant", "content": s["reference"]}]} for s in samples]
+    assert rm.score(listed) == want
+    two = {
+        **samples[0],
+        "reference": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+    }
+    assert rm.score([two]) == rm.score([{**samples[0], "reference": "a\nb"}])
+    bad = rm.score_detailed([{**samples[0], "reference": [{"role": "assistant"}]}, samples[1]])
+    assert bad[0].error and "reference[0].content" in bad[0].error and abs(bad[1].score - want[1]) <= 1e-6
 
     # CLI
     src = tmp_path / "in.jsonl"
@@ -179,6 +192,12 @@ def test_same_scores_through_every_surface(
     )
     cli = [json.loads(x)["score"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert max(abs(a - b) for a, b in zip(cli, want)) <= 1e-5
+    src.write_text("".join(json.dumps(s) + "\n" for s in listed))
+    assert (
+        main(["score", "--model", str(polar), "--device", "cpu", str(src), "-o", str(tmp_path / "o2.jsonl")])
+        == 0
+    )
+    assert [json.loads(x)["score"] for x in (tmp_path / "o2.jsonl").read_text().splitlines()] == cli
 
     # TRL adapter: a 'reference' dataset column
     from worldpm_reward.integrations.trl import WorldPMReward
@@ -191,6 +210,7 @@ def test_same_scores_through_every_surface(
     completions = [[{"role": "assistant", "content": s["response"]}] for s in samples]
     trl = reward(prompts, completions, reference=[s["reference"] for s in samples])
     assert max(abs(a - b) for a, b in zip(trl, want)) <= 1e-5
+    assert reward(prompts, completions, reference=[s["reference"] for s in listed]) == trl
 
     # veRL
     import importlib
@@ -222,6 +242,10 @@ def test_same_scores_through_every_surface(
     with server_process(polar, log=tmp_path / "srv.log") as (url, _):
         r = httpx.post(f"{url}/v1/score", json={"samples": samples}, timeout=60).json()["results"]
         assert max(abs(x["score"] - w) for x, w in zip(r, want)) <= 1e-5
+        r2 = httpx.post(f"{url}/v1/score", json={"samples": listed}, timeout=60).json()["results"]
+        assert [x["score"] for x in r2] == [x["score"] for x in r]
+        remote = RemoteScorer(url).score_detailed(listed)
+        assert [x.score for x in remote] == [x["score"] for x in r]
         s0 = samples[0]
         prompt = f"<|im_start|>user\n{s0['prompt']}<|im_end|>\n<|im_start|>assistant\n"
         body = {
@@ -231,6 +255,8 @@ def test_same_scores_through_every_surface(
         }
         rewards = httpx.post(f"{url}/get_reward", json=body, timeout=60).json()["rewards"]
         assert abs(rewards[0] - want[0]) <= 1e-5
+        body["labels"] = [listed[0]["reference"]]
+        assert httpx.post(f"{url}/get_reward", json=body, timeout=60).json()["rewards"] == rewards
 
 
 def test_selftest_runs_for_polar(polar: Path, capsys: pytest.CaptureFixture[str]) -> None:

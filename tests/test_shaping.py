@@ -205,3 +205,22 @@ def test_group_win_rates_through_the_reward_function_and_refused_by_the_server(r
 
     with pytest.raises(ConfigError, match="trainer side"):
         RewardService(submit, shaping=ShapingConfig(group="bt_winrate"))
+
+
+def test_reference_relative_rewards_take_a_message_list_reference(reward_model: object) -> None:
+    from worldpm_reward.rewards import RewardFunction
+
+    fn = RewardFunction(reward_model, ShapingConfig(reference="difference"))
+    base = {"prompt": "How do I sleep better?", "response": "Keep a regular schedule."}
+    as_text = fn([{**base, "reference": "Go to bed at the same time."}])
+    as_list = fn([{**base, "reference": [{"role": "assistant", "content": "Go to bed at the same time."}]}])
+    assert as_list.rewards == as_text.rewards and as_text.rewards[0] is not None
+    for mixed in (
+        fn([{**base, "reference": [{"role": "assistant", "content": 3}]}, {**base, "reference": "ok"}]),
+        fn(
+            [base, base],
+            references=[[{"role": "assistant", "content": 3}], [{"role": "user", "content": "ok"}]],
+        ),
+    ):
+        assert mixed.rewards[0] is None and "reference[0].content" in (mixed.results[0].error or "")
+        assert mixed.rewards[1] is not None  # its batch-mate is untouched

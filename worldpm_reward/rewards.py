@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worldpm_reward.errors import SampleError
-from worldpm_reward.samples import Sample, SampleLike, Scorer, ScoreResult, parse_sample
+from worldpm_reward.samples import Sample, SampleLike, Scorer, ScoreResult, parse_sample, reference_text
 from worldpm_reward.shaping import RewardShaper, ShapingConfig
 
 
@@ -74,7 +74,7 @@ class RewardFunction:
     # -- internals -------------------------------------------------------------------
     def _prepare(
         self, samples: Sequence[SampleLike], references: Sequence[str | None] | None
-    ) -> tuple[list[Sample | SampleError], list[Any], list[int | None]]:
+    ) -> tuple[list[Sample | SampleError], list[Any], list[int | str | None]]:
         """Validate samples; append each distinct reference conversation once after them."""
         if references is not None and len(references) != len(samples):
             raise ValueError(f"got {len(references)} references for {len(samples)} samples")
@@ -85,14 +85,19 @@ class RewardFunction:
             except SampleError as exc:
                 parsed.append(exc)
         to_score: list[Any] = [p if isinstance(p, Sample) else samples[i] for i, p in enumerate(parsed)]
-        ref_keys: list[int | None] = [None] * len(samples)
+        ref_keys: list[int | str | None] = [None] * len(samples)
         if self.shaping.needs_reference:
             seen: dict[str, int] = {}
             for i, p in enumerate(parsed):
                 if not isinstance(p, Sample):
                     continue
                 ref = references[i] if references is not None else p.reference
-                if ref is None or not str(ref).strip():
+                if ref is None or (isinstance(ref, str) and not ref.strip()):
+                    continue
+                try:
+                    ref = reference_text(ref, i, self.shaping.reference_field)
+                except SampleError as exc:
+                    ref_keys[i] = str(exc)  # this sample's error; the others are untouched
                     continue
                 conv = [*p.prompt_messages, {"role": "assistant", "content": ref}]
                 key = json.dumps(conv, ensure_ascii=False)
@@ -103,7 +108,7 @@ class RewardFunction:
         return parsed, to_score, ref_keys
 
     def _finish(
-        self, parsed: list[Sample | SampleError], results: list[ScoreResult], ref_keys: list[int | None]
+        self, parsed: list[Sample | SampleError], results: list[ScoreResult], ref_keys: list[int | str | None]
     ) -> RewardBatch:
         n = len(parsed)
         own = results[:n]
@@ -112,6 +117,11 @@ class RewardFunction:
         if self.shaping.needs_reference:
             reference_raw = []
             for i, k in enumerate(ref_keys):
+                if isinstance(k, str):  # the reference itself was malformed
+                    if own[i].error is None:
+                        own[i].error = k
+                    reference_raw.append(None)
+                    continue
                 if k is None:
                     if own[i].error is None:
                         own[

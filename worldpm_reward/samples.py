@@ -141,6 +141,27 @@ def _check_messages(value: Any, *, index: int | None, field: str, final_assistan
     return out
 
 
+def reference_text(value: Any, index: int | None = None, field: str = "reference") -> str:
+    """A reference answer as text. Accepted as a string, or as a list of ``{role, content}``
+    messages (as xtuner's POLAR client takes it): role names dropped, contents joined by
+    newlines, the way POLAR's encoding joins message contents."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if not value:
+            raise SampleError("must not be an empty message list", index=index, field=field)
+        parts = []
+        for i, msg in enumerate(value):
+            if not isinstance(msg, Mapping):
+                raise SampleError(
+                    f"expected a string or a list of {{'role', 'content'}} messages; item {i} is "
+                    f"{type(msg).__name__}",
+                    index=index,
+                    field=field,
+                )
+            parts.append(_check_text(msg.get("content"), index=index, field=f"{field}[{i}].content"))
+        value = "\n".join(parts)
+    return _check_text(value, index=index, field=field)
+
+
 def parse_sample(sample: Any, index: int | None = None) -> Sample:
     """Validate one sample in any accepted form and return it as a :class:`Sample`.
 
@@ -148,14 +169,15 @@ def parse_sample(sample: Any, index: int | None = None) -> Sample:
       * a list of messages whose last message is from the assistant;
       * ``{"messages": [...]}``;
       * ``{"prompt": str | [messages], "response": str}``; a string prompt is one user turn.
-    Either mapping form may carry ``"reference": str``. Other keys are ignored.
+    Either mapping form may carry ``"reference"``: a string or a message list
+    (:func:`reference_text`). Other keys are ignored.
     """
     if isinstance(sample, Sample):
         return sample
     if isinstance(sample, Mapping):
         reference = sample.get("reference")
         if reference is not None:
-            reference = _check_text(reference, index=index, field="reference")
+            reference = reference_text(reference, index=index)
         if "messages" in sample:
             msgs = _check_messages(sample["messages"], index=index, field="messages", final_assistant=True)
             return Sample(msgs, reference)

@@ -178,13 +178,8 @@ class WorldPMReward:
                 )
             return samples
         for sample, ref in zip(samples, column):
-            ref = (
-                _text(ref[-1]["content"])
-                if isinstance(ref, list) and ref and isinstance(ref[-1], Mapping)
-                else ref
-            )
-            if isinstance(ref, str) and ref.strip():
-                sample["reference"] = ref
+            if ref is not None and not (isinstance(ref, str) and not ref.strip()):
+                sample["reference"] = ref  # a string or a message list; checked with the sample
         return samples
 
     def __call__(

@@ -197,12 +197,8 @@ def _backend(kwargs: Mapping[str, Any]) -> _Backend:
         return backend
 
 
-def _text(value: Any) -> Any:
-    """A reference given as a message list: its last assistant message's content."""
-    if isinstance(value, list) and value and all(isinstance(m, Mapping) for m in value):
-        replies = [m for m in value if m.get("role") == "assistant"] or value
-        return replies[-1].get("content")
-    return value
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, Mapping) for m in value)
 
 
 def _sample(index: int, solution: Any, truth: Any, info: Any) -> Any:
@@ -213,9 +209,8 @@ def _sample(index: int, solution: Any, truth: Any, info: Any) -> Any:
             error=f"sample {index}, field 'extra_info.prompt': missing; put the prompt in extra_info['prompt']"
         )
     sample: dict[str, Any] = {"prompt": prompt, "response": solution}
-    truth = _text(truth)
-    if isinstance(truth, str) and truth.strip():
-        sample["reference"] = truth
+    if (isinstance(truth, str) and truth.strip()) or _is_messages(truth):
+        sample["reference"] = truth  # text or a message list (samples.reference_text)
     return sample
 
 

@@ -140,10 +140,11 @@ class RewardService:
             try:
                 parsed = parse_rendered(q, prompts[i] if prompts else None, self.chat_format, index=i)
                 sample: dict[str, Any] = {"messages": parsed.messages}
-                if labels is not None and isinstance(labels[i], str) and labels[i].strip():
-                    sample["reference"] = labels[
-                        i
-                    ]  # the reference answer (POLAR; reference-relative shaping)
+                label = labels[i] if labels is not None else None
+                if (isinstance(label, str) and label.strip()) or (
+                    isinstance(label, list) and label and all(isinstance(m, dict) for m in label)
+                ):
+                    sample["reference"] = label  # the reference answer (POLAR; reference-relative shaping)
                 parse_sample(sample, i)  # validate before queueing
                 unknown += not parsed.recognised
                 samples.append(sample)
