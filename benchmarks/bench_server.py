@@ -4,7 +4,9 @@ ONE sample per request (closed loop), on real conversations from ../shared/data.
 Compares, in the same run and on the same checkpoint:
   * batched: ``worldpm-reward serve`` with cross-request dynamic batching (defaults);
   * serial:  the same server with batching off (``--max-batch-samples 1``): every request
-             is scored alone, as OpenRLHF's ``serve_rm`` does.
+             is scored alone, as OpenRLHF's ``serve_rm`` does;
+  * batched-in-process: batching on, but the model in the server process (``--in-process``),
+             sharing one GIL with the HTTP front end (the server's default runs it in a child).
 Reports throughput (samples/s) and p50/p99 latency per concurrency level, then the
 batched/serial ratios. Servers run as separate processes on loopback.
 
@@ -102,27 +104,35 @@ def main() -> None:
 
     figures: dict[str, Any] = {"requests": len(queries), "model": str(model), "size": args.size}
     rows = {}
-    for mode, extra in (("serial", ["--max-batch-samples", "1", "--max-wait-ms", "0"]), ("batched", [])):
+    modes = {
+        "serial": ["--max-batch-samples", "1", "--max-wait-ms", "0"],
+        "batched": [],
+        "batched-in-process": ["--in-process"],
+    }
+    for mode, extra in modes.items():
         with server_process(model, *extra) as (url, _):
             asyncio.run(_load(url, queries[:32], 8))  # warm-up
             for n in args.concurrency:
                 rows[(mode, n)] = asyncio.run(_load(url, queries, n))
-    print(f"{'N':>5} {'mode':>8} {'samples/s':>10} {'p50 ms':>9} {'p99 ms':>9}")
+    print(f"{'N':>5} {'mode':>20} {'samples/s':>10} {'p50 ms':>9} {'p99 ms':>9}")
     for n in args.concurrency:
-        for mode in ("serial", "batched"):
+        for mode in modes:
             r = rows[(mode, n)]
-            print(f"{n:>5} {mode:>8} {r['samples_per_s']:>10.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f}")
-        s, b = rows[("serial", n)], rows[("batched", n)]
+            print(f"{n:>5} {mode:>20} {r['samples_per_s']:>10.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f}")
+        s, b, inproc = rows[("serial", n)], rows[("batched", n)], rows[("batched-in-process", n)]
         figures[f"n{n}"] = {
             "serial": {k: round(v, 2) for k, v in s.items()},
             "batched": {k: round(v, 2) for k, v in b.items()},
+            "batched_in_process": {k: round(v, 2) for k, v in inproc.items()},
             "throughput_ratio": round(b["samples_per_s"] / s["samples_per_s"], 3),
+            "in_process_throughput_ratio": round(inproc["samples_per_s"] / s["samples_per_s"], 3),
             "p50_ratio": round(b["p50_ms"] / s["p50_ms"], 3),
             "p99_ratio": round(b["p99_ms"] / s["p99_ms"], 3),
         }
         print(
             f"{n:>5} batched/serial: throughput {figures[f'n{n}']['throughput_ratio']:.2f}x, "
-            f"p50 {figures[f'n{n}']['p50_ratio']:.2f}x, p99 {figures[f'n{n}']['p99_ratio']:.2f}x"
+            f"p50 {figures[f'n{n}']['p50_ratio']:.2f}x, p99 {figures[f'n{n}']['p99_ratio']:.2f}x; "
+            f"batched-in-process/serial: {figures[f'n{n}']['in_process_throughput_ratio']:.2f}x"
         )
     print(json.dumps(figures))
 

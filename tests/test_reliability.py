@@ -421,3 +421,39 @@ def test_fuzz_hostile_samples_never_cost_a_batch_mate_or_a_5xx(
         tried += 1
     print(f"fuzz: {tried} hostile inputs, {fives} 5xx, {lost} good batch-mates lost")
     assert fives == 0 and lost == 0
+
+
+# -- the scorer in its own process --------------------------------------------------------
+def test_process_scorer_matches_in_process_and_replaces_a_killed_child(
+    tiny_worldpm: Path, direct: RewardModel, tmp_path: Path
+) -> None:
+    import functools
+
+    from worldpm_reward.config import ModelConfig
+    from worldpm_reward.serving.worker import ProcessScorer, ScorerProcessError
+
+    scorer = ProcessScorer(
+        functools.partial(RewardModel.from_pretrained, str(tiny_worldpm), ModelConfig(device="cpu"))
+    )
+    try:
+        batch = [*real_conversations(20), {"prompt": "q", "response": "x\ud800"}]
+        got, want = scorer.score_detailed(batch), direct.score_detailed(batch)
+        assert [r.error is None for r in got] == [r.error is None for r in want] and got[-1].error
+        assert max(abs(a.score - b.score) for a, b in zip(got[:-1], want[:-1])) <= 1e-6
+        assert scorer.pid != os.getpid() and scorer.alive
+        os.kill(scorer.pid, signal.SIGKILL)  # e.g. the kernel's OOM killer
+        deadline = time.monotonic() + 10
+        while scorer.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not scorer.alive  # /health reports this as 503
+        again = scorer.score_detailed(batch[:3])  # a new child is started
+        assert scorer.restarts == 1
+        assert max(abs(a.score - b.score) for a, b in zip(again, got[:3])) <= 1e-6
+    finally:
+        scorer.close()
+    assert not scorer.alive
+    broken = functools.partial(
+        RewardModel.from_pretrained, str(tmp_path / "missing"), ModelConfig(device="cpu")
+    )
+    with pytest.raises(ScorerProcessError, match="loading the scorer failed"):
+        ProcessScorer(broken)

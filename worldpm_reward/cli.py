@@ -326,7 +326,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_id_cache=args.request_id_cache,
     )
     shaping = _shaping(args)
-    run_server(lambda: _load(args), config, shaping)
+    if args.in_process:
+        run_server(lambda: _load(args), config, shaping)
+        return 0
+    import functools
+
+    from worldpm_reward.scoring import RewardModel
+    from worldpm_reward.serving.worker import ProcessScorer
+
+    factory = functools.partial(RewardModel.from_pretrained, args.model, _model_config(args))
+    run_server(functools.partial(ProcessScorer, factory), config, shaping)
     return 0
 
 
@@ -380,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-samples", type=int, default=256, help="most samples per model call")
     p.add_argument("--max-queue", type=int, default=8192, help="most queued samples before 503")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the model in the server process (default: a child process, so HTTP handling "
+        "never waits for the model's GIL)",
+    )
     g = p.add_argument_group("bounds (hostile or runaway clients)")
     g.add_argument(
         "--max-request-tokens",

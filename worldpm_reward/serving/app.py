@@ -426,6 +426,9 @@ def create_app(
         state["closing"] = True
         if own_batcher:
             await batcher.stop()  # uvicorn stops accepting first; queued work is finished
+        close = getattr(state["scorer"], "close", None)
+        if close is not None:  # e.g. a ProcessScorer's child process
+            await asyncio.to_thread(close)
         service.reward.shaper.sync(force=True)  # running statistics to the state file, if any
 
     app = fastapi.FastAPI(
@@ -560,7 +563,9 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Any:
-        ready = state["scorer"] is not None and not state["closing"]
+        ready = (
+            state["scorer"] is not None and not state["closing"] and getattr(state["scorer"], "alive", True)
+        )
         body = {
             "status": "ok" if ready else ("error" if state["error"] else "loading"),
             "ready": ready,
