@@ -26,7 +26,12 @@ def test_sample_scores_the_same_alone_and_in_any_batch(tiny_worldpm, convs) -> N
         [(1_000_000, 64), (4096, 64), (2048, 7), (700, 3)], [True, False]
     ):
         rm = RewardModel.from_pretrained(
-            tiny_worldpm, device="cpu", max_batch_tokens=budget, max_batch_size=size, shared_prefix=share
+            tiny_worldpm,
+            device="cpu",
+            max_batch_tokens=budget,
+            max_batch_size=size,
+            shared_prefix=share,
+            min_shared_prefix=32,
         )
         order = list(range(len(convs)))
         rng.shuffle(order)

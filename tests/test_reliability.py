@@ -457,3 +457,19 @@ def test_process_scorer_matches_in_process_and_replaces_a_killed_child(
     )
     with pytest.raises(ScorerProcessError, match="loading the scorer failed"):
         ProcessScorer(broken)
+
+
+def test_the_body_timeout_does_not_cut_off_slow_scoring(direct: RewardModel) -> None:
+    """The body must arrive within body_timeout_s; scoring may take longer (the disconnect
+    watcher waits on the same receive channel, without the body's deadline)."""
+
+    class Slow:
+        def score_detailed(self, samples: Any) -> list[ScoreResult]:
+            time.sleep(1.5)
+            return direct.score_detailed(samples)
+
+    cfg = ServerConfig(body_timeout_s=0.5)
+    app = create_app(Slow(), cfg)
+    with server_thread(app, **uvicorn_options(cfg)) as url:
+        r = httpx.post(f"{url}/v1/score", json={"samples": [GOOD]}, timeout=30)
+    assert r.status_code == 200 and abs(r.json()["results"][0]["score"] - direct.score([GOOD])[0]) <= 1e-5

@@ -38,7 +38,7 @@ def test_planner_groups_completions_of_each_prompt() -> None:
 
 
 def test_grpo_groups_score_as_unshared_and_as_the_reference(tiny_worldpm: Path) -> None:
-    shared = RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+    shared = RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32)
     plain = RewardModel.from_pretrained(tiny_worldpm, device="cpu", shared_prefix=False)
     got = shared.score(GROUPS)
     stats = shared.last_stats
@@ -59,13 +59,15 @@ def test_grpo_groups_score_as_unshared_and_as_the_reference(tiny_worldpm: Path) 
 
 def test_micro_batches_and_truncation_keep_the_same_scores(tiny_worldpm: Path) -> None:
     # a tiny token budget splits every group into several suffix micro-batches
-    small = RewardModel.from_pretrained(tiny_worldpm, device="cpu", max_batch_tokens=700)
+    small = RewardModel.from_pretrained(
+        tiny_worldpm, device="cpu", min_shared_prefix=32, max_batch_tokens=700
+    )
     plain = RewardModel.from_pretrained(tiny_worldpm, device="cpu", shared_prefix=False)
     assert _max_diff(small.score(GROUPS), plain.score(GROUPS)) <= 1e-4
     assert small.last_stats.shared_groups == 3 and small.last_stats.num_batches > 3
     # truncation cuts the START: replies of different lengths lose different amounts, and
     # every sample still scores exactly as unshared, with the same truncation report
-    cut = RewardModel.from_pretrained(tiny_worldpm, device="cpu", max_length=200)
+    cut = RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32, max_length=200)
     cut_plain = RewardModel.from_pretrained(tiny_worldpm, device="cpu", max_length=200, shared_prefix=False)
     a, b = cut.score_detailed(GROUPS), cut_plain.score_detailed(GROUPS)
     assert _max_diff([r.score for r in a], [r.score for r in b]) <= 1e-4
@@ -76,7 +78,7 @@ def test_micro_batches_and_truncation_keep_the_same_scores(tiny_worldpm: Path) -
 
 
 def test_bad_samples_and_out_of_memory_fall_back(tiny_worldpm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32)
     want = RewardModel.from_pretrained(tiny_worldpm, device="cpu", shared_prefix=False).score(GROUPS)
     mixed = [*GROUPS[:6], {"prompt": GROUPS[0]["prompt"], "response": ""}, *GROUPS[6:]]
     results = rm.score_detailed(mixed)
@@ -96,7 +98,7 @@ def test_bad_samples_and_out_of_memory_fall_back(tiny_worldpm: Path, monkeypatch
 def test_polar_groups_share_their_prefix(tmp_path: Path) -> None:
     path = write_tiny_polar(tmp_path / "polar", seed=5)
     samples = [{**s, "reference": "A careful, complete answer to the question."} for s in GROUPS]
-    shared = RewardModel.from_pretrained(path, device="cpu")
+    shared = RewardModel.from_pretrained(path, device="cpu", min_shared_prefix=32)
     got = shared.score(samples)
     assert shared.last_stats.shared_groups == 3
     want = RewardModel.from_pretrained(path, device="cpu", shared_prefix=False).score(samples)
@@ -104,12 +106,19 @@ def test_polar_groups_share_their_prefix(tmp_path: Path) -> None:
 
 
 def test_group_size_threshold(tiny_worldpm: Path) -> None:
-    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_group=7)
+    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32, min_shared_group=7)
     assert rm.min_shared_group == 7
     got = rm.score(GROUPS)  # groups of 6: below the threshold, nothing shared
     assert rm.last_stats.shared_groups == 0
-    assert _max_diff(got, RewardModel.from_pretrained(tiny_worldpm, device="cpu").score(GROUPS)) <= 1e-4
-    assert RewardModel.from_pretrained(tiny_worldpm, device="cpu").min_shared_group == 2  # CPU default
+    assert (
+        _max_diff(
+            got, RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32).score(GROUPS)
+        )
+        <= 1e-4
+    )
+    assert (
+        RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32).min_shared_group == 2
+    )  # CPU default
 
 
 def test_server_shares_prefixes_across_one_sample_requests(tiny_worldpm: Path) -> None:
@@ -121,7 +130,7 @@ def test_server_shares_prefixes_across_one_sample_requests(tiny_worldpm: Path) -
 
     from worldpm_reward.serving import ServerConfig, create_app
 
-    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32)
     want = RewardModel.from_pretrained(tiny_worldpm, device="cpu", shared_prefix=False).score(GROUPS)
     app = create_app(rm, ServerConfig(max_wait_ms=500, max_batch_samples=64))
 
@@ -136,3 +145,18 @@ def test_server_shares_prefixes_across_one_sample_requests(tiny_worldpm: Path) -
         got = asyncio.run(send(url))
     assert _max_diff(got, want) <= 1e-4
     assert rm.last_stats.shared_groups >= 1 and rm.last_stats.num_samples > 1
+
+
+def test_sharing_is_on_only_where_it_pays() -> None:
+    """The automatic prefix bound: 32 tokens for a real-sized model, but a toy model (hidden 32)
+    gets one no prefix reaches, because each token it skips saves less than a forward call costs."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    from worldpm_reward.scoring import auto_min_shared_prefix
+    from worldpm_reward.testing import QWEN2_DIMENSIONS
+
+    tiny = Qwen2Model(Qwen2Config(vocab_size=64, **QWEN2_DIMENSIONS["tiny"]))
+    small = Qwen2Model(Qwen2Config(vocab_size=64, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                                   num_attention_heads=8, num_key_value_heads=2))  # fmt: skip
+    assert auto_min_shared_prefix(tiny, on_gpu=False) > 4096
+    assert auto_min_shared_prefix(small, on_gpu=False) == 32

@@ -385,7 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits to share a batch")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=0.0,
+        help="how long a request waits for company when the scorer is idle (default 0: requests that "
+        "arrive while a batch runs form the next batch)",
+    )
     p.add_argument("--max-batch-samples", type=int, default=256, help="most samples per model call")
     p.add_argument("--max-queue", type=int, default=8192, help="most queued samples before 503")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")

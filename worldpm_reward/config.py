@@ -83,8 +83,12 @@ class ModelConfig:
             "(CLI: --no-shared-prefix turns it off)"
         ),
     )
-    min_shared_prefix: int = field(
-        default=32, metadata=_opt("shortest shared prefix, in tokens, worth running once")
+    min_shared_prefix: int | None = field(
+        default=None,
+        metadata=_opt(
+            "shortest shared prefix, in tokens, worth running once (default: 32, or more for models so "
+            "small that the tokens skipped save less compute than the extra forward call costs)"
+        ),
     )
     min_shared_group: int | None = field(
         default=None,

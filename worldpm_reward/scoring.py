@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,20 @@ class BatchStats:
         return 0.0 if self.padded_tokens == 0 else 1.0 - self.real_tokens / self.padded_tokens
 
 
+#: What one extra forward call costs, in FLOPs of model compute it could have done instead
+#: (a CPU call's fixed cost is ~1-4 ms of Python and dispatch, a GPU call's ~1 ms of launches).
+FORWARD_CALL_OVERHEAD_FLOPS = {"cpu": 2e8, "gpu": 5e11}
+
+
+def auto_min_shared_prefix(model: Any, on_gpu: bool) -> int:
+    """The shortest prefix worth sharing: 32 tokens, or as many as it takes for the skipped
+    compute (2 FLOPs per non-embedding parameter per token) to pay for the extra forward
+    call that sharing needs. Toy models (hidden 32) get a bound no prefix reaches."""
+    params = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
+    overhead = FORWARD_CALL_OVERHEAD_FLOPS["gpu" if on_gpu else "cpu"]
+    return max(32, math.ceil(overhead / max(2 * params, 1)))
+
+
 class RewardModel:
     """A loaded reward model that scores conversations in token-budgeted batches.
 
@@ -87,6 +102,7 @@ class RewardModel:
         self.max_batch_tokens = int(cfg.max_batch_tokens or (32768 if on_gpu else 4096))
         self.max_batch_size = cfg.max_batch_size
         self.min_shared_group = int(cfg.min_shared_group or (8 if on_gpu else 2))
+        self.min_shared_prefix = int(cfg.min_shared_prefix or auto_min_shared_prefix(model, on_gpu))
         self.max_padding_fraction = float(
             cfg.max_padding_fraction if cfg.max_padding_fraction is not None else (0.3 if on_gpu else 0.05)
         )
@@ -184,7 +200,7 @@ class RewardModel:
         rest = ready
         if self._prefix_parts is not None and len(ready) > 1:
             plan = plan_shared_prefixes(
-                [e.input_ids for _, e in ready], self.config.min_shared_prefix, self.min_shared_group
+                [e.input_ids for _, e in ready], self.min_shared_prefix, self.min_shared_group
             )
             grouped = {j for _, members in plan for j in members}
             rest = [item for j, item in enumerate(ready) if j not in grouped]

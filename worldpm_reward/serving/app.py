@@ -53,7 +53,8 @@ class ServerConfig:
         max_body_bytes: largest accepted request body, in bytes (larger: 413).
         max_items: most items in one request (larger: 413).
         max_queue: most samples waiting to be scored (more: 503 + Retry-After).
-        max_wait_ms: how long a request waits for others to share its batch, in ms.
+        max_wait_ms: how long a request waits for others to share its batch, in ms, when the
+            scorer is idle (0: start at once; requests that arrive while a batch runs form the next).
         max_batch_samples: most samples per model call.
         chat_format: how OpenRLHF queries are parsed ("auto", "chatml", "llama3", ...).
         name: reward name used in extra_logs keys and metrics labels.
@@ -87,7 +88,7 @@ class ServerConfig:
     max_body_bytes: int = 16 * 2**20
     max_items: int = 4096
     max_queue: int = 8192
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
     max_batch_samples: int = 256
     chat_format: str = "auto"
     name: str = "worldpm"
@@ -128,10 +129,11 @@ class BodySizeLimit:
             return await self._reject(send, 413, f"request body too large (limit {self.limit} bytes)")
         seen = 0
         started = time.monotonic()
+        complete = False  # the whole body has arrived: later receives (disconnect watch) are not timed
 
         async def limited_receive() -> Any:
-            nonlocal seen
-            if self.timeout_s is None:
+            nonlocal seen, complete
+            if self.timeout_s is None or complete:
                 message = await receive()
             else:
                 remaining = started + self.timeout_s - time.monotonic()
@@ -149,6 +151,7 @@ class BodySizeLimit:
                 if self.total_limit is not None and self.inflight_bytes + chunk > self.total_limit:
                     raise _BodyError(503, "the server holds too many uploads right now; retry shortly")
                 self.inflight_bytes += chunk
+                complete = not message.get("more_body", False)
             return message
 
         try:
@@ -478,8 +481,10 @@ def create_app(
             raise fastapi.HTTPException(503, detail, headers={"Retry-After": str(cfg.retry_after_s)})
 
     async def until_disconnected(request: Any) -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.1)
+        """Returns when the client disconnects: the server's ``receive`` blocks (no polling)
+        until the connection is lost, once the body has been read."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     async def unless_abandoned(request: Any, coro: Any) -> Any:
         """Run ``coro``; if the client goes away first, cancel it, so its samples are dropped
