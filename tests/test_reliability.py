@@ -268,7 +268,7 @@ def test_idle_slow_and_oversized_connections_are_bounded(direct: RewardModel) ->
         def connect() -> socket.socket:
             return socket.create_connection(("127.0.0.1", port), timeout=5)
 
-        idle = connect()  # connects, sends nothing
+        idle = connect()  # connects, sends nothing: closed after header_timeout_s
         slow_headers = connect()
         slow_headers.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\n")
         slow_body = connect()

@@ -417,7 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--body-timeout", type=float, default=60.0, help="seconds for a request body to arrive (408)"
     )
-    g.add_argument("--header-timeout", type=float, default=10.0, help="seconds for request headers to arrive")
+    g.add_argument(
+        "--header-timeout",
+        type=float,
+        default=30.0,
+        help="seconds for a connection's request headers to arrive",
+    )
     g.add_argument("--idle-timeout", type=float, default=5.0, help="idle connections are closed after this")
     g.add_argument("--max-connections", type=int, default=4096, help="most open connections (503); 0: none")
     g.add_argument(

@@ -73,7 +73,8 @@ class ServerConfig:
             (a body that would exceed it: 503 + Retry-After).
         body_timeout_s: a request body must arrive within this many seconds (else 408).
         header_timeout_s: a request's headers must arrive within this many seconds of its
-            first byte (else the connection is closed).
+            first byte, and a new connection must start its first request within it (else the
+            connection is closed).
         idle_timeout_s: a connection that sends nothing for this long (before its first
             request, or between keep-alive requests) is closed.
         max_connections: most open connections and requests at once (more: 503).
@@ -101,7 +102,7 @@ class ServerConfig:
     max_queue_tokens: int | None = 8_000_000
     max_upload_bytes: int = 256 * 2**20
     body_timeout_s: float = 60.0
-    header_timeout_s: float = 10.0
+    header_timeout_s: float = 30.0
     idle_timeout_s: float = 5.0
     max_connections: int | None = 4096
     request_id_cache: int = 4096
@@ -171,16 +172,16 @@ class BodySizeLimit:
 
 def guarded_protocol(base: type, header_timeout_s: float) -> type:
     """A uvicorn HTTP protocol class (h11 or httptools) that also closes connections which
-    send nothing after connecting (uvicorn's keep-alive timeout, armed at connect too) and
-    connections whose request headers do not complete within ``header_timeout_s``."""
+    send nothing within ``header_timeout_s`` of connecting (uvicorn's keep-alive timer, armed
+    at connect too) and connections whose request headers do not complete within it."""
 
     class Guarded(base):  # type: ignore[misc,valid-type]
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._header_timer: Any = None
             self._header_cycle: Any = None
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            self.timeout_keep_alive_task = self.loop.call_later(  # until the first byte
+                header_timeout_s, self.timeout_keep_alive_handler
             )
 
         def data_received(self, data: bytes) -> None:

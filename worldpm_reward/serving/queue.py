@@ -98,6 +98,7 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.max_queue_tokens = max_queue_tokens
         self.on_batch = on_batch
+        self.min_split = 8  # batches up to this size are never split
         self._clients: OrderedDict[str, deque[_Piece]] = OrderedDict()
         self._queued_samples = 0
         self._queued_tokens = 0
@@ -225,12 +226,15 @@ class DynamicBatcher:
         batch: list[_Piece] = []
         size = 0
         progressed = True
-        while progressed and self._clients and size < self.max_batch_samples:
+        # take at most half of what waits (when much waits): the other half is in the front end's
+        # hands while this half is scored, so parsing, scoring and answering overlap
+        limit = min(self.max_batch_samples, max(self.min_split, -(-self._queued_samples // 2)))
+        while progressed and self._clients and size < limit:
             progressed = False
             for client in list(self._clients):
                 queue = self._clients[client]
                 piece = queue[0]
-                if batch and size + len(piece.samples) > self.max_batch_samples:
+                if batch and size + len(piece.samples) > limit:
                     continue  # does not fit this batch; it opens a later one
                 queue.popleft()
                 self._drop(piece)  # no longer waiting: being scored
@@ -241,7 +245,7 @@ class DynamicBatcher:
                     self._clients.move_to_end(client)
                 else:
                     del self._clients[client]
-                if size >= self.max_batch_samples:
+                if size >= limit:
                     break
         return batch
 
