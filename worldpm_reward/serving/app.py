@@ -386,6 +386,7 @@ def create_app(
         max_queue=cfg.max_queue,
         max_queue_tokens=cfg.max_queue_tokens,
         on_batch=on_batch,
+        pipeline=True,
     )
     own_batcher = submit is None
     if submit is not None:

@@ -80,6 +80,9 @@ class DynamicBatcher:
         max_queue_tokens: most estimated tokens waiting (None: no token bound); a request
             that arrives at an empty queue is always taken (bound single requests upstream).
         on_batch: called with a :class:`BatchReport` after each model call.
+        pipeline: take at most half of what waits (above 8 samples), so that a front end in
+            this process answers and parses one half while the other is scored (the HTTP
+            server turns it on).
     """
 
     def __init__(
@@ -91,8 +94,10 @@ class DynamicBatcher:
         max_queue: int = 4096,
         max_queue_tokens: int | None = None,
         on_batch: Callable[[BatchReport], None] | None = None,
+        pipeline: bool = False,
     ) -> None:
         self.score_fn = score_fn
+        self.pipeline = pipeline
         self.max_batch_samples = max(1, max_batch_samples)
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -228,7 +233,9 @@ class DynamicBatcher:
         progressed = True
         # take at most half of what waits (when much waits): the other half is in the front end's
         # hands while this half is scored, so parsing, scoring and answering overlap
-        limit = min(self.max_batch_samples, max(self.min_split, -(-self._queued_samples // 2)))
+        limit = self.max_batch_samples
+        if self.pipeline:
+            limit = min(limit, max(self.min_split, -(-self._queued_samples // 2)))
         while progressed and self._clients and size < limit:
             progressed = False
             for client in list(self._clients):
