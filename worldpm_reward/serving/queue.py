@@ -14,6 +14,9 @@ clients, one piece at a time. A large request is cut into pieces of at most
 ``max_batch_samples`` samples, so 4,000 samples from one client delay another client's
 request by at most one piece's scoring time, not by the whole request.
 
+Pipelining (``pipeline=True``, the HTTP server): a batch takes at most half of what waits
+(above 8 samples), so the front end answers and parses one half while the other is scored.
+
 Bounds: ``max_queue`` samples and ``max_queue_tokens`` estimated tokens
 (:func:`~worldpm_reward.samples.estimate_tokens`) may wait; beyond either, ``submit``
 raises :class:`~worldpm_reward.errors.QueueFullError` (a 503 with Retry-After). A request
