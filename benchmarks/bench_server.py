@@ -30,16 +30,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES: dict[str, dict[str, int]] = {
-    "tiny": {},
-    "small": dict(
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-    ),
-}
+SIZES = ("tiny", "small")  # worldpm_reward.testing.QWEN2_DIMENSIONS
 
 
 async def _load(url: str, queries: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
@@ -71,7 +62,12 @@ async def _load(url: str, queries: list[dict[str, Any]], concurrency: int) -> di
 
 def main() -> None:
 
-    from worldpm_reward.testing import real_conversations, server_process, write_tiny_worldpm
+    from worldpm_reward.testing import (
+        QWEN2_DIMENSIONS,
+        real_conversations,
+        server_process,
+        write_tiny_worldpm,
+    )
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="checkpoint directory (default: a random one of --size)")
@@ -89,7 +85,7 @@ def main() -> None:
     model = (
         Path(args.model)
         if args.model
-        else write_tiny_worldpm(Path(tempfile.mkdtemp()) / args.size, **SIZES[args.size])
+        else write_tiny_worldpm(Path(tempfile.mkdtemp()) / args.size, **QWEN2_DIMENSIONS[args.size])
     )
     convs = real_conversations(args.requests)
     queries = []

@@ -164,7 +164,6 @@ def test_sharing_is_on_only_where_it_pays() -> None:
     from worldpm_reward.testing import QWEN2_DIMENSIONS
 
     tiny = Qwen2Model(Qwen2Config(vocab_size=64, **QWEN2_DIMENSIONS["tiny"]))
-    small = Qwen2Model(Qwen2Config(vocab_size=64, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                                   num_attention_heads=8, num_key_value_heads=2))  # fmt: skip
+    small = Qwen2Model(Qwen2Config(vocab_size=64, **QWEN2_DIMENSIONS["small"]))
     assert auto_min_shared_prefix(tiny, on_gpu=False) > 4096
     assert auto_min_shared_prefix(small, on_gpu=False) == 32

@@ -141,6 +141,15 @@ def _check_messages(value: Any, *, index: int | None, field: str, final_assistan
     return out
 
 
+def is_reference(value: Any) -> bool:
+    """Whether a free-form field (OpenRLHF ``labels``, veRL ``ground_truth``) holds a reference
+    answer in a form :func:`reference_text` takes: non-blank text or a non-empty message list.
+    Anything else (a number, a blank string) is not a reference and is left out."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, Mapping) for m in value)
+
+
 def reference_text(value: Any, index: int | None = None, field: str = "reference") -> str:
     """A reference answer as text. Accepted as a string, or as a list of ``{role, content}``
     messages (as xtuner's POLAR client takes it): role names dropped, contents joined by

@@ -65,7 +65,7 @@ from typing import Any
 
 from worldpm_reward.errors import ConfigError
 from worldpm_reward.rewards import RewardFunction
-from worldpm_reward.samples import ScoreResult
+from worldpm_reward.samples import ScoreResult, is_reference
 from worldpm_reward.shaping import ShapingConfig
 
 __all__ = ["batch_stats", "compute_score", "compute_score_async", "compute_score_batch", "verl_samples"]
@@ -197,10 +197,6 @@ def _backend(kwargs: Mapping[str, Any]) -> _Backend:
         return backend
 
 
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, Mapping) for m in value)
-
-
 def _sample(index: int, solution: Any, truth: Any, info: Any) -> Any:
     """A core sample, or an :class:`_Outcome` carrying the reason it cannot be one."""
     prompt = info.get("prompt") if isinstance(info, Mapping) else None
@@ -209,7 +205,7 @@ def _sample(index: int, solution: Any, truth: Any, info: Any) -> Any:
             error=f"sample {index}, field 'extra_info.prompt': missing; put the prompt in extra_info['prompt']"
         )
     sample: dict[str, Any] = {"prompt": prompt, "response": solution}
-    if (isinstance(truth, str) and truth.strip()) or _is_messages(truth):
+    if is_reference(truth):
         sample["reference"] = truth  # text or a message list (samples.reference_text)
     return sample
 

@@ -25,7 +25,7 @@ from typing import Any
 from worldpm_reward.errors import ConfigError, RequestError, SampleError
 from worldpm_reward.policy_text import FORMATS, parse_rendered
 from worldpm_reward.rewards import RewardFunction
-from worldpm_reward.samples import ScoreResult, estimate_tokens, parse_sample
+from worldpm_reward.samples import ScoreResult, estimate_tokens, is_reference, parse_sample
 from worldpm_reward.shaping import ShapingConfig, sigmoid
 
 logger = logging.getLogger(__name__)
@@ -141,9 +141,7 @@ class RewardService:
                 parsed = parse_rendered(q, prompts[i] if prompts else None, self.chat_format, index=i)
                 sample: dict[str, Any] = {"messages": parsed.messages}
                 label = labels[i] if labels is not None else None
-                if (isinstance(label, str) and label.strip()) or (
-                    isinstance(label, list) and label and all(isinstance(m, dict) for m in label)
-                ):
+                if is_reference(label):
                     sample["reference"] = label  # the reference answer (POLAR; reference-relative shaping)
                 parse_sample(sample, i)  # validate before queueing
                 unknown += not parsed.recognised

@@ -215,17 +215,17 @@ class DynamicBatcher:
         self._queued_tokens -= piece.tokens
 
     def _drop_abandoned(self) -> None:
-        for client in list(self._clients):
-            queue = self._clients[client]
-            kept = deque(p for p in queue if not p.request.future.done())
-            for p in queue:
-                if p.request.future.done():  # cancelled (caller gone) or failed in an earlier piece
-                    self._drop(p)
-                    self.abandoned_samples += len(p.samples) if p.request.future.cancelled() else 0
-            if kept:
-                self._clients[client] = kept
-            else:
+        """Drop pieces whose request is done: cancelled (the caller went away) or failed in an
+        earlier piece."""
+        for client, queue in list(self._clients.items()):
+            gone = [p for p in queue if p.request.future.done()]
+            for p in gone:
+                self._drop(p)
+                self.abandoned_samples += len(p.samples) if p.request.future.cancelled() else 0
+            if len(gone) == len(queue):
                 del self._clients[client]
+            elif gone:
+                self._clients[client] = deque(p for p in queue if not p.request.future.done())
 
     def _take(self) -> list[_Piece]:
         """Fill one batch round-robin over clients, one piece per client per round; a client

@@ -84,13 +84,21 @@ def qwen_tokenizer(chat_template: str = QWEN2_CHAT_TEMPLATE):  # -> PreTrainedTo
 
 
 #: Qwen2 dimensions for random-weight models in benchmarks: "tiny" (the test fixture's),
-#: "0.5b" (Qwen2-0.5B, 358M non-embedding parameters), "7b" (Qwen2-7B).
+#: "small" (hidden 512 x 8 layers: computes, but fast on a CPU), "0.5b" (Qwen2-0.5B, 358M
+#: non-embedding parameters), "7b" (Qwen2-7B).
 QWEN2_DIMENSIONS: dict[str, dict[str, int]] = {
     "tiny": dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "small": dict(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
         num_key_value_heads=2,
     ),
     "0.5b": dict(
