@@ -155,6 +155,39 @@ def checkpoint_tensors(
         return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
 
 
+def local_checkpoint_dir(name_or_path: str | os.PathLike[str], **hub_kwargs: Any) -> Path:
+    """A local directory holding the checkpoint (a hub id is downloaded, or read from the cache)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), **hub_kwargs))
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor in a local checkpoint directory, without reading the
+    weights: safetensors headers, or a ``pytorch_model*.bin`` memory-mapped."""
+    from safetensors import safe_open
+
+    shards = sorted(path.glob("model*.safetensors"))
+    if shards:
+        out: dict[str, tuple[int, ...]] = {}
+        for shard in shards:
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    out[key] = tuple(f.get_slice(key).get_shape())
+        return out
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        return {
+            k: tuple(v.shape)
+            for b in bins
+            for k, v in torch.load(b, map_location="meta", weights_only=True, mmap=True).items()
+        }
+    raise CheckpointError(f"{path} holds no model*.safetensors or pytorch_model*.bin weights")
+
+
 def skeleton_shapes(build: Callable[[], nn.Module]) -> Shapes:
     """Tensor names and shapes of a module built on the meta device (no memory, no init)."""
     with torch.device("meta"):

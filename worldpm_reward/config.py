@@ -26,6 +26,7 @@ T = TypeVar("T")
 
 FamilyName = Literal["auto", "worldpm", "polar", "generic"]
 Overflow = Literal["truncate", "error"]
+EngineName = Literal["transformers", "vllm"]
 
 
 def _opt(help: str, *, cli: bool = True, metavar: str | None = None) -> dict[str, Any]:
@@ -39,6 +40,36 @@ class ModelConfig:
 
     family: FamilyName = field(
         default="auto", metadata=_opt("checkpoint family (default: from config.json's architectures)")
+    )
+    engine: EngineName = field(
+        default="transformers",
+        metadata=_opt(
+            "what runs the forward pass: 'transformers' (in this process) or 'vllm' (vLLM's pooling "
+            "runner: in this process when vLLM imports here, else a `vllm serve` launched with "
+            "--vllm-python, or one already running at --vllm-url); formatting, truncation, weight "
+            "checks and shaping stay in this package either way"
+        ),
+    )
+    vllm_url: str | None = field(
+        default=None,
+        metadata=_opt("engine=vllm: base URL of a running `vllm serve <checkpoint> --runner pooling`"),
+    )
+    vllm_python: str | None = field(
+        default=None,
+        metadata=_opt(
+            "engine=vllm: the Python of a virtualenv where vLLM is installed; `vllm serve` is "
+            "started from it on 127.0.0.1 and stopped with this process"
+        ),
+    )
+    vllm_args: str | None = field(
+        default=None,
+        metadata=_opt(
+            "engine=vllm: extra vLLM engine flags, e.g. '--tensor-parallel-size 4 "
+            "--gpu-memory-utilization 0.9'"
+        ),
+    )
+    vllm_startup_timeout: float = field(
+        default=900.0, metadata=_opt("engine=vllm: seconds to wait for a launched vLLM to answer /health")
     )
     dtype: str | None = field(
         default="auto", metadata=_opt("auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
@@ -129,6 +160,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.family not in typing.get_args(FamilyName):
             raise ConfigError(f"family: {self.family!r} is not one of {list(typing.get_args(FamilyName))}")
+        if self.engine not in typing.get_args(EngineName):
+            raise ConfigError(f"engine: {self.engine!r} is not one of {list(typing.get_args(EngineName))}")
+        if self.engine != "vllm" and (self.vllm_url or self.vllm_python):
+            raise ConfigError("vllm_url / vllm_python: only used with engine='vllm'")
+        if self.vllm_url and self.vllm_python:
+            raise ConfigError("vllm_url and vllm_python: give one (a running vLLM, or one to launch)")
         if self.overflow not in typing.get_args(Overflow):
             raise ConfigError(f"overflow: {self.overflow!r} is not one of {list(typing.get_args(Overflow))}")
         for name in ("max_length", "max_batch_tokens", "max_batch_size", "min_shared_prefix"):

@@ -49,6 +49,10 @@ class CheckpointError(WorldPMRewardError):
     """A checkpoint cannot be loaded faithfully (missing, unexpected or misshaped weights, wrong head)."""
 
 
+class EngineError(WorldPMRewardError):
+    """An external engine (vLLM) could not start, or failed on a batch; the message says which."""
+
+
 class BatchScoringError(WorldPMRewardError):
     """Raised by the all-or-nothing ``score()`` when some samples could not be scored.
 

@@ -134,9 +134,15 @@ class RewardModel:
         shards WorldPM-72B over the visible GPUs), ``attn_implementation``, ``max_length``,
         ``overflow``, ``max_batch_tokens``, ``max_batch_size``, ``max_padding_fraction``,
         ``trust_remote_code`` (off; WorldPM never needs it), ``chat_template``, ``revision``,
-        ``token``. An unknown option is a TypeError naming the known ones.
+        ``token``; ``engine="vllm"`` (with ``vllm_url`` / ``vllm_python`` / ``vllm_args``) has
+        vLLM run the forward pass (:mod:`worldpm_reward.engines.vllm_engine`). An unknown
+        option is a TypeError naming the known ones.
         """
         cfg = ModelConfig.from_kwargs(dataclasses.asdict(config) if config else {}, **options)
+        if cfg.engine == "vllm":
+            from worldpm_reward.engines.vllm_engine import VLLMRewardModel
+
+            return VLLMRewardModel.from_pretrained(name_or_path, cfg)
         loaded = load(name_or_path, cfg)
         return cls(loaded.model, loaded.tokenizer, family=loaded.family, config=cfg, name=str(name_or_path))
 
@@ -197,6 +203,38 @@ class RewardModel:
             progress(len(samples) - len(ready))
 
         stats = BatchStats(num_samples=len(samples))
+        self._score_encoded(ready, results, stats, progress, start_index)
+        stats.num_errors = sum(r.error is not None for r in results)
+        stats.num_truncated = sum(r.truncated for r in results)
+        self.last_stats = stats
+        if stats.num_truncated:
+            logger.info(
+                "%d of %d samples were truncated to max_length=%d",
+                stats.num_truncated,
+                len(samples),
+                self.max_length,
+            )
+        return results
+
+    def close(self) -> None:
+        """Release what the engine holds outside this object (nothing for transformers)."""
+
+    def __enter__(self) -> RewardModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------
+    def _score_encoded(
+        self,
+        ready: list[tuple[int, Encoded]],
+        results: list[ScoreResult],
+        stats: BatchStats,
+        progress: Callable[[int], None] | None,
+        start_index: int,
+    ) -> None:
+        """Fill ``results[i].score`` for every encoded sample (the engine's part)."""
         rest = ready
         if self._prefix_parts is not None and len(ready) > 1:
             plan = plan_shared_prefixes(
@@ -214,19 +252,7 @@ class RewardModel:
             self._run_batch([rest[j] for j in batch], results, stats, start_index)
             if progress is not None:
                 progress(len(batch))
-        stats.num_errors = sum(r.error is not None for r in results)
-        stats.num_truncated = sum(r.truncated for r in results)
-        self.last_stats = stats
-        if stats.num_truncated:
-            logger.info(
-                "%d of %d samples were truncated to max_length=%d",
-                stats.num_truncated,
-                len(samples),
-                self.max_length,
-            )
-        return results
 
-    # -- internals -------------------------------------------------------------------
     def _run_shared_groups(
         self,
         groups: list[tuple[int, list[tuple[int, Encoded]]]],

@@ -65,6 +65,22 @@ class RewardFamily:
         """The input encoder that turns samples into this family's exact token ids."""
         raise NotImplementedError
 
+    def model_config(self, config_dict: dict[str, Any]) -> Any:
+        """The transformers config the encoder reads (max positions, special token ids)."""
+        raise NotImplementedError
+
+    def check_weights(
+        self, shapes: Mapping[str, tuple[int, ...] | None], config_dict: dict[str, Any], where: str
+    ) -> None:
+        """Refuse (CheckpointError) a checkpoint whose tensor names/shapes are not this family's
+        layout, from names and shapes alone: runs before an external engine sees the checkpoint."""
+        raise NotImplementedError
+
+    def vllm_config(self, config_dict: dict[str, Any]) -> dict[str, Any] | None:
+        """The config.json vLLM should read to build this family's model natively, with no
+        remote code; None when the vLLM engine does not serve this family."""
+        return None
+
     def forward_fn(self, model: nn.Module) -> ForwardFn:
         """How to get raw scores from the loaded model (default: its forward returns them)."""
         return model.forward

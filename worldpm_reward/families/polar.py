@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,7 +37,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
 
-from worldpm_reward.checkpoints import LoadRequest, check_weight_names, place
+from worldpm_reward.checkpoints import LoadRequest, check_weight_names, local_checkpoint_dir, place
 from worldpm_reward.config import ModelConfig
 from worldpm_reward.errors import CheckpointError, SampleError
 from worldpm_reward.families.base import KnownAnswer, RewardFamily
@@ -203,15 +203,6 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def _local_dir(name_or_path: str | os.PathLike[str], hub_kwargs: dict[str, Any]) -> Path:
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(name_or_path), **hub_kwargs))
-
-
 def load_polar(request: LoadRequest) -> PolarRewardModel:
     """Build PolarRewardModel from an InternLM2ForRewardModel checkpoint; refuse any weight mismatch.
 
@@ -219,7 +210,7 @@ def load_polar(request: LoadRequest) -> PolarRewardModel:
     transformers' ``from_pretrained`` (a ``device_map`` is dispatched by accelerate, never
     splitting a decoder layer).
     """
-    path = _local_dir(request.name_or_path, request.hub_kwargs)
+    path = local_checkpoint_dir(request.name_or_path, **request.hub_kwargs)
     weights = _read_weights(path)
     expected = expected_internlm2_weights(request.config_dict)
     check_weight_names({k: tuple(v.shape) for k, v in weights.items()}, expected, request.where)
@@ -391,6 +382,23 @@ class PolarFamily(RewardFamily):
 
     def load(self, request: LoadRequest) -> nn.Module:
         return load_polar(request)
+
+    def model_config(self, config_dict: dict[str, Any]) -> LlamaConfig:
+        return llama_config_from_internlm2(config_dict)
+
+    def check_weights(
+        self, shapes: Mapping[str, tuple[int, ...] | None], config_dict: dict[str, Any], where: str
+    ) -> None:
+        check_weight_names(dict(shapes), expected_internlm2_weights(config_dict), where)
+
+    def vllm_config(self, config_dict: dict[str, Any]) -> dict[str, Any] | None:
+        """vLLM has ``InternLM2ForRewardModel`` natively; only InternLM2's config CLASS is remote
+        code, and its fields are plain Llama ones (plus ``bias``), so vLLM reads them through
+        transformers' own LlamaConfig instead of running the checkpoint's Python."""
+        out = {k: v for k, v in config_dict.items() if k != "auto_map"}
+        out["model_type"] = "llama"
+        out["architectures"] = list(ARCHITECTURES)
+        return out
 
     def parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
         return model.model, model.v_head  # type: ignore[return-value]

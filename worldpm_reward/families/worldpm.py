@@ -15,6 +15,7 @@ ChatML template with an EMPTY system message always present, tokenized with
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -117,6 +118,22 @@ class WorldPMFamily(RewardFamily):
         ]
     }
     sanity_pair = ({"messages": _sleep(SLEEP_GOOD)}, {"messages": _sleep(SLEEP_BAD)})
+
+    def model_config(self, config_dict: dict[str, Any]) -> Qwen2Config:
+        return worldpm_config(config_dict)
+
+    def check_weights(
+        self, shapes: Mapping[str, tuple[int, ...] | None], config_dict: dict[str, Any], where: str
+    ) -> None:
+        config = worldpm_config(config_dict)
+        expected = skeleton_shapes(lambda: WorldPMForRewardModel(config))
+        check_weight_names(dict(shapes), expected, where, hint=_single_linear_hint)
+
+    def vllm_config(self, config_dict: dict[str, Any]) -> dict[str, Any] | None:
+        """vLLM's own ``Qwen2ForRewardModel`` has WorldPM's head; the auto_map is dropped."""
+        out = {k: v for k, v in config_dict.items() if k != "auto_map"}
+        out["architectures"] = list(ARCHITECTURES)
+        return out
 
     def load(self, request: LoadRequest) -> nn.Module:
         config = worldpm_config(request.config_dict)
