@@ -54,7 +54,12 @@ from typing import Any, Protocol
 
 import torch
 
-from worldpm_reward.checkpoints import checkpoint_tensors, local_checkpoint_dir, read_config_dict, tensor_shapes
+from worldpm_reward.checkpoints import (
+    checkpoint_tensors,
+    local_checkpoint_dir,
+    read_config_dict,
+    tensor_shapes,
+)
 from worldpm_reward.config import ModelConfig
 from worldpm_reward.errors import CheckpointError, ConfigError, EngineError
 from worldpm_reward.families import RewardFamily, detect_family, get_family
@@ -257,17 +262,29 @@ def serve_command(
     ]
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _stop(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
-    if proc.poll() is not None:
-        return
+    """SIGTERM to the launched server's whole process group (vLLM's engine core is its child),
+    then SIGKILL to whatever is left after ``grace_s``."""
+    deadline = time.monotonic() + grace_s
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -305,7 +322,11 @@ class LaunchedVLLM(PoolingEndpoint):
         logger.info("starting vLLM: %s (log: %s)", shlex.join(self.command), log)
         with os.fdopen(fd, "wb") as out:
             self.process = subprocess.Popen(
-                self.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                self.command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self._finalizer = weakref.finalize(self, _stop, self.process)
         url = f"http://127.0.0.1:{port}"
@@ -382,7 +403,9 @@ class InProcessVLLM:
             raise EngineInputError(f"vLLM refused the input: {exc}") from exc
         except Exception as exc:
             raise EngineError(f"vLLM failed: {type(exc).__name__}: {exc}") from exc
-        return [_last_values(o.outputs.data, len(ids), j) for j, (o, ids) in enumerate(zip(outputs, batch_ids))]
+        return [
+            _last_values(o.outputs.data, len(ids), j) for j, (o, ids) in enumerate(zip(outputs, batch_ids))
+        ]
 
     def close(self) -> None:
         llm, self.llm = self.llm, None
@@ -441,11 +464,15 @@ class VLLMRewardModel(RewardModel):
                 f"{family.name!r}: use engine='transformers'"
             )
         launch_here = cfg.vllm_url is None
-        local = local_checkpoint_dir(name_or_path, **hub) if launch_here or Path(name_or_path).is_dir() else None
+        local = (
+            local_checkpoint_dir(name_or_path, **hub) if launch_here or Path(name_or_path).is_dir() else None
+        )
         shapes: dict[str, tuple[int, ...] | None]
         shapes = dict(tensor_shapes(local)) if local is not None else checkpoint_tensors(name_or_path, **hub)
         if not shapes:
-            raise CheckpointError(f"{where} has no safetensors index: its weights cannot be checked before vLLM loads it")
+            raise CheckpointError(
+                f"{where} has no safetensors index: its weights cannot be checked before vLLM loads it"
+            )
         family.check_weights(shapes, config_dict, where)  # before vLLM ever sees the checkpoint
         hf_config = family.model_config(config_dict)
         tokenizer = AutoTokenizer.from_pretrained(
@@ -487,7 +514,9 @@ class VLLMRewardModel(RewardModel):
                         "virtualenv and pass vllm_python=<that venv>/bin/python (CLI: --vllm-python), "
                         "or run `vllm serve <checkpoint> --runner pooling` and pass vllm_url"
                     ) from exc
-                backend = InProcessVLLM(view, dtype=dtype, max_model_len=probe.max_length, flags=cfg.vllm_args)
+                backend = InProcessVLLM(
+                    view, dtype=dtype, max_model_len=probe.max_length, flags=cfg.vllm_args
+                )
         return cls(backend, tokenizer, family=family, hf_config=hf_config, config=cfg, name=str(name_or_path))
 
     @property
