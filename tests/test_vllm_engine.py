@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -350,3 +351,26 @@ def test_in_process_when_versions_allow(worldpm_dir: Path, vllm_python: str, tmp
     assert len(out["vllm"]) == 12 and all(
         abs(a - b) <= 1e-4 for a, b in zip(out["transformers"], out["vllm"])
     )
+
+
+def test_a_launched_engine_dies_with_its_parent(tmp_path: Path) -> None:
+    """The launched vLLM gets SIGTERM when the process that launched it is SIGKILLed (an OOM
+    kill runs no cleanup): checked with the same launch options on a stand-in child."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "from worldpm_reward.engines.vllm_engine import _die_with_parent\n"
+        "p = subprocess.Popen(['sleep', '120'], start_new_session=True, preexec_fn=_die_with_parent())\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    assert _alive(child)
+    parent.kill()
+    parent.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(child):
+        time.sleep(0.1)
+    assert not _alive(child)

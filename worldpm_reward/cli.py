@@ -203,8 +203,11 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     from worldpm_reward.families import known_answers_for
 
     rm = _load(args)
-    dtype = next(rm.model.parameters()).dtype
-    print(f"loaded {args.model} as family={rm.family}, dtype={dtype}, device={rm.device}")
+    if rm.model is None:  # engine="vllm": vLLM holds the weights
+        print(f"loaded {args.model} as family={rm.family} on engine=vllm ({type(rm.backend).__name__})")
+    else:
+        dtype = next(rm.model.parameters()).dtype
+        print(f"loaded {args.model} as family={rm.family}, dtype={dtype}, device={rm.device}")
     ok = True
     answers = known_answers_for(args.model)
     if answers:

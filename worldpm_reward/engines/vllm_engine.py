@@ -45,7 +45,9 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -287,6 +289,26 @@ def _stop(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
     proc.wait()
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a child that gets SIGTERM when this process dies, even by SIGKILL (an OOM kill
+    would otherwise leave a GPU-holding vLLM behind). Only set from the main thread: the signal
+    follows the thread that started the child."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    pr_set_pdeathsig = 1
+
+    def arm() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return arm
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -327,6 +349,9 @@ class LaunchedVLLM(PoolingEndpoint):
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=_die_with_parent()
+                if threading.current_thread() is threading.main_thread()
+                else None,
             )
         self._finalizer = weakref.finalize(self, _stop, self.process)
         url = f"http://127.0.0.1:{port}"

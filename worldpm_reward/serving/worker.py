@@ -39,17 +39,22 @@ def _child(factory: Callable[[], Scorer], conn: Any) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         return
     conn.send(("ready", type(scorer).__name__))
-    while True:
-        try:
-            samples = conn.recv()
-        except EOFError:  # the parent went away
-            return
-        if samples is None:
-            return
-        try:
-            conn.send(("ok", scorer.score_detailed(samples)))
-        except Exception as exc:  # the batch failed as a whole; the parent raises it
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    try:
+        while True:
+            try:
+                samples = conn.recv()
+            except EOFError:  # the parent went away
+                return
+            if samples is None:
+                return
+            try:
+                conn.send(("ok", scorer.score_detailed(samples)))
+            except Exception as exc:  # the batch failed as a whole; the parent raises it
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        close = getattr(scorer, "close", None)
+        if close is not None:  # e.g. stop a launched vLLM
+            close()
 
 
 class ProcessScorer:
