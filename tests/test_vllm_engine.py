@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from wpr_servers import VLLM_SPEC, server_process, vllm_venv_python
+from wpr_servers import VLLM_SPEC, free_port, server_process, vllm_venv_python
 from wpr_testutils import ROOT, ReferenceWorldPM, real_conversations
 
 from worldpm_reward import RewardModel
@@ -374,3 +374,46 @@ def test_a_launched_engine_dies_with_its_parent(tmp_path: Path) -> None:
     while time.monotonic() < deadline and _alive(child):
         time.sleep(0.1)
     assert not _alive(child)
+
+
+def test_the_ray_serve_deployment_on_the_vllm_engine(
+    worldpm_vllm: VLLMRewardModel, worldpm_dir: Path
+) -> None:
+    """The Ray deployment takes the engine through model_kwargs like every other option."""
+    ray = pytest.importorskip("ray", reason="needs the 'ray' extra: pip install 'worldpm-reward[ray]'")
+    serve = pytest.importorskip("ray.serve", reason="needs the 'ray' extra")
+    from worldpm_reward.integrations.ray_serve import build_app
+
+    samples = _worldpm_samples()[:12]
+    expected = worldpm_vllm.score_detailed(samples)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        app = build_app(
+            {
+                "model": str(worldpm_dir),
+                "num_gpus": 0,
+                "num_cpus": 0.5,
+                "model_kwargs": {
+                    "engine": "vllm",
+                    "vllm_url": worldpm_vllm.backend.url,  # type: ignore[attr-defined]
+                    "dtype": "fp32",
+                    "max_length": WORLDPM_MAX,
+                },
+            }
+        )
+        handle = serve.run(app, name="worldpm-vllm", route_prefix="/")
+        got = handle.score.remote(samples).result()["results"]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    for i, (want, r) in enumerate(zip(expected, got)):
+        if want.error is None:
+            assert abs(r["score"] - want.score) <= 1e-6, i
+        else:
+            assert r["score"] is None and f"sample {i}" in r["error"], i
