@@ -306,20 +306,59 @@ def test_a_running_vllm_at_a_url(worldpm_vllm: VLLMRewardModel, worldpm_dir: Pat
         RewardModel.from_pretrained(worldpm_dir, engine="vllm", vllm_url=url, max_length=1024)
 
 
+def _launched_vllm(server_pid: int) -> list[Any]:
+    import psutil
+
+    return [
+        p
+        for p in psutil.Process(server_pid).children(recursive=True)
+        if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())
+    ]
+
+
 def test_the_reward_server_on_the_vllm_engine(
-    worldpm_vllm: VLLMRewardModel, worldpm_dir: Path, tmp_path: Path
+    worldpm_vllm: VLLMRewardModel, worldpm_dir: Path, vllm_python: str, tmp_path: Path
 ) -> None:
-    url = worldpm_vllm.backend.url  # type: ignore[attr-defined]
+    """`worldpm-reward serve --engine vllm --vllm-python ...`: scores equal the engine's; when its
+    vLLM dies, those samples get errors, /health says 503, a fresh scorer process and vLLM
+    start by themselves, and scoring resumes; stopping the server stops vLLM."""
     samples = _worldpm_samples()[:16]
     expected = worldpm_vllm.score_detailed(samples)
-    args = ("--engine", "vllm", "--vllm-url", url, "--max-length", str(WORLDPM_MAX), "--dtype", "fp32")
-    with server_process(worldpm_dir, *args, log=tmp_path / "serve.log") as (live, _):
-        body = httpx.post(f"{live}/v1/score", json={"samples": samples}, timeout=120).json()
-    for i, (want, got) in enumerate(zip(expected, body["results"])):
-        if want.error is None:
-            assert abs(got["score"] - want.score) <= 1e-6, i
-        else:
-            assert got["score"] is None and f"sample {i}" in got["error"]
+
+    def check(results: list[dict[str, Any]]) -> None:
+        for i, (want, got) in enumerate(zip(expected, results)):
+            if want.error is None:
+                assert abs(got["score"] - want.score) <= 1e-6, i
+            else:
+                assert got["score"] is None and f"sample {i}" in got["error"]
+
+    args = ("--engine", "vllm", "--vllm-python", vllm_python, f"--vllm-args={FLAGS}")
+    args += ("--max-length", str(WORLDPM_MAX), "--dtype", "fp32")
+    with server_process(worldpm_dir, *args, log=tmp_path / "serve.log") as (live, proc):
+        check(httpx.post(f"{live}/v1/score", json={"samples": samples}, timeout=120).json()["results"])
+        (engine,) = _launched_vllm(proc.pid)
+        os.killpg(engine.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _alive(engine.pid):
+            time.sleep(0.1)
+        lost = httpx.post(f"{live}/v1/score", json={"samples": samples[:4]}, timeout=120).json()["results"]
+        assert all(r["score"] is None and "exited" in r["error"] for r in lost), lost
+        deadline = time.monotonic() + 300
+        saw_503 = False
+        while time.monotonic() < deadline:
+            health = httpx.get(f"{live}/health", timeout=10)
+            saw_503 |= health.status_code == 503
+            if health.status_code == 200 and saw_503:
+                break
+            time.sleep(0.5)
+        assert saw_503 and health.status_code == 200
+        check(httpx.post(f"{live}/v1/score", json={"samples": samples}, timeout=120).json()["results"])
+        (fresh,) = _launched_vllm(proc.pid)
+        assert fresh.pid != engine.pid
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(fresh.pid):
+        time.sleep(0.2)
+    assert not _alive(fresh.pid)  # stopped with the server
 
 
 def test_in_process_when_versions_allow(worldpm_dir: Path, vllm_python: str, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from worldpm_reward.batching import plan_batches, plan_shared_prefixes
 from worldpm_reward.config import ModelConfig
-from worldpm_reward.errors import BatchScoringError, SampleError
+from worldpm_reward.errors import BatchScoringError, ConfigError, SampleError
 from worldpm_reward.families import RewardFamily, get_family, load
 from worldpm_reward.formatting import Encoded, Encoder
 from worldpm_reward.policy_text import without_reasoning
@@ -34,7 +34,7 @@ from worldpm_reward.samples import SampleLike, Scorer, ScoreResult, parse_sample
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BatchStats", "RewardModel", "Scorer"]
+__all__ = ["ENGINES", "BatchStats", "RewardModel", "Scorer"]
 
 
 @dataclass
@@ -67,6 +67,12 @@ def auto_min_shared_prefix(model: Any, on_gpu: bool) -> int:
     params = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
     overhead = FORWARD_CALL_OVERHEAD_FLOPS["gpu" if on_gpu else "cpu"]
     return max(32, math.ceil(overhead / max(2 * params, 1)))
+
+
+#: Engines other than transformers, by ``ModelConfig.engine`` name: RewardModel subclasses whose
+#: ``from_pretrained(path, config)`` builds them. Each engine module registers itself here;
+#: the package imports them (``worldpm_reward.engines``), so this module needs none of them.
+ENGINES: dict[str, type[RewardModel]] = {}
 
 
 class RewardModel:
@@ -139,10 +145,11 @@ class RewardModel:
         option is a TypeError naming the known ones.
         """
         cfg = ModelConfig.from_kwargs(dataclasses.asdict(config) if config else {}, **options)
-        if cfg.engine == "vllm":
-            from worldpm_reward.engines.vllm_engine import VLLMRewardModel
-
-            return VLLMRewardModel.from_pretrained(name_or_path, cfg)
+        if cfg.engine != "transformers":
+            engine = ENGINES.get(cfg.engine)
+            if engine is None:
+                raise ConfigError(f"engine: {cfg.engine!r} is not registered (known: {sorted(ENGINES)})")
+            return engine.from_pretrained(name_or_path, cfg)
         loaded = load(name_or_path, cfg)
         return cls(loaded.model, loaded.tokenizer, family=loaded.family, config=cfg, name=str(name_or_path))
 

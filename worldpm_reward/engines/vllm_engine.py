@@ -67,7 +67,7 @@ from worldpm_reward.errors import CheckpointError, ConfigError, EngineError
 from worldpm_reward.families import RewardFamily, detect_family, get_family
 from worldpm_reward.formatting import Encoded
 from worldpm_reward.samples import ScoreResult
-from worldpm_reward.scoring import BatchStats, RewardModel
+from worldpm_reward.scoring import ENGINES, BatchStats, RewardModel
 
 logger = logging.getLogger(__name__)
 
@@ -383,6 +383,10 @@ class LaunchedVLLM(PoolingEndpoint):
                 )
             time.sleep(0.5)
 
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
     def last_token_scores(self, batch_ids: Sequence[Sequence[int]]) -> list[float]:
         if self.process.poll() is not None:
             raise EngineError(
@@ -548,6 +552,11 @@ class VLLMRewardModel(RewardModel):
     def device(self) -> torch.device:
         return torch.device("cpu")  # where token ids are built; vLLM places the model itself
 
+    @property
+    def alive(self) -> bool:
+        """False once a launched vLLM has exited (the reward server then restarts its scorer)."""
+        return bool(getattr(self.backend, "alive", True))
+
     def close(self) -> None:
         self.backend.close()
 
@@ -600,3 +609,6 @@ class VLLMRewardModel(RewardModel):
         stats.padded_tokens += n  # vLLM packs sequences: no padding
         for (i, _), score in zip(call, scores):
             results[i].score = score
+
+
+ENGINES["vllm"] = VLLMRewardModel

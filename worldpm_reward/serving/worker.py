@@ -9,7 +9,9 @@ samples go in, :class:`~worldpm_reward.samples.ScoreResult` lists come back (bot
 The child builds the scorer from a picklable factory, e.g.
 ``functools.partial(RewardModel.from_pretrained, path, model_config)``. If the child dies
 (killed, out of memory), the call that saw it fails, ``alive`` turns False (``/health``
-answers 503), and the next call starts a new child.
+answers 503), and the next call starts a new child. A scorer whose ``alive`` turns False
+(the vLLM engine whose server died) makes its child exit after answering, and a new child
+is started at once.
 """
 
 from __future__ import annotations
@@ -48,9 +50,15 @@ def _child(factory: Callable[[], Scorer], conn: Any) -> None:
             if samples is None:
                 return
             try:
-                conn.send(("ok", scorer.score_detailed(samples)))
+                results = scorer.score_detailed(samples)
             except Exception as exc:  # the batch failed as a whole; the parent raises it
                 conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                continue
+            if getattr(scorer, "alive", True):
+                conn.send(("ok", results))
+            else:  # e.g. its vLLM died: answer, then exit so that the parent starts a fresh one
+                conn.send(("ok, restart me", results))
+                return
     finally:
         close = getattr(scorer, "close", None)
         if close is not None:  # e.g. stop a launched vLLM
@@ -125,9 +133,24 @@ class ProcessScorer:
                 raise ScorerProcessError(
                     f"the scorer process died while scoring (exit code {code}): {exc}"
                 ) from None
-        if kind != "ok":
+        if kind == "ok, restart me":
+            logger.warning("the scorer lost its engine; restarting the scorer process")
+            threading.Thread(
+                target=self._restart_after_exit, name="worldpm-scorer-restart", daemon=True
+            ).start()
+        elif kind != "ok":
             raise ScorerProcessError(f"scoring failed in the scorer process: {payload}")
         return payload  # type: ignore[no-any-return]
+
+    def _restart_after_exit(self) -> None:
+        with self._lock:
+            if self._proc is not None:
+                self._proc.join(60)
+                if self._proc.is_alive():
+                    self._proc.kill()
+                    self._proc.join(5)
+            with contextlib.suppress(Exception):  # a failed start is retried by the next call
+                self._restart_locked()
 
     def close(self) -> None:
         """Stop the child after the call in progress, if any."""
