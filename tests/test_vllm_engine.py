@@ -196,6 +196,14 @@ def test_checkpoint_view_needs_no_remote_code(tmp_path: Path) -> None:
         }
         files = {p.name for p in path.iterdir()} - {"config.json"}
         assert files and all((view / f).resolve() == (path / f).resolve() for f in files)
+        # a file gone from the checkpoint (an old shard) is gone from the view too
+        extra = path / "old-shard.safetensors"
+        extra.write_bytes(b"x")
+        checkpoint_view(path, get_family(family).vllm_config(original))  # type: ignore[arg-type]
+        assert (view / extra.name).is_symlink()
+        extra.unlink()
+        checkpoint_view(path, get_family(family).vllm_config(original))  # type: ignore[arg-type]
+        assert not (view / extra.name).exists() and not (view / extra.name).is_symlink()
         assert json.loads((path / "config.json").read_text()) == original  # the checkpoint is untouched
     assert get_family("generic").vllm_config({}) is None
 

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -158,6 +159,11 @@ def checkpoint_view(local_dir: Path, vllm_config: dict[str, Any]) -> Path:
     source = local_dir.resolve()
     view = root / hashlib.sha256(str(source).encode()).hexdigest()[:16]
     view.mkdir(parents=True, exist_ok=True)
+    names = {item.name for item in source.iterdir()}
+    for stale in view.iterdir():  # a file the checkpoint no longer has (an old shard) must not load
+        if stale.is_symlink() and stale.name not in names:
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
     for item in source.iterdir():
         if item.name == "config.json" or item.name.startswith("."):
             continue
@@ -331,8 +337,10 @@ class LaunchedVLLM(PoolingEndpoint):
         flags: str | None = None,
         startup_timeout_s: float = 900.0,
     ) -> None:
-        if not Path(python).is_file():
+        found = python if Path(python).is_file() else shutil.which(python)
+        if found is None:
             raise ConfigError(f"vllm_python: {python!r} is not a file (the python of a virtualenv with vLLM)")
+        python = found
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -511,7 +519,7 @@ class VLLMRewardModel(RewardModel):
         dtype = vllm_dtype(cfg.dtype)
         backend: PoolingBackend
         if cfg.vllm_url is not None:
-            endpoint = PoolingEndpoint(cfg.vllm_url)
+            endpoint = PoolingEndpoint(cfg.vllm_url, api_key=os.environ.get("VLLM_API_KEY"))
             served = endpoint.max_model_len
             if served is not None and int(served) < probe.max_length:
                 endpoint.close()
