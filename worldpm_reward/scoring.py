@@ -96,13 +96,8 @@ class RewardModel:
         **options: Any,
     ) -> None:
         self.model: Any = model  # a transformers PreTrainedModel
-        self.tokenizer = tokenizer
-        self.family_spec = family if isinstance(family, RewardFamily) else get_family(family)
-        self.family = self.family_spec.name
-        self.config = (config or ModelConfig()).replace(**options)
-        self.name = name
-        self.encoder: Encoder = self.family_spec.encoder(tokenizer, model.config, self.config)
-        self.max_length = self.encoder.max_length
+        spec = family if isinstance(family, RewardFamily) else get_family(family)
+        self._init_front(tokenizer, spec, model.config, (config or ModelConfig()).replace(**options), name)
         on_gpu = self.device.type == "cuda"
         cfg = self.config
         self.max_batch_tokens = int(cfg.max_batch_tokens or (32768 if on_gpu else 4096))
@@ -116,6 +111,24 @@ class RewardModel:
         self._prefix_parts = self.family_spec.parts(model) if self._can_share_prefix() else None
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else (self.encoder.final_token_id or 0))
+
+    def _init_front(
+        self,
+        tokenizer: Any,
+        family: RewardFamily,
+        hf_config: Any,
+        config: ModelConfig,
+        name: str,
+        encoder: Encoder | None = None,
+    ) -> None:
+        """What every engine holds: the family, its encoder (input format, truncation), config."""
+        self.tokenizer = tokenizer
+        self.family_spec = family
+        self.family = family.name
+        self.config = config
+        self.name = name
+        self.encoder: Encoder = encoder or family.encoder(tokenizer, hf_config, config)
+        self.max_length = self.encoder.max_length
         self.last_stats = BatchStats()
 
     def _can_share_prefix(self) -> bool:

@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,7 +66,7 @@ from worldpm_reward.checkpoints import (
 from worldpm_reward.config import ModelConfig
 from worldpm_reward.errors import CheckpointError, ConfigError, EngineError
 from worldpm_reward.families import RewardFamily, detect_family, get_family
-from worldpm_reward.formatting import Encoded
+from worldpm_reward.formatting import Encoded, Encoder
 from worldpm_reward.samples import ScoreResult
 from worldpm_reward.scoring import ENGINES, BatchStats, RewardModel
 
@@ -452,6 +452,21 @@ class InProcessVLLM:
             del llm
 
 
+def _calls(ready: list[tuple[int, Encoded]]) -> Iterator[list[tuple[int, Encoded]]]:
+    """Consecutive runs of at most MAX_CALL_SAMPLES samples / MAX_CALL_TOKENS tokens."""
+    call: list[tuple[int, Encoded]] = []
+    tokens = 0
+    for item in ready:
+        n = len(item[1].input_ids)
+        if call and (len(call) >= MAX_CALL_SAMPLES or tokens + n > MAX_CALL_TOKENS):
+            yield call
+            call, tokens = [], 0
+        call.append(item)
+        tokens += n
+    if call:
+        yield call
+
+
 # -- the scorer ---------------------------------------------------------------------------------
 
 
@@ -469,18 +484,12 @@ class VLLMRewardModel(RewardModel):
         hf_config: Any,
         config: ModelConfig,
         name: str = "",
+        encoder: Encoder | None = None,
     ) -> None:
-        # Not RewardModel.__init__: there is no torch module here.
+        # Not RewardModel.__init__: there is no torch module here, only the engine-neutral front.
         self.model = None
         self.backend = backend
-        self.tokenizer = tokenizer
-        self.family_spec = family
-        self.family = family.name
-        self.config = config
-        self.name = name
-        self.encoder = family.encoder(tokenizer, hf_config, config)
-        self.max_length = self.encoder.max_length
-        self.last_stats = BatchStats()
+        self._init_front(tokenizer, family, hf_config, config, name, encoder)
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -515,17 +524,17 @@ class VLLMRewardModel(RewardModel):
         tokenizer = AutoTokenizer.from_pretrained(
             str(name_or_path), trust_remote_code=cfg.trust_remote_code, **hub
         )
-        probe = family.encoder(tokenizer, hf_config, cfg)  # max_length, as scoring will use it
+        encoder = family.encoder(tokenizer, hf_config, cfg)  # its max_length is vLLM's max_model_len
         dtype = vllm_dtype(cfg.dtype)
         backend: PoolingBackend
         if cfg.vllm_url is not None:
             endpoint = PoolingEndpoint(cfg.vllm_url, api_key=os.environ.get("VLLM_API_KEY"))
             served = endpoint.max_model_len
-            if served is not None and int(served) < probe.max_length:
+            if served is not None and int(served) < encoder.max_length:
                 endpoint.close()
                 raise ConfigError(
                     f"vllm_url: the server's max_model_len is {served} but samples are encoded up to "
-                    f"max_length={probe.max_length}; start vLLM with --max-model-len {probe.max_length} "
+                    f"max_length={encoder.max_length}; start vLLM with --max-model-len {encoder.max_length} "
                     f"or pass max_length={served}"
                 )
             backend = endpoint
@@ -537,7 +546,7 @@ class VLLMRewardModel(RewardModel):
                     cfg.vllm_python,
                     view,
                     dtype=dtype,
-                    max_model_len=probe.max_length,
+                    max_model_len=encoder.max_length,
                     flags=cfg.vllm_args,
                     startup_timeout_s=cfg.vllm_startup_timeout,
                 )
@@ -552,9 +561,17 @@ class VLLMRewardModel(RewardModel):
                         "or run `vllm serve <checkpoint> --runner pooling` and pass vllm_url"
                     ) from exc
                 backend = InProcessVLLM(
-                    view, dtype=dtype, max_model_len=probe.max_length, flags=cfg.vllm_args
+                    view, dtype=dtype, max_model_len=encoder.max_length, flags=cfg.vllm_args
                 )
-        return cls(backend, tokenizer, family=family, hf_config=hf_config, config=cfg, name=str(name_or_path))
+        return cls(
+            backend,
+            tokenizer,
+            family=family,
+            hf_config=hf_config,
+            config=cfg,
+            name=str(name_or_path),
+            encoder=encoder,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -576,18 +593,7 @@ class VLLMRewardModel(RewardModel):
         progress: Callable[[int], None] | None,
         start_index: int,
     ) -> None:
-        call: list[tuple[int, Encoded]] = []
-        tokens = 0
-        for item in ready:
-            n = len(item[1].input_ids)
-            if call and (len(call) >= MAX_CALL_SAMPLES or tokens + n > MAX_CALL_TOKENS):
-                self._call(call, results, stats, start_index)
-                if progress is not None:
-                    progress(len(call))
-                call, tokens = [], 0
-            call.append(item)
-            tokens += n
-        if call:
+        for call in _calls(ready):
             self._call(call, results, stats, start_index)
             if progress is not None:
                 progress(len(call))

@@ -109,9 +109,17 @@ class ProcessScorer:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
-    def _restart(self) -> None:
+    def _restart(self, wait_exit_s: float = 0.0) -> None:
+        """Start a new child once the old one is gone (waiting up to ``wait_exit_s`` for one
+        that is exiting by itself, then killing it); a failed start is retried by the next call."""
         with self._lock:
-            self._restart_locked()
+            if self._proc is not None and wait_exit_s > 0:
+                self._proc.join(wait_exit_s)
+                if self._proc.is_alive():
+                    self._proc.kill()
+                    self._proc.join(5)
+            with contextlib.suppress(Exception):
+                self._restart_locked()
 
     def _restart_locked(self) -> None:
         if self.alive:
@@ -136,21 +144,11 @@ class ProcessScorer:
         if kind == "ok, restart me":
             logger.warning("the scorer lost its engine; restarting the scorer process")
             threading.Thread(
-                target=self._restart_after_exit, name="worldpm-scorer-restart", daemon=True
+                target=self._restart, args=(60.0,), name="worldpm-scorer-restart", daemon=True
             ).start()
         elif kind != "ok":
             raise ScorerProcessError(f"scoring failed in the scorer process: {payload}")
         return payload  # type: ignore[no-any-return]
-
-    def _restart_after_exit(self) -> None:
-        with self._lock:
-            if self._proc is not None:
-                self._proc.join(60)
-                if self._proc.is_alive():
-                    self._proc.kill()
-                    self._proc.join(5)
-            with contextlib.suppress(Exception):  # a failed start is retried by the next call
-                self._restart_locked()
 
     def close(self) -> None:
         """Stop the child after the call in progress, if any."""
