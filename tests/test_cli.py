@@ -127,6 +127,26 @@ def test_selftest_reports_mismatch_and_match(
     assert (code == 0) == (true_scores[0] > true_scores[1]) == ("PASSED" in out)
 
 
+def test_selftest_judges_an_approximate_answer_at_its_own_tolerance(
+    tiny_worldpm: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value published as "about x" (KnownAnswer.tolerance) is judged at that tolerance, not
+    at --tolerance: 0.2 off an "about" value with tolerance 0.3 is a match, 0.4 off is not."""
+    good, bad = (s["messages"] for s in FAMILIES["worldpm"].sanity_pair)
+    ref = ReferenceWorldPM(tiny_worldpm)
+    true_scores = [ref.score(good), ref.score(bad)]
+    for offset, expect_match in ((0.2, True), (0.4, False)):
+        answers = [
+            KnownAnswer("a", good, true_scores[0] + offset, tolerance=0.3),
+            KnownAnswer("b", bad, true_scores[1]),
+        ]
+        monkeypatch.setitem(FAMILIES["worldpm"].known_answers, tiny_worldpm.name, answers)
+        main(["selftest", "--model", str(tiny_worldpm), "--device", "cpu"])
+        out = capsys.readouterr().out
+        assert ("MISMATCH" not in out) == expect_match, out
+        assert "(tolerance 0.3)" in out
+
+
 def test_known_answers_are_the_model_card_values() -> None:
     answers = known_answers_for("Qwen/WorldPM-72B")
     assert [a.score for a in answers] == [0.6298332214355469, -1.6425328254699707]

@@ -141,7 +141,8 @@ def test_lone_surrogates_and_tokenizer_failures_stay_with_their_sample(reward_mo
     good = {"prompt": "Tips for better sleep?", "response": "Keep a schedule."}
     bad = {"prompt": "q", "response": "x\ud800"}
     results = reward_model.score_detailed([good, bad, good])
-    assert results[0].ok and results[2].ok and results[0].score == results[2].score
+    # the same sample at two batch positions: equal within float rounding (kernels differ by row)
+    assert results[0].ok and results[2].ok and abs(results[0].score - results[2].score) <= 1e-6
     assert (
         results[1].error is not None and "sample 1" in results[1].error and "'response'" in results[1].error
     )

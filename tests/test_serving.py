@@ -507,7 +507,7 @@ def test_openrlhf_fallback_reward_and_scores_for_dynamic_filtering(
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["rewards"][1:3] == [-10.0, -10.0]
-        assert abs(body["rewards"][0] - want) <= 1e-4 and body["rewards"][3] == body["rewards"][0]
+        assert abs(body["rewards"][0] - want) <= 1e-4 and abs(body["rewards"][3] - body["rewards"][0]) <= 1e-6
         assert body["extra_logs"]["worldpm_failed"] == [0.0, 1.0, 1.0, 0.0]
         assert [e["index"] for e in body["errors"]] == [1, 2]
         assert body["scores"] == pytest.approx([1 / (1 + math.exp(-x / 2.0)) for x in body["rewards"]])

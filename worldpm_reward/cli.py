@@ -204,6 +204,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
     rm = _load(args)
     if rm.model is None:  # engine="vllm": vLLM holds the weights
+        dtype = None
         print(f"loaded {args.model} as family={rm.family} on engine=vllm ({type(rm.backend).__name__})")
     else:
         dtype = next(rm.model.parameters()).dtype
@@ -214,10 +215,13 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         scores = rm.score([a.sample for a in answers])
         for a, s in zip(answers, scores):
             diff = abs(s - a.score)
-            good = diff <= args.tolerance
+            # a published value given only approximately ("about -0.57") is judged at its own
+            # precision; --tolerance cannot make it more precise than it was published
+            tol = max(args.tolerance, a.tolerance or 0.0)
+            good = diff <= tol
             ok &= good
             print(
-                f"  [{'ok' if good else 'MISMATCH'}] {a.label}: got {s:.6f}, model card {a.score:.6f}, |diff| {diff:.4f} (tolerance {args.tolerance})"
+                f"  [{'ok' if good else 'MISMATCH'}] {a.label}: got {s:.6f}, model card {a.score:.6f}, |diff| {diff:.4f} (tolerance {tol})"
             )
     else:
         print(f"  no published known answers for {args.model!r}; running sanity checks only")
@@ -230,7 +234,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         f"  [{'ok' if good > bad else 'FAIL'}] a helpful reply outscores a careless one: {good:.4f} > {bad:.4f}"
     )
     inv = abs(alone - good)
-    inv_tol = 1e-3 if dtype == __import__("torch").float32 else 5e-2
+    # fp32 (and vLLM's engine, which resolves dtype itself) agrees closely; half precision less so
+    inv_tol = 5e-2 if dtype is not None and dtype != __import__("torch").float32 else 1e-3
     ok &= inv <= inv_tol
     print(f"  [{'ok' if inv <= inv_tol else 'FAIL'}] same score alone and in a batch: |diff| {inv:.2e}")
     print(

@@ -401,7 +401,14 @@ class LaunchedVLLM(PoolingEndpoint):
                 f"the launched vLLM exited with status {self.process.returncode}; "
                 f"the end of its log {self.log_path}:\n{_tail(self.log_path)}"
             )
-        return super().last_token_scores(batch_ids)
+        try:
+            return super().last_token_scores(batch_ids)
+        except EngineInputError:
+            raise
+        except EngineError as exc:  # dying, or died between the poll and the call: name the log
+            code = self.process.poll()
+            state = "is running" if code is None else f"exited with status {code}"
+            raise EngineError(f"{exc}; the launched vLLM {state}; its log: {self.log_path}") from exc
 
     def close(self) -> None:
         super().close()
