@@ -188,6 +188,38 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     raise CheckpointError(f"{path} holds no model*.safetensors or pytorch_model*.bin weights")
 
 
+class TensorRows:
+    """Reads a range of rows (dim 0) of any tensor of a local safetensors checkpoint, and only
+    those bytes (safetensors slices are memory-mapped): how a sharded loader gives each rank
+    its own slice without any rank reading the whole model.
+
+    ``elements_read`` counts the elements returned so far (what this process has read).
+    """
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        shards = sorted(path.glob("model*.safetensors"))
+        if not shards:
+            raise CheckpointError(
+                f"{path} holds no model*.safetensors weights; a sharded load reads slices of "
+                "safetensors files (convert .bin weights with save_pretrained(safe_serialization=True))"
+            )
+        self._handles = [safe_open(str(s), framework="pt") for s in shards]
+        self._where = {key: h for h in self._handles for key in h.keys()}  # noqa: SIM118
+        self.elements_read = 0
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name`` (the whole tensor when it has no dimension)."""
+        handle = self._where.get(name)
+        if handle is None:
+            raise CheckpointError(f"the checkpoint has no tensor {name!r}")
+        piece = handle.get_slice(name)
+        out = piece[start:stop] if piece.get_shape() else handle.get_tensor(name)
+        self.elements_read += out.numel()
+        return out
+
+
 def skeleton_shapes(build: Callable[[], nn.Module]) -> Shapes:
     """Tensor names and shapes of a module built on the meta device (no memory, no init)."""
     with torch.device("meta"):

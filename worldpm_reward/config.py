@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 FamilyName = Literal["auto", "worldpm", "polar", "generic"]
 Overflow = Literal["truncate", "error"]
-EngineName = Literal["transformers", "vllm"]
+EngineName = Literal["transformers", "vllm", "fsdp"]
 
 
 def _opt(help: str, *, cli: bool = True, metavar: str | None = None) -> dict[str, Any]:
@@ -47,7 +47,9 @@ class ModelConfig:
             "what runs the forward pass: 'transformers' (in this process) or 'vllm' (vLLM's pooling "
             "runner: in this process when vLLM imports here, else a `vllm serve` launched with "
             "--vllm-python, or one already running at --vllm-url); formatting, truncation, weight "
-            "checks and shaping stay in this package either way"
+            "checks and shaping stay in this package either way; 'fsdp' (Python API under "
+            "torch.distributed: one model sharded across the training ranks, see "
+            "worldpm_reward.engines.sharded)"
         ),
     )
     vllm_url: str | None = field(
@@ -70,6 +72,14 @@ class ModelConfig:
     )
     vllm_startup_timeout: float = field(
         default=900.0, metadata=_opt("engine=vllm: seconds to wait for a launched vLLM to answer /health")
+    )
+    fsdp_offload: bool = field(
+        default=False,
+        metadata=_opt(
+            "engine=fsdp: keep this rank's shard in CPU memory between reward calls (moved to the "
+            "GPU for each call, off again after it)",
+            cli=False,
+        ),
     )
     dtype: str | None = field(
         default="auto", metadata=_opt("auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
@@ -164,6 +174,8 @@ class ModelConfig:
             raise ConfigError(f"engine: {self.engine!r} is not one of {list(typing.get_args(EngineName))}")
         if self.engine != "vllm" and (self.vllm_url or self.vllm_python):
             raise ConfigError("vllm_url / vllm_python: only used with engine='vllm'")
+        if self.fsdp_offload and self.engine != "fsdp":
+            raise ConfigError("fsdp_offload: only used with engine='fsdp'")
         if self.vllm_url and self.vllm_python:
             raise ConfigError("vllm_url and vllm_python: give one (a running vLLM, or one to launch)")
         if self.overflow not in typing.get_args(Overflow):

@@ -85,6 +85,13 @@ class RewardFamily:
         """How to get raw scores from the loaded model (default: its forward returns them)."""
         return model.forward
 
+    def skeleton(self, config_dict: dict[str, Any]) -> nn.Module | None:
+        """The reward model's module for ``config_dict`` (built under ``torch.device("meta")``
+        by the sharded engine), when its parameter names ARE the checkpoint's tensor names
+        and its forward returns raw scores (B,): what :mod:`worldpm_reward.engines.sharded`
+        loads slice by slice. None when loading converts weights (POLAR's fused wqkv)."""
+        return None
+
     def parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
         """(decoder backbone, head) when the model scores through the last-token seam, so a
         shared prefix can run once through the KV cache; None when it cannot (encoders)."""

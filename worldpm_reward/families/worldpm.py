@@ -152,6 +152,9 @@ class WorldPMFamily(RewardFamily):
         check_loading_info(info, request.where)
         return model
 
+    def skeleton(self, config_dict: dict[str, Any]) -> nn.Module | None:
+        return WorldPMForRewardModel(worldpm_config(config_dict))
+
     def parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
         return model.model, model.score  # type: ignore[return-value]
 
