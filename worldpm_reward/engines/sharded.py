@@ -414,6 +414,7 @@ class ShardedRewardModel(RewardModel):
         try:
             with torch.no_grad():
                 scores = self.model(input_ids=ids.to(self._device), attention_mask=mask.to(self._device))
+            self.model.reshard()  # FSDP2 keeps the root's own parameters gathered after a forward
             return scores.float().cpu().tolist()  # type: ignore[no-any-return]
         except torch.OutOfMemoryError:
             failure = "out of device memory (lower max_batch_tokens or max_length)"

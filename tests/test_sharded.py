@@ -1,0 +1,140 @@
+"""engine="fsdp": one reward model sharded across torch.distributed ranks (FSDP2, gloo on CPU).
+
+Each multi-process test launches tests/sharded_job.py under torchrun, the way a training job
+runs, and checks every rank's results against the UNSHARDED model scoring the same samples in
+this process: scores within 1e-5 (fp32), the same per-sample errors, merged counters, and
+each rank's resident share of the parameters. A deadlock would show as the launch timing out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from wpr_sharded import FAIL_MARKER, INVALID, calls_for
+
+from worldpm_reward import ConfigError, RewardModel
+from worldpm_reward.checkpoints import TensorRows
+from worldpm_reward.engines.sharded import shard_rows
+from worldpm_reward.samples import parse_sample
+from worldpm_reward.testing import write_tiny_worldpm
+
+HERE = Path(__file__).resolve().parent
+TOLERANCE = 1e-5
+
+
+@pytest.mark.parametrize(("rows", "world"), [(10, 3), (7, 2), (2, 3), (151936, 8), (1, 2)])
+def test_shard_rows_are_fsdp2s_chunks(rows: int, world: int) -> None:
+    chunks = torch.arange(rows).chunk(world)
+    for rank in range(world):
+        start, stop = shard_rows(rows, world, rank)
+        want = chunks[rank].tolist() if rank < len(chunks) else []
+        assert list(range(start, stop)) == want
+
+
+def test_tensor_rows_reads_only_the_rows_asked_for(tiny_worldpm: Path) -> None:
+    from safetensors.torch import load_file
+
+    full = load_file(str(tiny_worldpm / "model.safetensors"))
+    reader = TensorRows(tiny_worldpm)
+    name = "model.layers.1.mlp.down_proj.weight"
+    got = reader.rows(name, 5, 9)
+    assert torch.equal(got, full[name][5:9]) and reader.elements_read == got.numel()
+    assert torch.equal(reader.rows("score.2.bias", 0, 1), full["score.2.bias"])
+
+
+def test_fsdp_engine_outside_a_distributed_job_says_how_to_launch(tiny_worldpm: Path) -> None:
+    with pytest.raises(ConfigError, match="torchrun"):
+        RewardModel.from_pretrained(tiny_worldpm, engine="fsdp", device="cpu")
+    with pytest.raises(ConfigError, match="fsdp_offload"):
+        RewardModel.from_pretrained(tiny_worldpm, device="cpu", fsdp_offload=True)
+
+
+def run_job(world: int, ckpt: Path, broken: Path, out: Path) -> list[dict]:
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    proc = subprocess.run(
+        [*cmd, str(HERE / "sharded_job.py"), str(ckpt), str(broken), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_scores_equal_the_unsharded_model(tmp_path: Path, tiny_worldpm: Path, world: int) -> None:
+    broken = write_tiny_worldpm(tmp_path / "single-linear", seed=0, head="single_linear")
+    reports = run_job(world, tiny_worldpm, broken, tmp_path / "out")
+    full = RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+
+    # every rank refused the stock single-Linear head with the usual message
+    assert all("single-Linear head" in r["broken_head"] for r in reports)
+
+    # the fixture can fail: the marker's token appears in no other sample
+    marker = full.tokenizer.encode(FAIL_MARKER, add_special_tokens=False)[0]
+    others = [
+        parse_sample(s)
+        for r in range(world)
+        for call in calls_for(r, world)
+        for s in call
+        if s not in INVALID and FAIL_MARKER not in json.dumps(s, ensure_ascii=False)
+    ]
+    assert all(marker not in enc.input_ids for enc in full.encoder.encode_batch(others))  # type: ignore[union-attr]
+    scored = 0
+    distinct: set[float] = set()
+    for rank, report in enumerate(reports):
+        for c, (samples, got) in enumerate(zip(calls_for(rank, world), report["calls"])):
+            want = full.score_detailed(samples)
+            assert len(got["scores"]) == len(samples)
+            for k, (w, score, error) in enumerate(zip(want, got["scores"], got["errors"])):
+                if c == 3 and FAIL_MARKER in json.dumps(samples[k], ensure_ascii=False):
+                    assert score is None and "injected failure" in error and f"sample {k}" in error
+                    continue
+                assert error == w.error, (rank, c, k)
+                if w.error is None:
+                    assert score is not None and abs(score - w.score) <= TOLERANCE, (rank, c, k, score, w.score)
+                    scored += 1
+                    distinct.add(round(score, 4))
+                else:
+                    assert score is None
+    assert scored >= 20 and len(distinct) > scored // 2  # many different scores, all matching
+
+    # the situations the acceptance names happened: a rank with none, a rank with only invalid ones,
+    # uneven micro-batch counts (so some rank ran dummy calls)
+    assert reports[1]["calls"][1]["scores"] == []
+    assert all(s is None for s in reports[1]["calls"][2]["scores"]) and reports[1]["calls"][2]["scores"]
+    assert len({r["calls"][0]["local_batches"] for r in reports}) > 1
+    assert sum(r["dummy_calls"] for r in reports) > 0
+
+    # counters merged over the ranks
+    for c in range(4):
+        total = sum(len(calls_for(r, world)[c]) for r in range(world))
+        errors = sum(e is not None for r in reports for e in r["calls"][c]["errors"])
+        batches = sum(r["calls"][c]["local_batches"] for r in reports)
+        assert all(r["calls"][c]["global"] == {"num_samples": total, "num_errors": errors, "num_batches": batches} for r in reports)
+
+    # each rank holds at most 1/N of the parameters plus one decoder layer, and read no more
+    total = sum(p.numel() for p in full.model.parameters())
+    layer = sum(p.numel() for p in full.model.model.layers[0].parameters())
+    for r in reports:
+        mem = r["memory"]
+        assert mem["total"] == total
+        assert mem["resident"] <= total / world + layer, mem
+        assert r["memory_after_calls"] == mem["resident"]
+        assert r["elements_read"] <= total / world + layer
+        print(
+            f"world {world} rank {r['rank']}: {mem['resident']} of {total} parameter elements "
+            f"({100 * mem['resident'] / total:.1f}%, {mem['resident_bytes'] / 1e6:.1f} MB of "
+            f"{mem['full_copy_bytes'] / 1e6:.1f} MB), read {r['elements_read']}"
+        )

@@ -1,0 +1,49 @@
+"""The script of scoring calls test_sharded.py runs on every rank of a sharded reward model
+(sharded_job.py) and checks against the unsharded model. Every rank makes the same calls,
+each with its own samples: uneven counts, a rank with none, a rank whose samples are all
+invalid, and a call where one sample fails inside the model on the last rank."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: A sample holding this text fails in the model's second decoder layer (injected by the job).
+FAIL_MARKER = "⚡⚡⚡"
+
+INVALID: list[Any] = [
+    {"prompt": "a prompt without a response"},
+    {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "five"}]},
+    {"messages": "not a list"},
+]
+
+
+def conversation(call: int, rank: int, i: int) -> dict[str, Any]:
+    """A distinct conversation; lengths vary so ranks plan different numbers of micro-batches."""
+    words = " ".join(["step"] * ((7 * i + 3 * rank + call) % 11))
+    reply = f"Answer {call}.{rank}.{i}: {words} the result is {i * 37 + rank}."
+    if (i + rank) % 4 == 1:
+        reply += " Voilà, 结果是对的."  # non-ASCII
+    return {
+        "messages": [
+            {"role": "user", "content": f"Question {i} from rank {rank}, call {call}?"},
+            {"role": "assistant", "content": reply},
+        ]
+    }
+
+
+def calls_for(rank: int, world: int) -> list[list[Any]]:
+    """The samples of each call for ``rank`` (the same number of calls on every rank)."""
+
+    def some(call: int, n: int) -> list[Any]:
+        return [conversation(call, rank, i) for i in range(n)]
+
+    last = world - 1
+    uneven = some(0, [5, 2, 8][rank % 3] + rank)
+    if rank == 1:
+        uneven.insert(1, INVALID[0])
+    no_samples = [] if rank == 1 else some(1, 6 if rank == 0 else 3)
+    all_invalid = list(INVALID) if rank == 1 else ([] if rank == 2 else some(2, 4))
+    failing = some(3, 5 if rank != last else 4)
+    if rank == last:
+        failing[2]["messages"][1]["content"] += " " + FAIL_MARKER
+    return [uneven, no_samples, all_invalid, failing]
