@@ -138,3 +138,57 @@ def test_sharded_scores_equal_the_unsharded_model(tmp_path: Path, tiny_worldpm: 
             f"({100 * mem['resident'] / total:.1f}%, {mem['resident_bytes'] / 1e6:.1f} MB of "
             f"{mem['full_copy_bytes'] / 1e6:.1f} MB), read {r['elements_read']}"
         )
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.framework
+def test_trl_grpo_with_two_processes_shares_one_sharded_reward_model(tmp_path: Path, tiny_worldpm: Path) -> None:
+    """`accelerate launch --multi_gpu --num_processes 2` (on a CPU machine: torchrun, gloo) of a real
+    GRPOTrainer whose reward model is sharded over its two processes: rewards are logged as in
+    the single-process case and equal the unsharded model's scores."""
+    pytest.importorskip("trl", reason="needs the 'trl' extra: pip install 'worldpm-reward[trl]'")
+    from wpr_testutils import DATA
+
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]),
+        "WORLDPM_SHARED_DATA": str(DATA),
+    }
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run(
+        [*launch, str(HERE / "trl_sharded_job.py"), str(tiny_worldpm), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    full = RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+    total = sum(p.numel() for p in full.model.parameters())
+    layer = sum(p.numel() for p in full.model.model.layers[0].parameters())
+    checked = 0
+    for r in reports:
+        assert r["engine"] == "ShardedRewardModel" and r["world"] == 2
+        assert r["memory"]["total"] == total and r["memory"]["resident"] <= total / 2 + layer
+        assert len(r["calls"]) >= 3
+        for prompts, completions, returned in r["calls"]:
+            convs = [
+                [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+                for p, c in zip(prompts, completions)
+            ]
+            for got, want in zip(returned, full.score_detailed(convs)):
+                assert (got is None) == (want.error is not None)
+                if got is not None:
+                    assert abs(got - want.score) <= TOLERANCE
+                    checked += 1
+    assert checked >= 16
+    steps = [h for h in reports[0]["log_history"] if "rewards/worldpm/mean" in h]
+    assert len(steps) == 3 and all("worldpm/raw_mean" in h and "worldpm/failed" in h for h in steps)
+    first = [x for r in reports for x in r["calls"][0][2] if x is not None]  # TRL gathers both ranks
+    assert abs(steps[0]["rewards/worldpm/mean"] - sum(first) / len(first)) <= 1e-4
