@@ -192,3 +192,95 @@ def test_trl_grpo_with_two_processes_shares_one_sharded_reward_model(tmp_path: P
     assert len(steps) == 3 and all("worldpm/raw_mean" in h and "worldpm/failed" in h for h in steps)
     first = [x for r in reports for x in r["calls"][0][2] if x is not None]  # TRL gathers both ranks
     assert abs(steps[0]["rewards/worldpm/mean"] - sum(first) / len(first)) <= 1e-4
+
+
+# config.json dimensions of the released checkpoints the sharded recipe names
+RELEASED = {
+    "Qwen/WorldPM-72B": dict(
+        vocab_size=152064,
+        hidden_size=8192,
+        intermediate_size=29568,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    ),
+    "Qwen/Qwen2.5-7B-Instruct": dict(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    ),
+}
+SHARDED_RECIPE = HERE.parent / "recipes" / "configs" / "grpo_worldpm72b_sharded.yaml"
+
+
+def test_sharded_recipe_memory_arithmetic_follows_from_the_config() -> None:
+    """Every figure of the 8x80GB sharded recipe's header, recomputed from the config's own
+    values (models, dtype, ranks in its launch command, vLLM share, micro-batch budget) and the
+    models' parameter counts (built on the meta device from their released dimensions)."""
+    import re
+
+    import yaml
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from worldpm_reward.families.worldpm import WorldPMForRewardModel, worldpm_config
+
+    text = SHARDED_RECIPE.read_text()
+    header = " ".join(ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#"))
+    cfg = yaml.safe_load(text)
+    kwargs, extra = cfg["reward_model_kwargs"], cfg["extra"]
+    assert kwargs["engine"] == "fsdp" and kwargs["dtype"] == "bf16"
+    ranks = int(re.search(r"accelerate launch --num_processes (\d+) recipes/grpo_worldpm.py", header).group(1))
+    gpu_gb = int(re.search(r"One (\d+)x(\d+)GB node", header).group(2))
+    assert ranks == int(re.search(r"One (\d+)x", header).group(1))
+
+    with torch.device("meta"):
+        rm = WorldPMForRewardModel(worldpm_config(RELEASED[cfg["reward_model"]]))
+        policy = Qwen2ForCausalLM(Qwen2Config(**RELEASED[cfg["policy"]]))
+    rm_params = sum(p.numel() for p in rm.parameters()) / 1e9
+    layer = sum(p.numel() for p in rm.model.layers[0].parameters()) / 1e9
+    embed = rm.model.embed_tokens.weight.numel() / 1e9
+    policy_params = sum(p.numel() for p in policy.parameters()) / 1e9
+
+    m = re.search(r"reward model: \S+ ([\d.]+)B params x 2 B \(bf16\) / (\d+) ranks = ~(\d+) GB", header)
+    assert m and abs(float(m.group(1)) - rm_params) < 0.05 and int(m.group(2)) == ranks
+    reward_gb = int(m.group(3))
+    assert abs(reward_gb - rm_params * 2 / ranks) < 0.5
+    m = re.search(
+        r"embedding \(([\d.]+)B params = ([\d.]+) GB\) or two decoder layers .*?2 x ([\d.]+)B params = ([\d.]+) GB"
+        r".*?one (\d+)-token micro-batch \(~([\d.]+) GB\) = ~(\d+) GB",
+        header,
+    )
+    assert m, "no transient line"
+    assert abs(float(m.group(1)) - embed) < 0.01 and abs(float(m.group(2)) - embed * 2) < 0.1
+    assert abs(float(m.group(3)) - layer) < 0.01 and abs(float(m.group(4)) - 2 * layer * 2) < 0.1
+    assert int(m.group(5)) == kwargs["max_batch_tokens"]
+    h, inter = RELEASED[cfg["reward_model"]]["hidden_size"], RELEASED[cfg["reward_model"]]["intermediate_size"]
+    activations = kwargs["max_batch_tokens"] * (2 * h + 3 * inter) * 2 / 1e9  # residual, normed, gate/up/act
+    assert abs(float(m.group(6)) - activations) < 0.5
+    transient_gb = int(m.group(7))
+    assert transient_gb >= max(float(m.group(2)), float(m.group(4))) + float(m.group(6)) - 0.5
+
+    m = re.search(r"policy: \S+ ([\d.]+)B params x 16 B .*?/ (\d+) ranks = ~(\d+) GB", header)
+    assert m and abs(float(m.group(1)) - policy_params) < 0.05 and int(m.group(2)) == ranks
+    assert extra["deepspeed"]["zero_optimization"]["stage"] == 3
+    policy_gb = int(m.group(3))
+    assert abs(policy_gb - policy_params * 16 / ranks) < 0.5
+    m = re.search(r"vLLM: ([\d.]+) x (\d+) GB .*?= ~(\d+) GB", header)
+    assert m and float(m.group(1)) == extra["vllm_gpu_memory_utilization"] and int(m.group(2)) == gpu_gb
+    vllm_gb = int(m.group(3))
+    assert abs(vllm_gb - extra["vllm_gpu_memory_utilization"] * gpu_gb) < 0.5
+    assert extra["use_vllm"] and extra["vllm_mode"] == "colocate" and extra["vllm_enable_sleep_mode"]
+    assert policy_params * 2 < extra["vllm_gpu_memory_utilization"] * gpu_gb  # vLLM's copy of the weights fits
+    train_gb = int(re.search(r"training activations .*?= ~(\d+) GB", header).group(1))
+
+    m = re.search(r"per GPU: ([\d +]+) = ~(\d+) GB of (\d+) GB", header)
+    assert m and int(m.group(3)) == gpu_gb
+    terms = [int(x) for x in m.group(1).split("+")]
+    assert terms == [reward_gb, transient_gb, policy_gb, vllm_gb, train_gb]
+    assert sum(terms) == int(m.group(2)) <= gpu_gb
+    m = re.search(r"full copy per rank .*? would need (\d+) GB per GPU", header)
+    assert m and abs(int(m.group(1)) - rm_params * 2) < 1 and int(m.group(1)) > gpu_gb
