@@ -2,7 +2,8 @@
 
 What it does: trains a policy with TRL's GRPOTrainer on instruction prompts from
 ../shared/data/prompts, rewarded by WorldPM, colocated in the training processes or
-remote (WorldPM-72B on dedicated GPUs behind `worldpm-reward serve`). Ends by printing one
+remote (WorldPM-72B on dedicated GPUs behind `worldpm-reward serve`), or sharded over the
+training processes (`reward_model_kwargs: {engine: fsdp}`). Ends by printing one
 JSON line: steps, mean reward of the first and last steps, seconds.
 
 Tested hardware: the smoke config on a 2-core CPU machine (tiny policy with its own
@@ -18,6 +19,9 @@ Launch commands:
       --host 127.0.0.1 --port 8000 --normalize running &
   CUDA_VISIBLE_DEVICES=0,1,2,3 accelerate launch --num_processes 4 recipes/grpo_worldpm.py \\
       --config recipes/configs/grpo_worldpm72b_remote.yaml
+
+  # Colocated WorldPM-72B, sharded over all 8 training GPUs (engine: fsdp) beside a ZeRO-3 7B policy
+  accelerate launch --num_processes 8 recipes/grpo_worldpm.py --config recipes/configs/grpo_worldpm72b_sharded.yaml
 
   # Colocated: a WorldPM checkpoint that fits beside the policy on every training GPU
   accelerate launch --num_processes 8 recipes/grpo_worldpm.py --config recipes/configs/grpo_colocated.yaml

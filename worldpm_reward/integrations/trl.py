@@ -13,7 +13,9 @@ answer column for reference-relative rewards is ``shaping.reference_field``.
 
 Backends (exactly one):
   * ``model=`` a checkpoint, scored in this process (colocated), loaded lazily on the
-    first call on this process's own device, so the object pickles cheaply;
+    first call on this process's own device, so the object pickles cheaply; with
+    ``model_kwargs={"engine": "fsdp"}`` the training processes share ONE copy, sharded
+    over them (:mod:`worldpm_reward.engines.sharded`: WorldPM-72B beside the policy);
   * ``url=`` one or more ``worldpm-reward serve`` endpoints (``RemoteScorer``);
   * ``scorer=`` any object with ``score_detailed(samples) -> list[ScoreResult]``.
 
