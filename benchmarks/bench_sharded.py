@@ -117,7 +117,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_tiny_worldpm(Path(tmp) / "rm", seed=0, **QWEN2_DIMENSIONS[args.size])
         out = Path(tmp) / "figures.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+        ]
         cmd += [__file__, "--worker"]  # its options travel in the environment (torchrun parses --n)
         worker_args = {**vars(args), "checkpoint": str(ckpt), "out": str(out), "worker": True}
         env = {
@@ -129,7 +135,9 @@ def main() -> None:
         ranks = json.loads(out.read_text())
 
     print(f"model {args.size}, {args.nproc} ranks, {args.device} {args.dtype}, {args.n} conversations")
-    print("| rank | samples | resident params | resident / full copy | score full (s) | score sharded (s) | sharded / full |")
+    print(
+        "| rank | samples | resident params | resident / full copy | score full (s) | score sharded (s) | sharded / full |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in ranks:
         print(

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wpr_sharded import FAIL_MARKER, calls_for  # noqa: E402
+from wpr_sharded import FAIL_MARKER, calls_for
 
-from worldpm_reward import CheckpointError, RewardModel  # noqa: E402
+from worldpm_reward import CheckpointError, RewardModel
 
 ckpt, broken, out_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 torch.set_num_threads(1)

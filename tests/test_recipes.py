@@ -72,7 +72,9 @@ def test_gpu_configs_state_memory_arithmetic_that_fits(config: Path) -> None:
     assert int(m.group(1)) <= int(m.group(2))
     data = yaml.safe_load(text)
     if "72B" in str(data.get("reward_model", "")):  # never a full 72B copy per training process
-        assert data.get("reward_model_kwargs", {}).get("engine") == "fsdp", "a 72B reward model must be sharded"
+        assert data.get("reward_model_kwargs", {}).get("engine") == "fsdp", (
+            "a 72B reward model must be sharded"
+        )
     if "7B" in str(data.get("policy", "")) and "generation_batch" not in data:  # a 7B policy in training
         extra = data.get("extra", {})
         assert extra.get("deepspeed", {}).get("zero_optimization", {}).get("stage") == 3

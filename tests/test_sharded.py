@@ -103,7 +103,13 @@ def test_sharded_scores_equal_the_unsharded_model(tmp_path: Path, tiny_worldpm: 
                     continue
                 assert error == w.error, (rank, c, k)
                 if w.error is None:
-                    assert score is not None and abs(score - w.score) <= TOLERANCE, (rank, c, k, score, w.score)
+                    assert score is not None and abs(score - w.score) <= TOLERANCE, (
+                        rank,
+                        c,
+                        k,
+                        score,
+                        w.score,
+                    )
                     scored += 1
                     distinct.add(round(score, 4))
                 else:
@@ -122,7 +128,10 @@ def test_sharded_scores_equal_the_unsharded_model(tmp_path: Path, tiny_worldpm: 
         total = sum(len(calls_for(r, world)[c]) for r in range(world))
         errors = sum(e is not None for r in reports for e in r["calls"][c]["errors"])
         batches = sum(r["calls"][c]["local_batches"] for r in reports)
-        assert all(r["calls"][c]["global"] == {"num_samples": total, "num_errors": errors, "num_batches": batches} for r in reports)
+        assert all(
+            r["calls"][c]["global"] == {"num_samples": total, "num_errors": errors, "num_batches": batches}
+            for r in reports
+        )
 
     # each rank holds at most 1/N of the parameters plus one decoder layer, and read no more
     total = sum(p.numel() for p in full.model.parameters())
@@ -143,7 +152,9 @@ def test_sharded_scores_equal_the_unsharded_model(tmp_path: Path, tiny_worldpm: 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.framework
-def test_trl_grpo_with_two_processes_shares_one_sharded_reward_model(tmp_path: Path, tiny_worldpm: Path) -> None:
+def test_trl_grpo_with_two_processes_shares_one_sharded_reward_model(
+    tmp_path: Path, tiny_worldpm: Path
+) -> None:
     """`accelerate launch --multi_gpu --num_processes 2` (on a CPU machine: torchrun, gloo) of a real
     GRPOTrainer whose reward model is sharded over its two processes: rewards are logged as in
     the single-process case and equal the unsharded model's scores."""
@@ -233,7 +244,9 @@ def test_sharded_recipe_memory_arithmetic_follows_from_the_config() -> None:
     cfg = yaml.safe_load(text)
     kwargs, extra = cfg["reward_model_kwargs"], cfg["extra"]
     assert kwargs["engine"] == "fsdp" and kwargs["dtype"] == "bf16"
-    ranks = int(re.search(r"accelerate launch --num_processes (\d+) recipes/grpo_worldpm.py", header).group(1))
+    ranks = int(
+        re.search(r"accelerate launch --num_processes (\d+) recipes/grpo_worldpm.py", header).group(1)
+    )
     gpu_gb = int(re.search(r"One (\d+)x(\d+)GB node", header).group(2))
     assert ranks == int(re.search(r"One (\d+)x", header).group(1))
 
@@ -258,7 +271,10 @@ def test_sharded_recipe_memory_arithmetic_follows_from_the_config() -> None:
     assert abs(float(m.group(1)) - embed) < 0.01 and abs(float(m.group(2)) - embed * 2) < 0.1
     assert abs(float(m.group(3)) - layer) < 0.01 and abs(float(m.group(4)) - 2 * layer * 2) < 0.1
     assert int(m.group(5)) == kwargs["max_batch_tokens"]
-    h, inter = RELEASED[cfg["reward_model"]]["hidden_size"], RELEASED[cfg["reward_model"]]["intermediate_size"]
+    h, inter = (
+        RELEASED[cfg["reward_model"]]["hidden_size"],
+        RELEASED[cfg["reward_model"]]["intermediate_size"],
+    )
     activations = kwargs["max_batch_tokens"] * (2 * h + 3 * inter) * 2 / 1e9  # residual, normed, gate/up/act
     assert abs(float(m.group(6)) - activations) < 0.5
     transient_gb = int(m.group(7))
@@ -274,7 +290,9 @@ def test_sharded_recipe_memory_arithmetic_follows_from_the_config() -> None:
     vllm_gb = int(m.group(3))
     assert abs(vllm_gb - extra["vllm_gpu_memory_utilization"] * gpu_gb) < 0.5
     assert extra["use_vllm"] and extra["vllm_mode"] == "colocate" and extra["vllm_enable_sleep_mode"]
-    assert policy_params * 2 < extra["vllm_gpu_memory_utilization"] * gpu_gb  # vLLM's copy of the weights fits
+    assert (
+        policy_params * 2 < extra["vllm_gpu_memory_utilization"] * gpu_gb
+    )  # vLLM's copy of the weights fits
     train_gb = int(re.search(r"training activations .*?= ~(\d+) GB", header).group(1))
 
     m = re.search(r"per GPU: ([\d +]+) = ~(\d+) GB of (\d+) GB", header)

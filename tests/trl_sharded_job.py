@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
@@ -22,7 +23,7 @@ ckpt, out_dir = sys.argv[1], Path(sys.argv[2])
 
 
 class RecordingReward(WorldPMReward):
-    calls: list = []
+    calls: ClassVar[list] = []
 
     def __call__(self, prompts, completions, completion_ids=None, **kwargs):
         out = super().__call__(prompts, completions, completion_ids, **kwargs)
@@ -45,7 +46,9 @@ args = GRPOConfig(
     save_strategy="no",
 )
 dataset = Dataset.from_dict({"prompt": gsm8k_questions(16)})
-trainer = GRPOTrainer(model=policy, processing_class=tok, reward_funcs=[reward], args=args, train_dataset=dataset)
+trainer = GRPOTrainer(
+    model=policy, processing_class=tok, reward_funcs=[reward], args=args, train_dataset=dataset
+)
 trainer.train()
 scorer = reward._scorer
 rank = trainer.accelerator.process_index

@@ -7,8 +7,8 @@ other processes; framework adapters live in ``worldpm_reward.integrations``.
 """
 
 from worldpm_reward.config import ModelConfig
-from worldpm_reward.engines import vllm_engine as _vllm_engine  # noqa: F401  (registers engine="vllm")
 from worldpm_reward.engines import sharded as _sharded  # noqa: F401  (registers engine="fsdp")
+from worldpm_reward.engines import vllm_engine as _vllm_engine  # noqa: F401  (registers engine="vllm")
 from worldpm_reward.errors import (
     BatchScoringError,
     CheckpointError,

@@ -173,7 +173,7 @@ def load_sharded(
     family.check_weights(tensor_shapes(path), config_dict, where)  # before any weight is read
     reader = TensorRows(path)
     if config.attn_implementation is not None:
-        model.config._attn_implementation = config.attn_implementation
+        model.config._attn_implementation = config.attn_implementation  # type: ignore[union-attr]
     model.to(resolve_dtype(config.dtype, device))
     model.eval()
     model.requires_grad_(False)
@@ -183,7 +183,8 @@ def load_sharded(
     backbone = parts[0]
     params = {n for n, _ in model.named_parameters()}
     persistent = set(model.state_dict()) - params
-    units: list[nn.Module] = [backbone.get_input_embeddings(), *backbone.layers]  # type: ignore[union-attr]
+    layers: Any = backbone.layers
+    units: list[nn.Module] = [backbone.get_input_embeddings(), *layers]  # type: ignore[operator]
 
     world, rank = dist.get_world_size(), dist.get_rank()
     mesh = init_device_mesh(device.type, (world,))
@@ -208,7 +209,9 @@ def load_sharded(
                 buf.copy_(reader.rows(name, 0, buf.shape[0] if buf.dim() else 1))
             elif name not in rebuilt:
                 raise CheckpointError(f"{where}: buffer {name} would stay uninitialised in a sharded load")
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=config.trust_remote_code, **hub)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(name_or_path), trust_remote_code=config.trust_remote_code, **hub
+    )
     return model, [model, *units], family, tokenizer, reader.elements_read
 
 
@@ -244,7 +247,9 @@ class ShardedRewardModel(RewardModel):
         self.max_batch_tokens = int(config.max_batch_tokens or (32768 if on_gpu else 4096))
         self.max_batch_size = config.max_batch_size
         self.max_padding_fraction = float(
-            config.max_padding_fraction if config.max_padding_fraction is not None else (0.3 if on_gpu else 0.05)
+            config.max_padding_fraction
+            if config.max_padding_fraction is not None
+            else (0.3 if on_gpu else 0.05)
         )
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else (self.encoder.final_token_id or 0))
@@ -386,12 +391,16 @@ class ShardedRewardModel(RewardModel):
             out = self._collective_forward([e.input_ids for _, e in batch])
             if isinstance(out, str):
                 if len(batch) > 1:  # retry in halves: the others keep calling while this rank does
-                    logger.warning("rank %d: a batch of %d failed (%s); retrying in halves", self.rank, len(batch), out)
+                    logger.warning(
+                        "rank %d: a batch of %d failed (%s); retrying in halves", self.rank, len(batch), out
+                    )
                     half = len(batch) // 2
                     queue.extendleft([batch[half:], batch[:half]])
                 else:
                     i, enc = batch[0]
-                    results[i].error = f"sample {start_index + i}: not scored at {len(enc.input_ids)} tokens: {out}"
+                    results[
+                        i
+                    ].error = f"sample {start_index + i}: not scored at {len(enc.input_ids)} tokens: {out}"
                     if progress is not None:
                         progress(1)
                 continue
@@ -418,7 +427,7 @@ class ShardedRewardModel(RewardModel):
             return scores.float().cpu().tolist()  # type: ignore[no-any-return]
         except torch.OutOfMemoryError:
             failure = "out of device memory (lower max_batch_tokens or max_length)"
-        except Exception as exc:  # noqa: BLE001 - any local failure must still finish the schedule
+        except Exception as exc:  # any local failure: this rank must still finish the schedule
             failure = f"{type(exc).__name__}: {exc}"
         # Outside the handler: the exception's traceback no longer pins the failed activations.
         if self._device.type == "cuda":
@@ -438,7 +447,9 @@ class ShardedRewardModel(RewardModel):
 
     def _summed(self, stats: BatchStats) -> BatchStats:
         names = [f.name for f in dataclasses.fields(BatchStats) if isinstance(getattr(stats, f.name), int)]
-        values = torch.tensor([getattr(stats, n) for n in names], dtype=torch.long, device=self._comm_device())
+        values = torch.tensor(
+            [getattr(stats, n) for n in names], dtype=torch.long, device=self._comm_device()
+        )
         _distributed().all_reduce(values)
         return dataclasses.replace(stats, **dict(zip(names, (int(v) for v in values.tolist()))))
 
