@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wpr_sharded import FAIL_MARKER, calls_for
+from wpr_sharded import calls_for, marker_ids
 
 from worldpm_reward import CheckpointError, RewardModel
 
@@ -48,21 +48,32 @@ report["memory"] = {
 }
 report["elements_read"] = rm.elements_read
 
-# a failure injected on this rank: any batch holding the marker fails in the second decoder layer
-marker_id = rm.tokenizer.encode(FAIL_MARKER, add_special_tokens=False)[0]
-armed = {"on": False}
+# failures injected on this rank: a batch holding a marker fails where the marker says
+markers = marker_ids(rm.tokenizer)
+armed = {"layer": False, "head": False}
 backbone = rm.model.model
-backbone.embed_tokens.register_forward_pre_hook(
-    lambda module, args: armed.update(on=bool((args[0] == marker_id).any()))
-)
+
+
+def arm(module, args):
+    ids = args[0]
+    armed.update(layer=bool((ids == markers["layer"]).any()), head=bool((ids == markers["head"]).any()))
+    if (ids == markers["embedding"]).any():
+        raise RuntimeError("injected failure before the embedding's collectives")
 
 
 def explode(module, args):
-    if armed["on"]:
+    if armed["layer"]:
         raise RuntimeError("injected failure in decoder layer 1")
 
 
+def explode_head(module, args):
+    if armed["head"]:
+        raise RuntimeError("injected failure in the head")
+
+
+backbone.embed_tokens.register_forward_pre_hook(arm)
 backbone.layers[1].register_forward_pre_hook(explode)
+rm.model.score.register_forward_pre_hook(explode_head)
 
 report["calls"] = []
 for samples in calls_for(rank, world):

@@ -7,8 +7,24 @@ from __future__ import annotations
 
 from typing import Any
 
-#: A sample holding this text fails in the model's second decoder layer (injected by the job).
-FAIL_MARKER = "⚡⚡⚡"
+#: A sample holding one of these texts fails where it says (sharded_job.py injects it):
+#: before the embedding's collectives, in the second decoder layer (between two all-gathers),
+#: and in the head (after the last collective).
+FAIL_MARKERS = {"embedding": "☔☔☔", "layer": "⚡⚡⚡", "head": "♞♞♞"}
+
+
+def marker_ids(tokenizer: Any) -> dict[str, int]:
+    """One token id per marker that no other marker's encoding holds."""
+    ids = {k: set(tokenizer.encode(m, add_special_tokens=False)) for k, m in FAIL_MARKERS.items()}
+    return {k: min(v - set().union(*(ids[o] for o in ids if o != k))) for k, v in ids.items()}
+
+
+def has_marker(sample: Any) -> bool:
+    import json
+
+    text = json.dumps(sample, ensure_ascii=False)
+    return any(m in text for m in FAIL_MARKERS.values())
+
 
 INVALID: list[Any] = [
     {"prompt": "a prompt without a response"},
@@ -45,5 +61,10 @@ def calls_for(rank: int, world: int) -> list[list[Any]]:
     all_invalid = list(INVALID) if rank == 1 else ([] if rank == 2 else some(2, 4))
     failing = some(3, 5 if rank != last else 4)
     if rank == last:
-        failing[2]["messages"][1]["content"] += " " + FAIL_MARKER
-    return [uneven, no_samples, all_invalid, failing]
+        failing[2]["messages"][1]["content"] += " " + FAIL_MARKERS["layer"]
+    failing_elsewhere = some(4, 3)
+    if rank == 0:
+        failing_elsewhere[1]["messages"][1]["content"] += " " + FAIL_MARKERS["embedding"]
+    if rank == last:
+        failing_elsewhere[0]["messages"][1]["content"] += " " + FAIL_MARKERS["head"]
+    return [uneven, no_samples, all_invalid, failing, failing_elsewhere]

@@ -9,10 +9,11 @@ do: over 8 ranks, WorldPM-72B is ~18 GB per GPU.
     reward = WorldPMReward("Qwen/WorldPM-72B", model_kwargs={"engine": "fsdp"})  # every rank
 
 **Loading.** Every rank builds the model on the meta device (no memory), applies FSDP2's
-``fully_shard`` to the embedding, to each decoder layer and to the root (final norm and
-head), allocates only its own shard and reads only its own rows of every tensor from the
-safetensors files (memory-mapped slices, :class:`~worldpm_reward.checkpoints.TensorRows`).
-No rank ever holds the whole model. The checkpoint passes the family's strict weight check
+``fully_shard`` to each decoder layer and to the root (final norm and head), splits the
+embedding table by vocabulary rows (:class:`VocabShardedEmbedding`: looked up without ever
+gathering the table), allocates only its own shard and reads only its own rows of every
+tensor from the safetensors files (memory-mapped slices,
+:class:`~worldpm_reward.checkpoints.TensorRows`). No rank ever holds the whole model. The checkpoint passes the family's strict weight check
 first (names and shapes from the safetensors headers), so a stock single-Linear head is
 refused with the same message as the other engines. Families whose loading converts
 weights (POLAR's fused ``wqkv``) are not served by this engine.
@@ -91,7 +92,7 @@ class ShardMemory:
         resident: parameter elements this rank holds (its shards, plus unsharded buffers).
         total: parameter elements of the whole model.
         largest_unit: elements of the largest unit gathered whole during a forward (a decoder
-            layer, the embedding, or the root's final norm and head): the transient extra.
+            layer, or the root's final norm and head): the transient extra.
         world_size: ranks the model is sharded over.
         bytes_per_element: 4 for fp32, 2 for bf16.
     """
@@ -147,6 +148,67 @@ def _rebuild_rotary(model: nn.Module, device: torch.device) -> set[str]:
     return rebuilt
 
 
+def _end_forward(unit: nn.Module) -> None:
+    """Leave an FSDP unit as its post-forward hook would have, after a forward that raised
+    inside it: idle and resharded. FSDP2 only reshards an idle unit (and never the root after
+    a forward), and takes a unit stuck "in forward" as already gathered, which would skip its
+    all-gather in the next call and put this rank out of step with the others. (FSDP2
+    internals, torch 2.13; the failure test in tests/test_sharded.py catches a change.)"""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    state = unit._get_fsdp_state()  # type: ignore[operator]
+    state._training_state = TrainingState.IDLE
+    for group in state._fsdp_param_groups:
+        group._training_state = TrainingState.IDLE
+        group.reshard()
+    state._state_ctx.iter_forward_root = None
+    state._comm_ctx.all_gather_state = None
+
+
+class VocabShardedEmbedding(nn.Module):
+    """An embedding table split by rows (vocabulary ids) over the ranks, looked up without
+    ever gathering the table: the ranks pool the distinct ids of their inputs, each fills the
+    rows it owns, and a sum over the ranks gives every rank those rows (a few thousand rows,
+    instead of the whole table: 152k rows of WorldPM-72B, 2.5 GB in bf16, per call).
+
+    Collective: every rank calls it once per forward (``participate()`` with no ids of its
+    own). Exact: each row is one rank's value plus zeros.
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, start: int, stop: int, group: Any = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, dim
+        self.start, self.stop = start, stop
+        self.weight = nn.Parameter(torch.empty(stop - start, dim), requires_grad=False)
+        self.group = group
+        self.completed = False
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        dist = _distributed()
+        weight = self.weight
+        mine = torch.unique(input_ids.reshape(-1)).to(weight.device)
+        world = dist.get_world_size(self.group)
+        counts = [torch.zeros(1, dtype=torch.long, device=weight.device) for _ in range(world)]
+        dist.all_gather(counts, torch.tensor([mine.numel()], device=weight.device), group=self.group)
+        longest = max(int(c.item()) for c in counts)
+        padded = torch.full((longest,), -1, dtype=torch.long, device=weight.device)
+        padded[: mine.numel()] = mine
+        everyone = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(everyone, padded, group=self.group)
+        ids = torch.unique(torch.cat(everyone))
+        ids = ids[ids >= 0]  # sorted: the same list on every rank
+        rows = torch.zeros(ids.numel(), self.embedding_dim, dtype=weight.dtype, device=weight.device)
+        own = (ids >= self.start) & (ids < self.stop)
+        rows[own] = weight[ids[own] - self.start]
+        dist.all_reduce(rows, group=self.group)
+        self.completed = True  # this forward's collectives are done
+        return rows[torch.searchsorted(ids, input_ids.to(weight.device))]
+
+    def participate(self) -> None:
+        """Take part in a forward's lookup with no ids of this rank's own."""
+        self(torch.empty(0, dtype=torch.long, device=self.weight.device))
+
+
 def load_sharded(
     name_or_path: str | os.PathLike[str], config: ModelConfig, device: torch.device
 ) -> tuple[nn.Module, list[nn.Module], RewardFamily, Any, int]:
@@ -184,18 +246,27 @@ def load_sharded(
     params = {n for n, _ in model.named_parameters()}
     persistent = set(model.state_dict()) - params
     layers: Any = backbone.layers
-    units: list[nn.Module] = [backbone.get_input_embeddings(), *layers]  # type: ignore[operator]
 
     world, rank = dist.get_world_size(), dist.get_rank()
+    table = backbone.get_input_embeddings()
+    vocab, dim = table.weight.shape  # type: ignore[union-attr]
+    with torch.device("meta"):
+        embedding = VocabShardedEmbedding(int(vocab), int(dim), *shard_rows(int(vocab), world, rank))
+    embedding.to(table.weight.dtype)  # type: ignore[union-attr]
+    backbone.set_input_embeddings(embedding)  # type: ignore[operator]
     mesh = init_device_mesh(device.type, (world,))
-    for unit in units:
-        fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh)  # the rest: final norm and head
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params={embedding.weight})  # the rest: final norm and head
     model.to_empty(device=device)
+    embedding_name = next(n for n, m in model.named_modules() if m is embedding) + ".weight"
     with torch.no_grad():
         for name, param in model.named_parameters():
             local = param.to_local() if isinstance(param, DTensor) else param
-            start, stop = shard_rows(param.shape[0], world, rank) if param.dim() else (0, 1)
+            if name == embedding_name:
+                start, stop = embedding.start, embedding.stop
+            else:
+                start, stop = shard_rows(param.shape[0], world, rank) if param.dim() else (0, 1)
             piece = reader.rows(name, start, stop)
             if tuple(local.shape) != tuple(piece.shape):
                 raise CheckpointError(
@@ -212,7 +283,7 @@ def load_sharded(
     tokenizer = AutoTokenizer.from_pretrained(
         str(name_or_path), trust_remote_code=config.trust_remote_code, **hub
     )
-    return model, [model, *units], family, tokenizer, reader.elements_read
+    return model, [model, embedding, *layers], family, tokenizer, reader.elements_read
 
 
 class ShardedRewardModel(RewardModel):
@@ -259,8 +330,9 @@ class ShardedRewardModel(RewardModel):
         self.offload_seconds = 0.0
         self.onload_seconds = 0.0
         self._gathered: list[nn.Module] = []
-        for unit in units:  # after FSDP's own pre-forward hook (registered first): the unit is gathered
-            unit.register_forward_pre_hook(lambda module, args: self._gathered.append(module))
+        for unit in units:  # after FSDP's own pre-forward hook (prepended): the unit is gathered
+            if not isinstance(unit, VocabShardedEmbedding):
+                unit.register_forward_pre_hook(lambda module, args: self._gathered.append(module))
         if config.fsdp_offload:
             self.offload()
 
@@ -319,9 +391,12 @@ class ShardedRewardModel(RewardModel):
         for p in self.model.parameters():
             total += p.numel()
             resident += (p.to_local() if isinstance(p, DTensor) else p).numel()
+        embedding = self.model.get_input_embeddings()
+        total += embedding.num_embeddings * embedding.embedding_dim - embedding.weight.numel()
         resident += sum(b.numel() for b in self.model.buffers())
-        sub_units = [sum(p.numel() for p in unit.parameters()) for unit in self._units[1:]]
-        largest = max([*sub_units, total - sum(sub_units)])  # the root unit: what no sub-unit holds
+        layers = [sum(p.numel() for p in unit.parameters()) for unit in self._units[2:]]
+        table = embedding.num_embeddings * embedding.embedding_dim
+        largest = max([*layers, total - sum(layers) - table])  # the root unit: what the others do not hold
         elem = next(self.model.parameters()).element_size()
         return ShardMemory(resident, total, largest, self.world_size, elem)
 
@@ -419,6 +494,9 @@ class ShardedRewardModel(RewardModel):
         did not reach, so the other ranks' forward calls complete."""
         ids, mask = self._padded(batch_ids or [[self.pad_token_id]])
         self._gathered.clear()
+        for unit in self._units:
+            if isinstance(unit, VocabShardedEmbedding):
+                unit.completed = False
         failure = ""
         try:
             with torch.no_grad():
@@ -429,14 +507,19 @@ class ShardedRewardModel(RewardModel):
             failure = "out of device memory (lower max_batch_tokens or max_length)"
         except Exception as exc:  # any local failure: this rank must still finish the schedule
             failure = f"{type(exc).__name__}: {exc}"
+        logger.warning("rank %d: a forward call failed: %s", self.rank, failure)
         # Outside the handler: the exception's traceback no longer pins the failed activations.
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
         gathered = {id(m) for m in self._gathered}
         for unit in self._units:
+            if isinstance(unit, VocabShardedEmbedding):
+                if not unit.completed:
+                    unit.participate()  # the lookup the other ranks wait for
+                continue
             if id(unit) not in gathered:
                 unit.unshard()  # type: ignore[operator]  # the all-gather the other ranks wait for
-            unit.reshard()  # type: ignore[operator]
+            _end_forward(unit)
         return failure
 
     def _any_rank(self, pending: int) -> bool:
