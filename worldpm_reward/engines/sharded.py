@@ -242,18 +242,18 @@ def load_sharded(
     parts = family.parts(model)
     if parts is None:
         raise ConfigError(f"engine: 'fsdp' needs a decoder reward model; {where} is not one")
-    backbone = parts[0]
+    backbone: Any = parts[0]
     params = {n for n, _ in model.named_parameters()}
     persistent = set(model.state_dict()) - params
     layers: Any = backbone.layers
 
     world, rank = dist.get_world_size(), dist.get_rank()
     table = backbone.get_input_embeddings()
-    vocab, dim = table.weight.shape  # type: ignore[union-attr]
+    vocab, dim = table.weight.shape
     with torch.device("meta"):
         embedding = VocabShardedEmbedding(int(vocab), int(dim), *shard_rows(int(vocab), world, rank))
-    embedding.to(table.weight.dtype)  # type: ignore[union-attr]
-    backbone.set_input_embeddings(embedding)  # type: ignore[operator]
+    embedding.to(table.weight.dtype)
+    backbone.set_input_embeddings(embedding)
     mesh = init_device_mesh(device.type, (world,))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
