@@ -312,7 +312,7 @@ class ShardedRewardModel(RewardModel):
         self.model: Any = model
         self._init_front(tokenizer, family, model.config, config, name)
         self._device = device
-        self._units = units  # FSDP units in the order a forward all-gathers them
+        self._units = units  # [root, vocab-sharded embedding, *decoder layers]: forward order
         self.elements_read = elements_read  # checkpoint elements this rank read while loading
         on_gpu = device.type == "cuda"
         self.max_batch_tokens = int(config.max_batch_tokens or (32768 if on_gpu else 4096))
