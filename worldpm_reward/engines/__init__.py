@@ -8,4 +8,6 @@ errors, shaping and every protocol) is the same whichever engine runs it.
   * ``vllm`` (:mod:`.vllm_engine`): vLLM's pooling runner (tensor parallel, continuous
     batching, its kernels), in this process when vLLM imports here, else in its own
     virtualenv behind ``vllm serve`` (vLLM pins its own torch and transformers).
+  * ``fsdp`` (:mod:`.sharded`): ONE model sharded over the ranks of a torch.distributed job
+    (FSDP2), each rank scoring its own samples in collective forward calls.
 """
