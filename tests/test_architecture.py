@@ -140,3 +140,31 @@ def test_deprecated_client_path_still_works() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "ok"
+
+
+def test_package_and_cli_help_import_neither_torch_nor_transformers() -> None:
+    """`import worldpm_reward`, the CLI module and every `--help` stay light: torch and
+    transformers are imported when a model is loaded, not before (engines are found by name)."""
+    code = (
+        "import sys, contextlib, io\n"
+        "import worldpm_reward, worldpm_reward.cli as cli\n"
+        "for argv in (['--help'], ['score', '--help'], ['serve', '--help'], ['selftest', '--help']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        cli.main(argv)\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_engine_names_have_one_source_and_each_registered_engine_loads() -> None:
+    """The engine names a config accepts are the transformers engine plus the registry's, and
+    every registry entry imports to a RewardModel subclass."""
+    import typing
+
+    from worldpm_reward.config import EngineName
+    from worldpm_reward.scoring import ENGINES, RewardModel, engine_class
+
+    assert set(typing.get_args(EngineName)) == {"transformers", *ENGINES}
+    for name in ENGINES:
+        assert issubclass(engine_class(name), RewardModel)

@@ -6,9 +6,9 @@ format, and scores batches (``RewardModel``). ``worldpm_reward.serving`` hosts a
 other processes; framework adapters live in ``worldpm_reward.integrations``.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from worldpm_reward.config import ModelConfig
-from worldpm_reward.engines import sharded as _sharded  # noqa: F401  (registers engine="fsdp")
-from worldpm_reward.engines import vllm_engine as _vllm_engine  # noqa: F401  (registers engine="vllm")
 from worldpm_reward.errors import (
     BatchScoringError,
     CheckpointError,
@@ -17,7 +17,20 @@ from worldpm_reward.errors import (
     WorldPMRewardError,
 )
 from worldpm_reward.samples import Sample, Scorer, ScoreResult, parse_sample
-from worldpm_reward.scoring import RewardModel
+
+if TYPE_CHECKING:
+    from worldpm_reward.scoring import RewardModel
+
+
+def __getattr__(name: str) -> Any:
+    # RewardModel needs torch and transformers: imported on first use, so that `import
+    # worldpm_reward` and `worldpm-reward --help` stay light (engines are registered by name).
+    if name == "RewardModel":
+        from worldpm_reward.scoring import RewardModel
+
+        return RewardModel
+    raise AttributeError(f"module 'worldpm_reward' has no attribute {name!r}")
+
 
 __all__ = [
     "BatchScoringError",

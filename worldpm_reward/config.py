@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import torch
-
 from worldpm_reward.errors import ConfigError
 
 T = TypeVar("T")
@@ -202,8 +200,9 @@ class ModelConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise TypeError(f"unknown reward-model option(s) {unknown}; known options: {sorted(known)}")
-        if isinstance(values.get("dtype"), torch.dtype):
-            values["dtype"] = str(values["dtype"]).removeprefix("torch.")
+        dtype = values.get("dtype")
+        if type(dtype).__module__ == "torch" and type(dtype).__name__ == "dtype":  # torch.bfloat16 etc.
+            values["dtype"] = str(dtype).removeprefix("torch.")
         return cls(**values)
 
     def replace(self, **changes: Any) -> ModelConfig:

@@ -34,7 +34,7 @@ from worldpm_reward.samples import SampleLike, Scorer, ScoreResult, parse_sample
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ENGINES", "BatchStats", "RewardModel", "Scorer"]
+__all__ = ["ENGINES", "BatchStats", "RewardModel", "Scorer", "engine_class"]
 
 
 @dataclass
@@ -69,10 +69,25 @@ def auto_min_shared_prefix(model: Any, on_gpu: bool) -> int:
     return max(32, math.ceil(overhead / max(2 * params, 1)))
 
 
-#: Engines other than transformers, by ``ModelConfig.engine`` name: RewardModel subclasses whose
-#: ``from_pretrained(path, config)`` builds them. Each engine module registers itself here;
-#: the package imports them (``worldpm_reward.engines``), so this module needs none of them.
-ENGINES: dict[str, type[RewardModel]] = {}
+#: Engines other than transformers, by ``ModelConfig.engine`` name: "module:class" of a
+#: RewardModel subclass whose ``from_pretrained(path, config)`` builds it. Imported on first
+#: use, so neither this module nor ``worldpm-reward --help`` pays for an engine it does not run.
+ENGINES: dict[str, str] = {
+    "vllm": "worldpm_reward.engines.vllm_engine:VLLMRewardModel",
+    "fsdp": "worldpm_reward.engines.sharded:ShardedRewardModel",
+}
+
+
+def engine_class(name: str) -> type[RewardModel]:
+    """The RewardModel subclass of a registered engine (imports its module)."""
+    import importlib
+
+    target = ENGINES.get(name)
+    if target is None:
+        raise ConfigError(f"engine: {name!r} is not registered (known: {['transformers', *sorted(ENGINES)]})")
+    module, _, attr = target.partition(":")
+    cls: type[RewardModel] = getattr(importlib.import_module(module), attr)
+    return cls
 
 
 class RewardModel:
@@ -159,10 +174,7 @@ class RewardModel:
         """
         cfg = ModelConfig.from_kwargs(dataclasses.asdict(config) if config else {}, **options)
         if cfg.engine != "transformers":
-            engine = ENGINES.get(cfg.engine)
-            if engine is None:
-                raise ConfigError(f"engine: {cfg.engine!r} is not registered (known: {sorted(ENGINES)})")
-            return engine.from_pretrained(name_or_path, cfg)
+            return engine_class(cfg.engine).from_pretrained(name_or_path, cfg)
         loaded = load(name_or_path, cfg)
         return cls(loaded.model, loaded.tokenizer, family=loaded.family, config=cfg, name=str(name_or_path))
 

@@ -69,7 +69,7 @@ from worldpm_reward.errors import CheckpointError, ConfigError
 from worldpm_reward.families import RewardFamily, detect_family, get_family
 from worldpm_reward.formatting import Encoded
 from worldpm_reward.samples import ScoreResult
-from worldpm_reward.scoring import ENGINES, BatchStats, RewardModel
+from worldpm_reward.scoring import BatchStats, RewardModel
 
 logger = logging.getLogger(__name__)
 
@@ -540,6 +540,3 @@ class ShardedRewardModel(RewardModel):
         """Where the default process group takes tensors (NCCL: this rank's GPU)."""
         backend = str(_distributed().get_backend()).lower()
         return self._device if "nccl" in backend else torch.device("cpu")
-
-
-ENGINES["fsdp"] = ShardedRewardModel

@@ -68,7 +68,7 @@ from worldpm_reward.errors import CheckpointError, ConfigError, EngineError
 from worldpm_reward.families import RewardFamily, detect_family, get_family
 from worldpm_reward.formatting import Encoded, Encoder
 from worldpm_reward.samples import ScoreResult
-from worldpm_reward.scoring import ENGINES, BatchStats, RewardModel
+from worldpm_reward.scoring import BatchStats, RewardModel
 
 logger = logging.getLogger(__name__)
 
@@ -630,6 +630,3 @@ class VLLMRewardModel(RewardModel):
         stats.padded_tokens += n  # vLLM packs sequences: no padding
         for (i, _), score in zip(call, scores):
             results[i].score = score
-
-
-ENGINES["vllm"] = VLLMRewardModel
