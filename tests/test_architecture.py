@@ -128,20 +128,6 @@ def test_benchmarks_import_only_the_public_package() -> None:
         assert "sys.path" not in path.read_text(encoding="utf-8"), f"{path.name} edits sys.path"
 
 
-def test_deprecated_client_path_still_works() -> None:
-    code = (
-        "import warnings\n"
-        "with warnings.catch_warnings(record=True) as w:\n"
-        "    warnings.simplefilter('always')\n"
-        "    from worldpm_reward.client import RemoteScorer\n"
-        "from worldpm_reward.serving.client import RemoteScorer as New\n"
-        "assert RemoteScorer is New and any(issubclass(x.category, DeprecationWarning) for x in w)\n"
-        "print('ok')"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "ok"
-
-
 def test_package_and_cli_help_import_neither_torch_nor_transformers() -> None:
     """`import worldpm_reward`, the CLI module and every `--help` stay light: torch and
     transformers are imported when a model is loaded, not before (engines are found by name)."""
