@@ -198,3 +198,27 @@ def test_sharing_is_on_only_where_it_pays() -> None:
     small = Qwen2Model(Qwen2Config(vocab_size=64, **QWEN2_DIMENSIONS["small"]))
     assert auto_min_shared_prefix(tiny, on_gpu=False) > 4096
     assert auto_min_shared_prefix(small, on_gpu=False) == 32
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_rows_match_the_card_path_with_each_attention(tiny_worldpm: Path, attention: str) -> None:
+    """Packed rows (unshared conversations, and shared-prefix groups) under both mask formats:
+    the boolean mask sdpa takes, the additive one eager attention adds."""
+    from wpr_testutils import real_conversations
+
+    rm = RewardModel.from_pretrained(
+        tiny_worldpm, device="cpu", attn_implementation=attention, min_shared_prefix=32
+    )
+    assert rm.model.config._attn_implementation == attention
+    ref = ReferenceWorldPM(tiny_worldpm)
+    convs = real_conversations(24)
+    got = rm.score(convs)
+    assert rm.last_stats.num_rows < len(convs) // 2  # several conversations per row
+    assert _max_diff(got, [ref.score(c) for c in convs]) <= 1e-4
+    grouped = rm.score(GROUPS)
+    assert rm.last_stats.shared_groups == 3
+    by_hand = [
+        [{"role": "user", "content": s["prompt"]}, {"role": "assistant", "content": s["response"]}]
+        for s in GROUPS
+    ]
+    assert _max_diff(grouped[::3], [ref.score(c) for c in by_hand[::3]]) <= 1e-4
