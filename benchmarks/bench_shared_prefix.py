@@ -1,5 +1,6 @@
-"""Shared-prefix scoring: GRPO-shaped batches (G replies per prompt) scored with the prompt run
-once through the KV cache, against the same scorer with sharing off, in the same process.
+"""Shared-prefix scoring: GRPO-shaped batches (G replies per prompt) scored with each prompt run
+once per packed row (its replies after it), against the same scorer with sharing off, and
+(``--loop``) the model card's batch-1 loop, in the same process.
 
 Workloads (real text from ../shared/data): ``grpo-G``: 4 Arena-Hard prompts of about 300
 tokens, G PandaLM replies each (about 80% of the tokens are prompt); ``no-shared``: real
@@ -11,6 +12,8 @@ asked to score), so sharing shows up as more tokens per second. (GPU MFU: bench_
 Usage:
   python benchmarks/bench_shared_prefix.py                            # 0.5b, fp32, CPU
   python benchmarks/bench_shared_prefix.py --models 7b --device cuda --dtype bf16
+  python benchmarks/bench_shared_prefix.py --models small --prompts 6 --groups 8 \
+      --prompt-chars 2400 --loop --no-unshared --repeats 1    # the issue-22 GRPO workload
 
 Prints a table and ends with one JSON line of the figures and ratios measured in this run.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Any
 
@@ -29,6 +33,27 @@ def timed(rm: Any, samples: list[Any], repeats: int, sync: Any) -> tuple[float, 
     start = time.perf_counter()
     for _ in range(repeats):
         scores = rm.score(samples)
+    sync()
+    return (time.perf_counter() - start) / repeats, scores
+
+
+def card_loop(rm: Any, samples: list[Any], repeats: int, sync: Any) -> tuple[float, list[float]]:
+    """The model card's way: one sample at a time, its ids alone, no mask, no padding."""
+    import torch
+
+    from worldpm_reward.samples import parse_sample
+
+    ids = [rm.encoder.encode(parse_sample(s)).input_ids for s in samples]
+
+    def run() -> list[float]:
+        with torch.inference_mode():
+            return [float(rm.model(torch.tensor([x], device=rm.device))[0]) for x in ids]
+
+    run()  # warm-up
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        scores = run()
     sync()
     return (time.perf_counter() - start) / repeats, scores
 
@@ -47,12 +72,22 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--prompt-chars", type=int, default=1200, help="length of the Arena-Hard prompts chosen")
+    p.add_argument("--loop", action="store_true", help="also time the model card's batch-1 loop")
+    p.add_argument("--no-unshared", action="store_true", help="skip the no-shared workload")
     args = p.parse_args()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
-    workloads: dict[str, list[Any]] = {f"grpo-{g}": grpo_groups(args.prompts, g) for g in args.groups}
-    workloads["no-shared"] = [{"messages": c} for c in real_conversations(32)]
-    figures: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
+    workloads: dict[str, list[Any]] = {
+        f"grpo-{g}": grpo_groups(args.prompts, g, prompt_chars=args.prompt_chars) for g in args.groups
+    }
+    if not args.no_unshared:
+        workloads["no-shared"] = [{"messages": c} for c in real_conversations(32)]
+    figures: dict[str, Any] = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "load_average_start": os.getloadavg(),
+    }
     if args.device.startswith("cuda"):
         figures["gpu"] = torch.cuda.get_device_name()
     print(
@@ -71,6 +106,8 @@ def main() -> None:
             lengths = [len(rm.encoder.encode(parse_sample(s)).input_ids) for s in samples]
             t_plain, s_plain = timed(plain, samples, args.repeats, sync)
             t_shared, s_shared = timed(rm, samples, args.repeats, sync)
+            if args.loop:
+                t_loop, s_loop = card_loop(rm, samples, args.repeats, sync)
             st = rm.last_stats
             diff = max(abs(a - b) for a, b in zip(s_plain, s_shared))
             row = {
@@ -81,11 +118,20 @@ def main() -> None:
                 "ratio": round(t_plain / t_shared, 3),
                 "max_score_diff": diff,
             }
+            if args.loop:
+                row["loop_tokens_per_s"] = round(sum(lengths) / t_loop, 1)
+                row["shared_over_loop"] = round(t_loop / t_shared, 3)
+                row["max_score_diff_vs_loop"] = max(abs(a - b) for a, b in zip(s_loop, s_shared))
+                print(
+                    f"      card loop {row['loop_tokens_per_s']:.0f} tok/s: sharing on is {row['shared_over_loop']:.2f}x "
+                    f"the loop (max |diff| {row['max_score_diff_vs_loop']:.1e})"
+                )
             figures[f"{name}/{workload}"] = row
             print(
                 f"{name:>5} {workload:>10} {row['tokens']:>7} {st.shared_prefix_tokens / sum(lengths):>6.0%} "
                 f"{row['unshared_tokens_per_s']:>15.0f} {row['shared_tokens_per_s']:>13.0f} {row['ratio']:>5.2f}x {diff:>9.1e}"
             )
+    figures["load_average_end"] = os.getloadavg()
     print(json.dumps(figures))
 
 

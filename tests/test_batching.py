@@ -41,16 +41,15 @@ def test_sample_scores_the_same_alone_and_in_any_batch(tiny_worldpm, convs) -> N
         assert rm.last_stats.num_batches > 1
 
 
-def test_batches_really_mix_lengths_and_pad(tiny_worldpm, convs) -> None:
-    """Invariance above is only meaningful if batches hold several lengths (padding present).
-    (Sharing off: hh-rlhf's chosen/rejected pairs share their prompt and would otherwise run
-    as shared-prefix groups, which tests/test_shared_prefix.py covers.)"""
-    rm = RewardModel.from_pretrained(
-        tiny_worldpm, device="cpu", max_padding_fraction=1.0, shared_prefix=False
-    )
+def test_batches_really_mix_lengths_and_pack(tiny_worldpm, convs) -> None:
+    """Invariance above is only meaningful if batches hold several lengths, several sequences
+    per packed row. (Sharing off: hh-rlhf's chosen/rejected pairs share their prompt and would
+    otherwise run as shared-prefix groups, which tests/test_shared_prefix.py covers.)"""
+    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", shared_prefix=False)
     rm.score(convs)
     assert rm.last_stats.num_batches < len(convs) // 4
-    assert rm.last_stats.padding_fraction > 0.01
+    assert rm.last_stats.num_rows < len(convs) // 2  # packed: rows hold several sequences
+    assert rm.last_stats.padding_fraction < 0.05  # only the ends of rows are padding
 
 
 def test_pad_id_equal_to_scored_token_does_not_shift_pooling(reward_model, convs) -> None:
@@ -126,3 +125,38 @@ def test_plan_batches_sorting_keeps_padding_low() -> None:
     planned = padding_fraction(lengths, plan_batches(lengths, 16384, 16, 0.05))
     static = padding_fraction(lengths, [list(range(i, min(i + 16, 512))) for i in range(0, 512, 16)])
     assert planned < 0.05 < static
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plan_packed_covers_each_index_once_within_budget(seed: int) -> None:
+    from worldpm_reward.batching import plan_packed, split_group
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 3000) for _ in range(rng.randint(1, 300))]
+    counts = [rng.choice([1, 1, 1, 4]) for _ in lengths]
+    budget, row, size = (
+        rng.choice([512, 4096, 16384]),
+        rng.choice([256, 512, 2048]),
+        rng.choice([None, 4, 64]),
+    )
+    batches = plan_packed(lengths, budget, row, size, counts)
+    assert sorted(i for b in batches for r in b for i in r) == list(range(len(lengths)))
+    for b in batches:
+        used = [sum(lengths[i] for i in r) for r in b]
+        width = used[0]
+        assert width == max(used)
+        assert all(u <= max(row, max(lengths[i] for i in r)) for u, r in zip(used, b))  # rows fit
+        assert len(b) == 1 or len(b) * width <= budget
+        assert size is None or sum(counts[i] for r in b for i in r) <= max(size, max(counts))
+    # rows end nearly full: short sequences fill the gaps of long ones
+    short = [rng.randint(50, 400) for _ in range(200)]
+    plan = plan_packed(short, 4096, 512)
+    computed = sum(len(b) * sum(short[i] for i in b[0]) for b in plan)
+    assert sum(short) / computed > 0.95
+    # a group's suffixes: each chunk fits one row after its prefix, at most max_size suffixes
+    chunks = split_group(300, [50, 200, 120, 80, 400], capacity=700, max_size=3)
+    assert sorted(j for c in chunks for j in c) == list(range(5))
+    assert all(
+        len(c) <= 3 and (len(c) == 1 or 300 + sum([50, 200, 120, 80, 400][j] for j in c) <= 700)
+        for c in chunks
+    )

@@ -145,6 +145,7 @@ def test_generic_sequence_classification_reward_model(tmp_path: Path) -> None:
         ],
     ]
     ours = rm.score(convs)
+    assert rm.last_stats.num_rows == 1  # a decoder classifier runs packed rows too
     # Reference: transformers' own class, one sample at a time (no padding, so its pooling is right).
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)

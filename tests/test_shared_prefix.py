@@ -1,5 +1,6 @@
-"""Shared-prefix scoring: a GRPO group's prompt runs once through the KV cache, and every
-score equals unshared scoring (and the independent model-card reference) within fp32 error."""
+"""Shared-prefix scoring: a GRPO group's prompt runs once per packed row with the group's
+replies after it (each reply attends to the prompt and to itself only), and every score
+equals unshared scoring (and the independent model-card reference) within fp32 error."""
 
 from __future__ import annotations
 
@@ -87,12 +88,42 @@ def test_bad_samples_and_out_of_memory_fall_back(tiny_worldpm: Path, monkeypatch
 
     import worldpm_reward.scoring as scoring
 
-    def oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("simulated")
+    real = scoring.score_packed
 
-    monkeypatch.setattr(scoring, "score_after_prefixes", oom)
-    assert _max_diff(rm.score(GROUPS), want) <= 1e-4  # every group scored unshared instead
-    assert rm.last_stats.shared_groups == 0
+    def oom_if(condition):  # a packed forward that runs out of memory when `condition(batch)`
+        def run(backbone, head, batch, device):
+            if condition(batch):
+                raise torch.OutOfMemoryError("simulated")
+            return real(backbone, head, batch, device)
+
+        return run
+
+    # any row holding a shared prefix: every group ends up scored unshared, one sample at a time
+    monkeypatch.setattr(scoring, "score_packed", oom_if(lambda b: bool((b.parents >= 0).any())))
+    assert _max_diff(rm.score(GROUPS), want) <= 1e-4
+    assert rm.last_stats.shared_prefix_tokens == 0
+    # more than 3 sequences per micro-batch: halved until they fit, sharing kept where it fits
+    monkeypatch.setattr(scoring, "score_packed", oom_if(lambda b: len(b.keys) > 3))
+    assert _max_diff(rm.score(GROUPS), want) <= 1e-4
+    assert rm.last_stats.shared_prefix_tokens > 0 and rm.last_stats.num_batches >= len(GROUPS) // 3
+    # a sample that does not fit alone: its own error, the others scored
+    sizes = [r.num_tokens for r in rm.score_detailed(GROUPS)]
+    longest = max(range(len(GROUPS)), key=lambda i: sizes[i])
+    n = sizes[longest]
+    assert sorted(sizes)[-2] < n
+    monkeypatch.setattr(scoring, "score_packed", oom_if(lambda b: int(b.input_ids.shape[1]) >= n))
+    results = rm.score_detailed(GROUPS)
+    assert (
+        "out of device memory" in (results[longest].error or "")
+        and f"sample {longest}" in results[longest].error
+    )
+    assert (
+        _max_diff(
+            [r.score for i, r in enumerate(results) if i != longest],
+            [w for i, w in enumerate(want) if i != longest],
+        )
+        <= 1e-4
+    )
 
 
 def test_polar_groups_share_their_prefix(tmp_path: Path) -> None:
@@ -167,3 +198,27 @@ def test_sharing_is_on_only_where_it_pays() -> None:
     small = Qwen2Model(Qwen2Config(vocab_size=64, **QWEN2_DIMENSIONS["small"]))
     assert auto_min_shared_prefix(tiny, on_gpu=False) > 4096
     assert auto_min_shared_prefix(small, on_gpu=False) == 32
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_rows_match_the_card_path_with_each_attention(tiny_worldpm: Path, attention: str) -> None:
+    """Packed rows (unshared conversations, and shared-prefix groups) under both mask formats:
+    the boolean mask sdpa takes, the additive one eager attention adds."""
+    from wpr_testutils import real_conversations
+
+    rm = RewardModel.from_pretrained(
+        tiny_worldpm, device="cpu", attn_implementation=attention, min_shared_prefix=32
+    )
+    assert rm.model.config._attn_implementation == attention
+    ref = ReferenceWorldPM(tiny_worldpm)
+    convs = real_conversations(24)
+    got = rm.score(convs)
+    assert rm.last_stats.num_rows < len(convs) // 2  # several conversations per row
+    assert _max_diff(got, [ref.score(c) for c in convs]) <= 1e-4
+    grouped = rm.score(GROUPS)
+    assert rm.last_stats.shared_groups == 3
+    by_hand = [
+        [{"role": "user", "content": s["prompt"]}, {"role": "assistant", "content": s["response"]}]
+        for s in GROUPS
+    ]
+    assert _max_diff(grouped[::3], [ref.score(c) for c in by_hand[::3]]) <= 1e-4

@@ -117,3 +117,93 @@ def plan_shared_prefixes(
         return max(whole, split, key=lambda x: x[0])
 
     return best(0, len(order))[1]
+
+
+def plan_packed(
+    lengths: Sequence[int],
+    max_batch_tokens: int,
+    row_tokens: int,
+    max_batch_size: int | None = None,
+    counts: Sequence[int] | None = None,
+) -> list[list[list[int]]]:
+    """Pack items (sequences, or shared-prefix blocks) into rows, and rows into micro-batches.
+
+    Args:
+        lengths: positions each item takes in a row.
+        max_batch_tokens: budget of computed positions per micro-batch (rows x row width).
+        row_tokens: the width rows are packed to; a micro-batch whose longest item is longer
+            gets rows that long. Attention within a packed row costs width^2, so rows much
+            longer than the sequences in them waste attention work.
+        max_batch_size: most scored sequences per micro-batch, or None for no limit.
+        counts: sequences each item scores (1 each when None).
+    Returns:
+        micro-batches, each a list of rows, each a list of indices into ``lengths``; every
+        index appears exactly once. Items are placed longest first, each in the fullest row
+        that has room for it (best-fit decreasing), so rows end nearly full; rows are then
+        cut into micro-batches longest first, so the first row of a micro-batch is its
+        longest.
+    """
+    if max_batch_tokens < 1 or row_tokens < 1:
+        raise ValueError(
+            f"max_batch_tokens and row_tokens must be positive, got {max_batch_tokens}, {row_tokens}"
+        )
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+    counts = counts if counts is not None else [1] * len(lengths)
+    # 1. rows: best-fit decreasing over all items (a row opened by an item longer than
+    #    row_tokens is that long), at most max_batch_size sequences per row
+    rows: list[list[int]] = []
+    room: list[int] = []
+    held: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n, c = lengths[i], counts[i]
+        best = None
+        for r, left in enumerate(room):
+            fits = n <= left and (max_batch_size is None or held[r] + c <= max_batch_size)
+            if fits and (best is None or left < room[best]):
+                best = r
+        if best is None:
+            rows.append([])
+            room.append(max(row_tokens, n))
+            held.append(0)
+            best = len(rows) - 1
+        rows[best].append(i)
+        room[best] -= n
+        held[best] += c
+    # 2. micro-batches: rows longest first, as many as the budget holds at the longest's width
+    used = [sum(lengths[i] for i in row) for row in rows]
+    batches: list[list[list[int]]] = []
+    width = sequences = 0
+    for r in sorted(range(len(rows)), key=lambda r: (-used[r], r)):
+        if batches and (
+            (len(batches[-1]) + 1) * width > max_batch_tokens
+            or (max_batch_size is not None and sequences + held[r] > max_batch_size)
+        ):
+            batches.append([])
+        if not batches:
+            batches.append([])
+        if not batches[-1]:
+            width, sequences = used[r], 0
+        batches[-1].append(rows[r])
+        sequences += held[r]
+    return batches
+
+
+def split_group(
+    prefix: int, suffixes: Sequence[int], capacity: int, max_size: int | None = None
+) -> list[list[int]]:
+    """Split a shared-prefix group's suffixes into chunks that each run after one copy of the
+    prefix in one row: ``prefix + sum(chunk) <= capacity`` (a chunk holds at least one
+    suffix) and at most ``max_size`` suffixes per chunk. Returns lists of indices into
+    ``suffixes``, longest first."""
+    order = sorted(range(len(suffixes)), key=lambda j: (-suffixes[j], j))
+    chunks: list[list[int]] = []
+    used = 0
+    for j in order:
+        if chunks and used + suffixes[j] <= capacity and (max_size is None or len(chunks[-1]) < max_size):
+            chunks[-1].append(j)
+            used += suffixes[j]
+        else:
+            chunks.append([j])
+            used = prefix + suffixes[j]
+    return chunks

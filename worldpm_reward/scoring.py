@@ -2,11 +2,15 @@
 
 :class:`RewardModel` validates and encodes every sample (a bad sample becomes an error
 result, the others are still scored), sorts the rest by length into token-budgeted
-micro-batches (little padding), runs them under ``torch.inference_mode`` and reads each
-score at the sequence's true last token (from lengths, never from the pad id). Samples that
-start with the same long run of token ids (a GRPO group's prompt) run that prefix once,
-through the KV cache. A sample scores the same alone as in any batch (within float
-rounding), and results come back in input order.
+micro-batches, runs them under ``torch.inference_mode`` and reads each score at the
+sequence's true last token (from lengths, never from the pad id). Where the backbone allows
+it (:func:`worldpm_reward.packing.packing_support`: Qwen2/Llama-style decoders with sdpa or
+eager attention) micro-batches are packed rows, several sequences per row under a
+block-diagonal causal mask and no padding between them; samples that start with the same
+long run of token ids (a GRPO group's prompt) put that prefix once in a row with their
+suffixes after it. Other models run right-padded micro-batches with little padding. A
+sample scores the same alone as in any batch (within float rounding), and results come back
+in input order.
 """
 
 from __future__ import annotations
@@ -23,13 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from worldpm_reward.batching import plan_batches, plan_shared_prefixes
+from worldpm_reward.batching import plan_batches, plan_packed, plan_shared_prefixes, split_group
 from worldpm_reward.config import ModelConfig
 from worldpm_reward.errors import BatchScoringError, ConfigError, SampleError
 from worldpm_reward.families import RewardFamily, get_family, load
 from worldpm_reward.formatting import Encoded, Encoder
+from worldpm_reward.packing import Block, pack, packing_support, score_packed
 from worldpm_reward.policy_text import without_reasoning
-from worldpm_reward.pooling import encode_prefixes, score_after_prefixes
 from worldpm_reward.samples import SampleLike, Scorer, ScoreResult, parse_sample
 
 logger = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ class BatchStats:
     padded_tokens: int = 0  # positions computed, padding included
     shared_groups: int = 0  # groups whose common prefix ran once
     shared_prefix_tokens: int = 0  # prefix positions NOT computed thanks to that
+    num_rows: int = 0  # rows computed (a packed row holds several sequences)
 
     @property
     def padding_fraction(self) -> float:
@@ -60,10 +65,31 @@ class BatchStats:
 FORWARD_CALL_OVERHEAD_FLOPS = {"cpu": 2e8, "gpu": 5e11}
 
 
+#: A shared-prefix group's rows may be this many times ``row_tokens`` long: the prefix then runs
+#: once for more of its suffixes, which saves more than the longer rows' attention costs.
+GROUP_ROW_FACTOR = 4
+
+
+def auto_row_tokens(model: Any) -> int:
+    """The width packed rows are filled to: where attention over a whole row (4 x width x hidden
+    FLOPs per token, masked blocks included) costs about 6% of the token's other work (2 FLOPs
+    per non-embedding parameter per layer); 512 at Qwen2-0.5B dimensions, 2048 at 7B. At
+    least 512, so that sequences of a few hundred tokens share rows."""
+    hf = model.config
+    layers = max(1, int(getattr(hf, "num_hidden_layers", 1) or 1))
+    hidden = int(getattr(hf, "hidden_size", 0) or 0)
+    params = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
+    if hidden <= 0:
+        return 512
+    width = 0.06 * 2 * params / layers / (4 * hidden)
+    return int(min(4096, max(512, 256 * round(width / 256))))
+
+
 def auto_min_shared_prefix(model: Any, on_gpu: bool) -> int:
     """The shortest prefix worth sharing: 32 tokens, or as many as it takes for the skipped
-    compute (2 FLOPs per non-embedding parameter per token) to pay for the extra forward
-    call that sharing needs. Toy models (hidden 32) get a bound no prefix reaches."""
+    compute (2 FLOPs per non-embedding parameter per token) to pay for a forward call's worth
+    of fixed cost (planning, longer rows' attention). Toy models (hidden 32) get a bound no
+    prefix reaches: their tokens cost less than that bookkeeping."""
     params = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
     overhead = FORWARD_CALL_OVERHEAD_FLOPS["gpu" if on_gpu else "cpu"]
     return max(32, math.ceil(overhead / max(2 * params, 1)))
@@ -123,7 +149,9 @@ class RewardModel:
             cfg.max_padding_fraction if cfg.max_padding_fraction is not None else (0.3 if on_gpu else 0.05)
         )
         self._forward = self.family_spec.forward_fn(model)
-        self._prefix_parts = self.family_spec.parts(model) if self._can_share_prefix() else None
+        self._packed_parts = self._packable()
+        self.row_tokens = auto_row_tokens(model)
+        self.share_prefixes = self._packed_parts is not None and bool(cfg.shared_prefix)
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else (self.encoder.final_token_id or 0))
 
@@ -146,15 +174,22 @@ class RewardModel:
         self.max_length = self.encoder.max_length
         self.last_stats = BatchStats()
 
-    def _can_share_prefix(self) -> bool:
-        """Shared-prefix scoring is exact only where positions are plain offsets: dynamic RoPE
-        rescales with the sequence length once it passes the trained context."""
-        if not self.config.shared_prefix:
-            return False
+    def _packable(self) -> tuple[nn.Module, nn.Module] | None:
+        """(backbone, head) when micro-batches can be packed rows (:mod:`worldpm_reward.packing`),
+        which is also what shared-prefix scoring runs on; None for padded micro-batches."""
+        parts = self.family_spec.parts(self.model)
+        why = "the family has no backbone/head seam" if parts is None else packing_support(parts[0])
         hf = self.model.config
         rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
         limit = getattr(hf, "max_position_embeddings", None) or 0
-        return not (rope.get("rope_type", rope.get("type")) == "dynamic" and self.max_length > limit)
+        if why is None and rope.get("rope_type", rope.get("type")) == "dynamic" and self.max_length > limit:
+            # dynamic RoPE rescales with the longest position in a forward call once it passes the
+            # trained context: only a sequence alone computes exactly what it computes alone
+            why = f"dynamic RoPE past max_position_embeddings={limit}"
+        if why is not None:
+            logger.info("padded micro-batches, no shared-prefix scoring: %s", why)
+            return None
+        return parts
 
     @classmethod
     def from_pretrained(
@@ -267,101 +302,106 @@ class RewardModel:
         start_index: int,
     ) -> None:
         """Fill ``results[i].score`` for every encoded sample (the engine's part)."""
-        rest = ready
-        if self._prefix_parts is not None and len(ready) > 1:
+        if self._packed_parts is None:
+            lengths = [len(e.input_ids) for _, e in ready]
+            for batch in plan_batches(
+                lengths, self.max_batch_tokens, self.max_batch_size, self.max_padding_fraction
+            ):
+                self._run_batch([ready[j] for j in batch], results, stats, start_index)
+                if progress is not None:
+                    progress(len(batch))
+            return
+        blocks = self._blocks(ready, stats)
+        plan = plan_packed(
+            [b.length for b in blocks],
+            self.max_batch_tokens,
+            self.row_tokens,
+            self.max_batch_size,
+            [len(b.suffixes) for b in blocks],
+        )
+        for rows in plan:
+            self._run_packed([[blocks[k] for k in row] for row in rows], results, stats, start_index)
+            if progress is not None:
+                progress(sum(len(blocks[k].suffixes) for row in rows for k in row))
+
+    def _blocks(self, ready: list[tuple[int, Encoded]], stats: BatchStats) -> list[Block]:
+        """What rows will hold: each shared-prefix group as blocks of one prefix and the suffixes
+        that fit a row after it, every other sample as a block of its own."""
+        grouped: set[int] = set()
+        blocks: list[Block] = []
+        if self.share_prefixes and len(ready) > 1:
             plan = plan_shared_prefixes(
                 [e.input_ids for _, e in ready], self.min_shared_prefix, self.min_shared_group
             )
-            grouped = {j for _, members in plan for j in members}
-            rest = [item for j, item in enumerate(ready) if j not in grouped]
-            if plan:
-                groups = [(shared, [ready[j] for j in members]) for shared, members in plan]
-                rest += self._run_shared_groups(groups, results, stats, progress)
-        lengths = [len(e.input_ids) for _, e in rest]
-        for batch in plan_batches(
-            lengths, self.max_batch_tokens, self.max_batch_size, self.max_padding_fraction
-        ):
-            self._run_batch([rest[j] for j in batch], results, stats, start_index)
-            if progress is not None:
-                progress(len(batch))
+            for shared, members in plan:
+                grouped.update(members)
+                prefix = ready[members[0]][1].input_ids[:shared]
+                suffixes = [(ready[j][0], ready[j][1].input_ids[shared:]) for j in members]
+                longest = shared + max(len(x) for _, x in suffixes)
+                capacity = max(longest, min(self.max_batch_tokens, GROUP_ROW_FACTOR * self.row_tokens))
+                for chunk in split_group(
+                    shared, [len(x) for _, x in suffixes], capacity, self.max_batch_size
+                ):
+                    blocks.append(Block(prefix, [suffixes[j] for j in chunk]))
+                stats.shared_groups += 1
+        blocks += [Block((), [(i, e.input_ids)]) for j, (i, e) in enumerate(ready) if j not in grouped]
+        return blocks
 
-    def _run_shared_groups(
+    def _run_packed(
         self,
-        groups: list[tuple[int, list[tuple[int, Encoded]]]],
+        rows: list[list[Block]],
         results: list[ScoreResult],
         stats: BatchStats,
-        progress: Callable[[int], None] | None,
-    ) -> list[tuple[int, Encoded]]:
-        """Score groups of samples that share their first token ids: each wave of prefixes runs
-        once as one right-padded batch, then the suffixes of all its groups run in micro-batches
-        that read their own prefix from the KV cache. Returns the samples of waves that ran out
-        of device memory (nothing recorded for them): the caller scores those unshared."""
-        assert self._prefix_parts is not None
-        backbone, head = self._prefix_parts
-        fallback: list[tuple[int, Encoded]] = []
-        prefix_lengths = [shared for shared, _ in groups]
-        for wave in plan_batches(prefix_lengths, self.max_batch_tokens, None, self.max_padding_fraction):
-            done = self._run_wave([groups[k] for k in wave], backbone, head, results, stats, progress)
-            if not done:
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                members = [item for k in wave for item in groups[k][1]]
-                logger.warning(
-                    "out of memory on %d shared-prefix samples; scoring them unshared", len(members)
-                )
-                fallback.extend(members)
-        return fallback
-
-    def _run_wave(
-        self,
-        groups: list[tuple[int, list[tuple[int, Encoded]]]],
-        backbone: Any,
-        head: Any,
-        results: list[ScoreResult],
-        stats: BatchStats,
-        progress: Callable[[int], None] | None,
-    ) -> bool:
-        rows = [g for g, (_, members) in enumerate(groups) for _ in members]
-        items = [item for _, members in groups for item in members]
-        suffixes = [enc.input_ids[groups[g][0] :] for g, (_, enc) in zip(rows, items)]
-        longest_prefix = max(shared for shared, _ in groups)
-        max_rows = max(1, self.max_batch_tokens // (longest_prefix + max(map(len, suffixes))))
-        plan = plan_batches(
-            [len(x) for x in suffixes],
-            self.max_batch_tokens,
-            min(self.max_batch_size, max_rows),
-            self.max_padding_fraction,
-        )
-        scores: dict[int, float] = {}
-        computed = len(groups) * longest_prefix
+        start_index: int,
+    ) -> None:
+        """One packed micro-batch. Out of device memory, it is retried in halves (its rows, a row's
+        blocks, a block's suffixes), down to each sample alone and unshared."""
+        assert self._packed_parts is not None
+        batch = pack(rows, self.pad_token_id)
+        scores: list[float] | None = None
+        # An OOM is retried below, OUTSIDE the handler: while it is being handled the exception's
+        # traceback pins the failed attempt's activations (the PyTorch FAQ pitfall).
         with contextlib.suppress(torch.OutOfMemoryError), torch.inference_mode():
-            device = self.device
-            prefix_ids, prefix_mask = self._padded(
-                [items[rows.index(g)][1].input_ids[:shared] for g, (shared, _) in enumerate(groups)]
-            )
-            prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
-            cache = encode_prefixes(backbone, prefix_ids, prefix_mask)
-            for batch in plan:
-                ids, mask = self._padded([suffixes[j] for j in batch])
-                which = torch.as_tensor([rows[j] for j in batch], device=device)
-                out = score_after_prefixes(
-                    backbone, head, cache, prefix_mask, which, ids.to(device), mask.to(device)
+            scores = score_packed(*self._packed_parts, batch, self.device).float().cpu().tolist()
+        if scores is None:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(rows) > 1:
+                parts = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+            elif len(rows[0]) > 1:
+                parts = [[rows[0][: len(rows[0]) // 2]], [rows[0][len(rows[0]) // 2 :]]]
+            elif len(rows[0][0].suffixes) > 1:
+                block, half = rows[0][0], len(rows[0][0].suffixes) // 2
+                parts = [
+                    [[Block(block.prefix, block.suffixes[:half])]],
+                    [[Block(block.prefix, block.suffixes[half:])]],
+                ]
+            elif rows[0][0].prefix:  # one suffix after its prefix: the sample alone, unshared
+                block = rows[0][0]
+                parts = [[[Block((), [(i, [*block.prefix, *ids])])]] for i, ids in block.suffixes]
+            else:
+                ((i, ids),) = rows[0][0].suffixes
+                results[
+                    i
+                ].error = (
+                    f"sample {start_index + i}: out of device memory at {len(ids)} tokens; lower max_length"
                 )
-                scores.update(zip(batch, out.float().cpu().tolist()))
-                computed += len(batch) * ids.shape[1]
-            del cache
-        if len(scores) != len(items):
-            return False
-        for j, (i, _) in enumerate(items):
-            results[i].score = scores[j]
-        stats.num_batches += len(plan) + 1
-        stats.shared_groups += len(groups)
-        stats.shared_prefix_tokens += sum(shared * (len(members) - 1) for shared, members in groups)
-        stats.real_tokens += sum(shared for shared, _ in groups) + sum(map(len, suffixes))
-        stats.padded_tokens += computed
-        if progress is not None:
-            progress(len(items))
-        return True
+                return
+            logger.warning(
+                "out of memory on a packed batch of %d tokens; retrying in parts", batch.computed_tokens
+            )
+            for part in parts:
+                self._run_packed(part, results, stats, start_index)
+            return
+        stats.num_batches += 1
+        stats.num_rows += len(rows)
+        stats.real_tokens += batch.real_tokens
+        stats.padded_tokens += batch.computed_tokens
+        stats.shared_prefix_tokens += sum(
+            len(b.prefix) * (len(b.suffixes) - 1) for row in rows for b in row if b.prefix
+        )
+        for i, s in zip(batch.keys, scores):
+            results[i].score = s
 
     def _run_batch(
         self,
@@ -408,10 +448,18 @@ class RewardModel:
 
     @torch.inference_mode()
     def forward_ids(self, batch_ids: Sequence[Sequence[int]]) -> list[float]:
-        """Raw scores of already-encoded sequences (each read at its own last token).
-
-        The sequences are right-padded into one tensor; pass similar lengths for speed.
-        """
+        """Raw scores of already-encoded sequences (each read at its own last token), in one
+        forward call: packed rows where the model allows it, else one right-padded tensor
+        (then pass similar lengths for speed)."""
+        if not batch_ids:
+            return []
+        if self._packed_parts is not None:
+            blocks = [Block((), [(k, ids)]) for k, ids in enumerate(batch_ids)]
+            (rows,) = plan_packed([len(ids) for ids in batch_ids], 1 << 62, self.row_tokens)
+            batch = pack([[blocks[k] for k in row] for row in rows], self.pad_token_id)
+            packed = score_packed(*self._packed_parts, batch, self.device).float().cpu().tolist()
+            by_key = dict(zip(batch.keys, packed))
+            return [by_key[k] for k in range(len(batch_ids))]
         input_ids, mask = self._padded(batch_ids)
         device = self.device
         scores = self._forward(input_ids.to(device), mask.to(device))

@@ -111,11 +111,30 @@ class PoolingBackend(Protocol):
     def close(self) -> None: ...
 
 
-def vllm_dtype(dtype: str | None) -> str:
+def vllm_dtype(dtype: str | None, on_gpu: bool) -> str:
+    """The ``--dtype`` vLLM gets: always explicit. "auto" means what it means for the
+    transformers engine (bf16 on a GPU, fp32 on CPU), never vLLM's own "auto", which picks half
+    precision for an fp32 checkpoint (bf16 on CPU, fp16 on a GPU) and so scores differently."""
     name = str(dtype or "auto").removeprefix("torch.")
     if name not in _DTYPES and name not in _DTYPES.values():
         raise ConfigError(f"dtype: {dtype!r} is not one of {sorted(_DTYPES)} for engine='vllm'")
+    if name == "auto":
+        return "bfloat16" if on_gpu else "float32"
     return _DTYPES.get(name, name)
+
+
+def python_sees_gpu(python: str, timeout_s: float = 300.0) -> bool:
+    """Whether torch in ``python``'s environment (where a launched vLLM runs) sees a CUDA GPU.
+    A failed probe counts as no GPU: fp32 is then chosen, which is exact anywhere."""
+    probe = "import torch; print(int(torch.cuda.is_available()))"
+    try:
+        out = subprocess.run(
+            [python, "-c", probe], capture_output=True, text=True, timeout=timeout_s, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("could not ask %s whether it sees a GPU (%s); assuming it does not", python, exc)
+        return False
+    return out.strip().endswith("1")
 
 
 def engine_kwargs_from_flags(flags: str | None) -> dict[str, Any]:
@@ -322,6 +341,13 @@ def _tail(path: Path, lines: int = 25) -> str:
         return ""
 
 
+def _find_python(python: str) -> str:
+    found = python if Path(python).is_file() else shutil.which(python)
+    if found is None:
+        raise ConfigError(f"vllm_python: {python!r} is not a file (the python of a virtualenv with vLLM)")
+    return found
+
+
 class LaunchedVLLM(PoolingEndpoint):
     """``vllm serve`` started from another virtualenv's Python, on 127.0.0.1 and a free port,
     in its own process group; stopped by :meth:`close`, or when this object is collected or
@@ -337,10 +363,7 @@ class LaunchedVLLM(PoolingEndpoint):
         flags: str | None = None,
         startup_timeout_s: float = 900.0,
     ) -> None:
-        found = python if Path(python).is_file() else shutil.which(python)
-        if found is None:
-            raise ConfigError(f"vllm_python: {python!r} is not a file (the python of a virtualenv with vLLM)")
-        python = found
+        python = _find_python(python)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -532,9 +555,13 @@ class VLLMRewardModel(RewardModel):
             str(name_or_path), trust_remote_code=cfg.trust_remote_code, **hub
         )
         encoder = family.encoder(tokenizer, hf_config, cfg)  # its max_length is vLLM's max_model_len
-        dtype = vllm_dtype(cfg.dtype)
+        vllm_dtype(cfg.dtype, on_gpu=False)  # a bad dtype is refused before anything starts
         backend: PoolingBackend
         if cfg.vllm_url is not None:
+            logger.info(
+                "vllm_url: the running vLLM computes in its own --dtype (start it with --dtype float32 "
+                "on CPU, bfloat16 on a GPU, to score as the transformers engine does)"
+            )
             endpoint = PoolingEndpoint(cfg.vllm_url, api_key=os.environ.get("VLLM_API_KEY"))
             served = endpoint.max_model_len
             if served is not None and int(served) < encoder.max_length:
@@ -549,10 +576,11 @@ class VLLMRewardModel(RewardModel):
             assert local is not None
             view = checkpoint_view(local, view_config)
             if cfg.vllm_python is not None:
+                python = _find_python(cfg.vllm_python)
                 backend = LaunchedVLLM(
-                    cfg.vllm_python,
+                    python,
                     view,
-                    dtype=dtype,
+                    dtype=vllm_dtype(cfg.dtype, on_gpu=python_sees_gpu(python)),
                     max_model_len=encoder.max_length,
                     flags=cfg.vllm_args,
                     startup_timeout_s=cfg.vllm_startup_timeout,
@@ -568,7 +596,10 @@ class VLLMRewardModel(RewardModel):
                         "or run `vllm serve <checkpoint> --runner pooling` and pass vllm_url"
                     ) from exc
                 backend = InProcessVLLM(
-                    view, dtype=dtype, max_model_len=encoder.max_length, flags=cfg.vllm_args
+                    view,
+                    dtype=vllm_dtype(cfg.dtype, on_gpu=torch.cuda.is_available()),
+                    max_model_len=encoder.max_length,
+                    flags=cfg.vllm_args,
                 )
         return cls(
             backend,

@@ -1,0 +1,164 @@
+"""Packed rows: several sequences in one row of a micro-batch, no padding between them.
+
+A row holds *blocks* back to back. A block is either one sequence scored on its own, or a
+shared prefix (a GRPO group's prompt) followed by the suffixes that continue it. Every token
+gets the position it has in its own full sequence (a suffix continues from its prefix's
+length) and a block-structured causal mask: a token attends to the earlier tokens of its own
+segment and, for a suffix, to its prefix; to nothing else in the row. So each sequence
+computes exactly what it computes alone (up to float summation order), its prefix is run
+once per row instead of once per sample, and the score is read at each sequence's own last
+token. Only the end of a row is padding.
+
+The mask is a 4-D tensor handed to the backbone as its ``attention_mask``; transformers (5.9
+and later) passes such a mask to the attention layers as it is, so this works for the
+``sdpa`` (boolean mask) and ``eager`` (additive float mask) attention implementations of
+decoders whose layers all use full attention (:func:`packing_support`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from worldpm_reward.pooling import head_device
+
+#: Decoder backbones (config.model_type) whose transformers forward hands a 4-D attention mask
+#: and explicit position_ids to every layer unchanged and rotates by those positions.
+PACKABLE_MODEL_TYPES = frozenset({"qwen2", "llama", "qwen3", "mistral"})
+#: Attention implementations whose mask format :func:`block_mask` builds.
+PACKABLE_ATTENTION = frozenset({"sdpa", "eager"})
+
+
+@dataclass(frozen=True)
+class Block:
+    """What a row holds back to back: ``prefix`` (empty for a lone sequence) then ``suffixes``,
+    each ``(key, token ids)``; a suffix's full sequence is ``prefix + ids``, scored at its last
+    token and reported under ``key``."""
+
+    prefix: Sequence[int]
+    suffixes: Sequence[tuple[int, Sequence[int]]]
+
+    @property
+    def length(self) -> int:
+        """Positions the block takes in a row."""
+        return len(self.prefix) + sum(len(ids) for _, ids in self.suffixes)
+
+
+@dataclass
+class PackedBatch:
+    """A micro-batch of packed rows (R rows of C positions).
+
+    input_ids, position_ids, segments: (R, C) int64. ``segments`` numbers each token's
+    segment (a prefix, a suffix or a lone sequence) uniquely within its row; padding is -1.
+    ``parents``: (R, C), the segment each token's segment continues (its prefix), else -2.
+    ``score_rows`` / ``score_cols``: (N,), where each scored sequence's last token is, in the
+    order of ``keys``.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segments: torch.Tensor
+    parents: torch.Tensor
+    score_rows: torch.Tensor
+    score_cols: torch.Tensor
+    keys: list[int] = field(default_factory=list)
+    real_tokens: int = 0
+
+    @property
+    def computed_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def pack(rows: Sequence[Sequence[Block]], pad_token_id: int) -> PackedBatch:
+    """Lay blocks out in rows (each row as long as the longest one; the rest is padding)."""
+    width = max(sum(b.length for b in row) for row in rows)
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    pos = torch.zeros(shape, dtype=torch.long)
+    seg = torch.full(shape, -1, dtype=torch.long)
+    par = torch.full(shape, -2, dtype=torch.long)
+    keys: list[int] = []
+    where: list[tuple[int, int]] = []
+    real = 0
+    for r, row in enumerate(rows):
+        col, n = 0, 0
+        for block in row:
+            p = len(block.prefix)
+            prefix_seg = n
+            if p:
+                ids[r, col : col + p] = torch.as_tensor(block.prefix, dtype=torch.long)
+                pos[r, col : col + p] = torch.arange(p)
+                seg[r, col : col + p] = prefix_seg
+                col, n = col + p, n + 1
+            for key, suffix in block.suffixes:
+                s = len(suffix)
+                ids[r, col : col + s] = torch.as_tensor(suffix, dtype=torch.long)
+                pos[r, col : col + s] = torch.arange(p, p + s)
+                seg[r, col : col + s] = n
+                if p:
+                    par[r, col : col + s] = prefix_seg
+                col, n = col + s, n + 1
+                keys.append(key)
+                where.append((r, col - 1))
+        pos[r, col:] = torch.arange(width - col)  # padding: its own causal run, never read
+        real += col
+    return PackedBatch(
+        input_ids=ids,
+        position_ids=pos,
+        segments=seg,
+        parents=par,
+        score_rows=torch.as_tensor([r for r, _ in where], dtype=torch.long),
+        score_cols=torch.as_tensor([c for _, c in where], dtype=torch.long),
+        keys=keys,
+        real_tokens=real,
+    )
+
+
+def block_mask(segments: torch.Tensor, parents: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """The (R, 1, C, C) attention mask of packed rows: query q sees key k iff k <= q and k is in
+    q's segment or in the prefix q's segment continues. ``kind`` "sdpa": boolean (True =
+    attend); "eager": additive, 0 or the dtype's minimum."""
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    q_seg, k_seg = segments[:, :, None], segments[:, None, :]
+    allowed = causal & ((k_seg == q_seg) | (k_seg == parents[:, :, None]))
+    allowed = allowed[:, None]
+    if kind == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def packing_support(backbone: Any) -> str | None:
+    """Why ``backbone`` cannot run packed rows (a sentence), or None when it can."""
+    config = getattr(backbone, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in PACKABLE_MODEL_TYPES:
+        return f"model_type {model_type!r} is not one of {sorted(PACKABLE_MODEL_TYPES)}"
+    attention = getattr(config, "_attn_implementation", None) or "eager"
+    if attention not in PACKABLE_ATTENTION:
+        return f"attn_implementation {attention!r} is not one of {sorted(PACKABLE_ATTENTION)}"
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    if any(t != "full_attention" for t in layer_types) or getattr(config, "use_sliding_window", False):
+        return "some layers use sliding-window attention"
+    return None
+
+
+def score_packed(backbone: Any, head: nn.Module, batch: PackedBatch, device: torch.device) -> torch.Tensor:
+    """Raw scores (N,) of the packed sequences, in the order of ``batch.keys``, in the head's dtype."""
+    kind = "sdpa" if backbone.config._attn_implementation == "sdpa" else "eager"
+    segments = batch.segments.to(device)
+    mask = block_mask(segments, batch.parents.to(device), kind, backbone.dtype)
+    hidden = backbone(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=mask,
+        position_ids=batch.position_ids.to(device),
+        use_cache=False,
+    ).last_hidden_state
+    pooled = hidden[batch.score_rows.to(hidden.device), batch.score_cols.to(hidden.device)]
+    return head(pooled.to(head_device(head))).squeeze(-1)
