@@ -377,7 +377,9 @@ def test_async_reward_in_a_spawned_cuda_free_worker(tiny_worldpm: Path, tmp_path
     assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4
 
 
-def test_outage_policy_raise_by_default_or_skip_with_none_and_a_metric(caplog: pytest.LogCaptureFixture) -> None:
+def test_outage_policy_raise_by_default_or_skip_with_none_and_a_metric(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Every reward server down: "raise" (default) stops the step with the client's error;
     "skip" gives TRL None for every completion, counts them in worldpm/failed and warns."""
     from worldpm_reward.errors import RemoteScoringError
