@@ -155,7 +155,8 @@ def _parity(full_list: Sequence[str]) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.framework
 def test_inside_verls_environment() -> None:
-    """veRL 0.9.1 with its dependencies, transformers 5.9.0 (its [vllm] pin), hydra-core."""
+    """transformers 5.9.0 (veRL 0.9.1's [vllm] pin) + ray + hydra-core resolved with the project;
+    veRL 0.9.1 --no-deps: its reward loop, its Hydra entry point's validate_config."""
     parity = _parity(VERL_ENV.tests[:4])
     _run_inside(
         VERL_ENV,
