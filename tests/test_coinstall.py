@@ -154,6 +154,7 @@ def _parity(full_list: Sequence[str]) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.framework
+@pytest.mark.timeout(3600)  # a cold build, then the tests inside (pytest's 900 s default is too short)
 def test_inside_verls_environment() -> None:
     """transformers 5.9.0 (veRL 0.9.1's [vllm] pin) + ray + hydra-core resolved with the project;
     veRL 0.9.1 --no-deps: its reward loop, its Hydra entry point's validate_config."""
@@ -167,6 +168,7 @@ def test_inside_verls_environment() -> None:
 
 @pytest.mark.slow
 @pytest.mark.framework
+@pytest.mark.timeout(3600)
 def test_inside_openrlhfs_environment() -> None:
     """OpenRLHF 0.11.2's pins: transformers 5.15.0, ray[serve] 2.55.0 (openrlhf itself --no-deps)."""
     parity = _parity(OPENRLHF_ENV.tests[:4])
