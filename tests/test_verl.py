@@ -252,7 +252,7 @@ def test_shipped_config_passes_verls_own_validation(verl: Path, tmp_path: Path) 
         [sys.executable, str(script), "--config-path", str(EXAMPLE.parent), "--config-name", EXAMPLE.stem,
          f"data.train_files={tmp_path}/train.parquet", f"data.val_files={tmp_path}/test.parquet",
          "actor_rollout_ref.model.path=Qwen/Qwen2.5-7B-Instruct"],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,  # Hydra writes outputs/ there
     )  # fmt: skip
     out = run.stdout + run.stderr
     assert run.returncode == 0 and "All configuration checks passed" in out and "LAUNCH 4" in out, out[-3000:]
