@@ -233,8 +233,8 @@ def test_same_scores_through_every_surface(
         [{"prompt": s["prompt"]} for s in samples],
     )
     assert as_messages == got
-    # a sample with no prompt: the lowest reward so far (it cannot win), not a crashed step
-    assert verl.compute_score_batch(["x"], ["a"], ["b"], [{}]) == [min(got)]
+    # a sample with no prompt: the fallback floor, below every real reward (it cannot win), not a crash
+    assert verl.compute_score_batch(["x"], ["a"], ["b"], [{}]) == [min(verl.FALLBACK_FLOOR, min(got) - 1.0)]
     with pytest.raises(ValueError, match="extra_info"):
         verl.compute_score_batch(["x"], ["a"], ["b"], [{}], fallback="raise")
 

@@ -169,9 +169,12 @@ def test_the_example_serve_config_file_deploys_with_serve_run(
 ) -> None:
     """recipes/configs/ray_serve_worldpm.yaml, its model and resources swapped for the tiny
     checkpoint on CPU, deployed by Serve's own CLI (`serve run CONFIG`, as a RayService does
-    from the same document) onto this test's cluster."""
+    from the same document) onto this test's cluster: its two replicas give the same,
+    stateless rewards, and a killed replica costs an OpenRLHF-style client (5 tries, 1 s
+    apart) no reward."""
     import shutil
     import subprocess
+    import threading
     import time
 
     import yaml
@@ -180,9 +183,11 @@ def test_the_example_serve_config_file_deploys_with_serve_run(
     config = yaml.safe_load(example.read_text())
     (app,) = config["applications"]
     assert app["import_path"] == "worldpm_reward.integrations.ray_serve:build_app"
+    assert app["args"]["autoscaling"]["min_replicas"] >= 2  # survives a replica loss
+    assert app["args"]["shaping"].get("normalize", "none") == "none"  # no per-replica statistics
     app.update(name="worldpm-config", route_prefix="/fromconfig")
     app["args"].update(model=str(tiny_worldpm), num_gpus=0, num_cpus=0.25, model_kwargs={"device": "cpu"})
-    app["args"]["autoscaling"].update(max_replicas=1)
+    app["args"]["autoscaling"].update(max_replicas=2)
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     serve_cli = shutil.which("serve") or str(Path(sys.executable).with_name("serve"))
@@ -195,25 +200,78 @@ def test_the_example_serve_config_file_deploys_with_serve_run(
     )
     assert run.returncode == 0, run.stdout + run.stderr
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 480  # two replicas on a loaded 2-core machine
         convs = real_conversations(6)
         body = {"samples": [{"messages": c} for c in convs]}
         r = None
         while time.time() < deadline:
-            r = httpx.post(f"{cluster}/fromconfig/v1/score", json=body, timeout=60)
-            if r.status_code == 200:
+            try:  # replicas still starting: a refused or slow first request is not a failure
+                r = httpx.post(f"{cluster}/fromconfig/v1/score", json=body, timeout=60)
+            except httpx.HTTPError:
+                r = None
+            if r is not None and r.status_code == 200:
                 break
             time.sleep(2)
         assert r is not None and r.status_code == 200, r and r.text
-        want = RewardModel.from_pretrained(tiny_worldpm, device="cpu").score(convs)
+        rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+        want = rm.score(convs)
         results = r.json()["results"]
         assert max(abs(x["score"] - w) for x, w in zip(results, want)) <= 1e-4
-        # the file's shaping reached the replica: clipped to [-5, 5], normalized (not raw)
-        assert all(-5 <= x["reward"] <= 5 for x in results)
-        assert any(abs(x["reward"] - x["score"]) > 1e-6 for x in results)
+        # the file's shaping reached the replica: the raw score clipped to [-5, 5]; the very
+        # first reward of a fresh deploy is a real one (running normalization made it 0.0)
+        assert all(abs(x["reward"] - min(max(x["score"], -5.0), 5.0)) <= 1e-6 for x in results)
+        assert results[0]["reward"] != 0.0
         # and its server options: OpenRLHF fallback rewards
         bad = "<|im_start|>user\nhi<|im_end|>\n"
         g = httpx.post(f"{cluster}/fromconfig/get_reward", json={"query": [bad]}, timeout=60)
         assert g.status_code == 200 and g.json()["rewards"] == [-5.0]
+
+        def running() -> int:
+            status = serve.status().applications["worldpm-config"].deployments["WorldPMDeployment"]
+            return status.replica_states.get("RUNNING", 0)
+
+        while time.time() < deadline and running() < 2:
+            time.sleep(1)
+        replicas = [
+            a for a in ray.util.list_named_actors(all_namespaces=True) if "worldpm-config" in a["name"]
+        ]
+        assert running() == 2 and len(replicas) == 2, replicas
+
+        # OpenRLHF's client policy: one sample per request, 5 tries 1 s apart; kill a replica
+        queries = [
+            f"<|im_start|>user\n{c[-2]['content']}<|im_end|>\n<|im_start|>assistant\n{c[-1]['content']}<|im_end|>"
+            for c in convs
+        ] * 4
+        rewards: list[float | None] = [None] * len(queries)
+        retried = [0]
+
+        def client(i: int) -> None:
+            for _attempt in range(5):
+                try:
+                    resp = httpx.post(
+                        f"{cluster}/fromconfig/get_reward", json={"query": [queries[i]]}, timeout=60
+                    )
+                    if resp.status_code == 200:
+                        rewards[i] = resp.json()["rewards"][0]
+                        return
+                except httpx.HTTPError:
+                    pass
+                retried[0] += 1
+                time.sleep(1)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(queries))]
+        for k, t in enumerate(threads):
+            t.start()
+            if k == len(threads) // 3:
+                victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+                ray.kill(victim, no_restart=True)
+            time.sleep(0.05)
+        for t in threads:
+            t.join(timeout=120)
+        assert all(r is not None for r in rewards), (rewards, retried)  # no sample lost its reward
+        per_query = {}
+        for q, r in zip(queries, rewards):
+            per_query.setdefault(q, set()).add(round(float(r), 5))  # type: ignore[arg-type]
+        assert all(len(v) == 1 for v in per_query.values())  # every replica gives the same reward
     finally:
         serve.delete("worldpm-config")

@@ -27,7 +27,11 @@ from worldpm_reward.serving.client import RemoteScorer
 @pytest.fixture(scope="module")
 def live(tiny_worldpm: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    with server_process(tiny_worldpm, "--max-wait-ms", "20", log=log) as (url, _proc):
+    # --fallback-reward none: these tests check the 422 naming a bad item (the default answers -10)
+    with server_process(tiny_worldpm, "--max-wait-ms", "20", "--fallback-reward", "none", log=log) as (
+        url,
+        _proc,
+    ):
         yield url
 
 
@@ -459,7 +463,7 @@ def test_remote_get_reward_matches_the_server(live: str, direct: RewardModel) ->
 
 def test_lone_surrogate_is_one_items_error_over_http(direct: RewardModel) -> None:
     body = '{"samples": [{"prompt": "q", "response": "x\\ud800"}, {"prompt": "hi", "response": "hello"}]}'
-    with server_thread(create_app(direct, ServerConfig())) as url:
+    with server_thread(create_app(direct, ServerConfig(fallback_reward=None))) as url:
         r = httpx.post(f"{url}/v1/score", content=body, headers={"content-type": "application/json"})
         g = httpx.post(
             f"{url}/get_reward",
@@ -516,7 +520,7 @@ def test_openrlhf_fallback_reward_and_scores_for_dynamic_filtering(
         executor_out = _openrlhf_rollout(openrlhf_agent, f"{url}/get_reward", tok, conv)
         assert abs(executor_out[0] - want) <= 1e-4
     # without the fallback, the same request is a 422 naming the items
-    with server_thread(create_app(direct, ServerConfig())) as url:
+    with server_thread(create_app(direct, ServerConfig(fallback_reward=None))) as url:
         r = httpx.post(f"{url}/get_reward", json={"query": [good, bad]}, timeout=60)
         assert r.status_code == 422 and "1" in r.text
 

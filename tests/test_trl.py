@@ -184,8 +184,13 @@ def test_online_dpo_scores_pairs_and_an_unscorable_completion_never_wins(
         return out
 
     trainer._calculate_rewards_from_functions = recording
+    reward.attach(trainer)  # OnlineDPO passes no log_metric: the same metrics through its stats
     trainer.train()
     assert trainer.state.global_step == 2 and len(seen) == 2
+    logged = [h for h in trainer.state.log_history if "worldpm/failed" in h]
+    assert len(logged) == 2, trainer.state.log_history
+    assert all(h["worldpm/failed"] == 3.0 for h in logged)  # 3 of 6 completions refused per call
+    assert all("worldpm/raw_mean" in h and "worldpm/truncated" in h for h in logged)
     for rewards, (prompts, completions, returned, _) in zip(seen, reward.calls):
         n = len(returned)
         assert n == 6 and all(r is not None for r in returned)  # TRL would turn None into 0
@@ -370,3 +375,28 @@ def test_async_reward_in_a_spawned_cuda_free_worker(tiny_worldpm: Path, tmp_path
         child.join(30)
     assert child.exitcode == 0 and cuda is False
     assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4
+
+
+def test_outage_policy_raise_by_default_or_skip_with_none_and_a_metric(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every reward server down: "raise" (default) stops the step with the client's error;
+    "skip" gives TRL None for every completion, counts them in worldpm/failed and warns."""
+    from worldpm_reward.errors import RemoteScoringError
+
+    dead = {"retries": 0, "timeout_s": 2.0}  # nothing listens on port 9
+    prompts, completions = ["q1", "q2", "q3"], ["a1", "a2", "a3"]
+    with pytest.raises(RemoteScoringError):
+        WorldPMReward(url="http://127.0.0.1:9", client_kwargs=dead)(prompts, completions)
+    metrics: dict[str, float] = {}
+    reward = WorldPMReward(url="http://127.0.0.1:9", client_kwargs=dead, on_outage="skip")
+    with caplog.at_level("WARNING"):
+        out = reward(prompts, completions, log_metric=metrics.__setitem__, trainer_state=None)
+    assert out == [None, None, None]
+    assert metrics["worldpm/failed"] == 3.0 and "worldpm/raw_mean" not in metrics
+    assert any("on_outage='skip'" in r.getMessage() for r in caplog.records)
+    skipping_async = AsyncWorldPMReward(url="http://127.0.0.1:9", client_kwargs=dead, on_outage="skip")
+    assert asyncio.run(skipping_async(prompts, completions)) == [None, None, None]
+    # a bad configuration is never taken for an outage
+    with pytest.raises(ValueError, match="on_outage"):
+        WorldPMReward(url="http://127.0.0.1:9", on_outage="ignore")

@@ -4,6 +4,7 @@ worker's concurrent per-sample calls, with the example config in recipes/configs
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,12 +23,23 @@ from wpr_servers import pip_target, server_process
 from worldpm_reward import RewardModel
 
 VERL = "verl==0.9.1"
-EXAMPLE = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "verl_worldpm.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "recipes" / "configs" / "verl_worldpm.yaml"
 OURS = "pkg://worldpm_reward.integrations.verl"
 
 
 @pytest.fixture(scope="module")
 def verl() -> Iterator[Path]:
+    try:  # veRL's own environment (tests/test_coinstall.py): the installed veRL
+        from importlib.metadata import version
+
+        if version("verl") == VERL.split("==")[1]:
+            import verl as installed
+
+            yield Path(installed.__file__).parents[1]
+            return
+    except ImportError:
+        pass
     target = pip_target(VERL)
     sys.path.insert(0, str(target))
     try:
@@ -152,9 +164,9 @@ def test_async_reward_function_batches_a_workers_calls_and_matches_the_core(
     for g, w in zip(got, want):
         if w is not None:
             assert abs(g - min(max(w, -5.0), 5.0)) <= 1e-4  # the example clips to [-5, 5]
-    # the sample without a prompt: flagged, and the lowest reward of the batch (it cannot win)
+    # the sample without a prompt: flagged, and the config's clip_min: at or below EVERY real reward
     assert [o["reward_extra_info"]["worldpm_failed"] for o in outputs] == [float(i == 5) for i in range(12)]
-    assert got[5] == min(g for i, g in enumerate(got) if i != 5)
+    assert got[5] == -5.0 and all(got[5] <= g for i, g in enumerate(got) if i != 5)
     # 12 concurrent per-sample calls were scored in (far) fewer calls
     assert after["samples"] - before["samples"] == 12
     assert 1 <= after["batches"] - before["batches"] <= 3
@@ -192,6 +204,64 @@ def test_sync_reward_function_over_http_and_the_legacy_batch_form(
         assert all(abs(g - w) <= 1e-4 for g, w in zip(legacy, want) if w is not None)
 
 
+def test_unclipped_fallback_never_out_scores_a_real_answer(
+    verl: Path, tiny_worldpm: Path, batch: Any
+) -> None:
+    """No clip_min: the failure reward is below every real reward of the batch, also when the
+    failed sample is scored FIRST (the old "lowest so far" gave 0.3553 over 0.2431 there)."""
+    from worldpm_reward.integrations.verl import FALLBACK_FLOOR, compute_score
+
+    _tok, _questions, answers, infos = batch
+    kwargs = {
+        "model": str(tiny_worldpm),
+        "model_kwargs": {"device": "cpu"},
+        "shaping": {},
+        "report_every_s": 1e9,
+    }
+    failed = compute_score("gsm8k", "an answer", "", {"no_prompt": 1}, **kwargs)
+    real = [
+        compute_score("gsm8k", a, "", info, **kwargs)["score"]
+        for a, info in zip(answers, infos)
+        if "prompt" in info
+    ]
+    assert failed["worldpm_failed"] == 1.0 and failed["score"] == FALLBACK_FLOOR
+    assert all(failed["score"] < r for r in real), (failed, real)
+    # a real reward below the floor moves the floor below it
+    shifted = {**kwargs, "shaping": {"normalize": "fixed", "mean": 50.0, "std": 1.0}}  # rewards near -50
+    low = compute_score("gsm8k", "x", "", {"prompt": "q"}, **shifted)
+    again = compute_score("gsm8k", "x", "", {}, **shifted)
+    assert low["score"] < FALLBACK_FLOOR and again["score"] == low["score"] - 1.0
+
+
+def test_shipped_config_passes_verls_own_validation(verl: Path, tmp_path: Path) -> None:
+    """The example's header command, through veRL's Hydra entry point (verl.trainer.main_ppo:main:
+    Hydra composition, then its validate_config), with only the launch (run_ppo) stubbed out."""
+    import subprocess
+
+    pytest.importorskip("hydra", reason="needs hydra-core (the 'test' extra), veRL's entry point")
+    script = tmp_path / "validate.py"
+    script.write_text(
+        "import sys\n"
+        "import verl.trainer.main_ppo as m\n"
+        "m.run_ppo = lambda config, task_runner_class: print('LAUNCH', config.trainer.n_gpus_per_node)\n"
+        "sys.argv = ['main_ppo', *sys.argv[1:]]\n"
+        "m.main()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(verl), *sys.path])}
+    run = subprocess.run(
+        [sys.executable, str(script), "--config-path", str(EXAMPLE.parent), "--config-name", EXAMPLE.stem,
+         f"data.train_files={tmp_path}/train.parquet", f"data.val_files={tmp_path}/test.parquet",
+         "actor_rollout_ref.model.path=Qwen/Qwen2.5-7B-Instruct"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,  # Hydra writes outputs/ there
+    )  # fmt: skip
+    out = run.stdout + run.stderr
+    assert run.returncode == 0 and "All configuration checks passed" in out and "LAUNCH 4" in out, out[-3000:]
+    # the header's command is this one
+    header = EXAMPLE.read_text().split("hydra:")[0]
+    assert "python -m verl.trainer.main_ppo" in header and "data.train_files=" in header
+    assert "data.val_files=" in header and "actor_rollout_ref.model.path=" in header
+
+
 def test_unreachable_server_gives_fallbacks_or_raises_when_asked(verl: Path) -> None:
     from worldpm_reward.integrations.verl import compute_score
 
@@ -205,3 +275,30 @@ def test_unreachable_server_gives_fallbacks_or_raises_when_asked(verl: Path) -> 
     assert out == {"score": 0.25, "worldpm_raw": 0.25, "worldpm_failed": 1.0}
     with pytest.raises(ValueError, match="scoring failed"):
         compute_score("x", "hello", "", {"prompt": "hi"}, **{**kwargs, "fallback": "raise"})
+
+
+def test_server_down_from_the_start_is_loud_and_low_never_a_quiet_zero(
+    verl: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worldpm_reward.integrations.verl import compute_score_batch, failure_stats
+
+    kwargs = {
+        "url": "http://127.0.0.1:9",  # nothing listens there
+        "client_kwargs": {"retries": 0, "timeout_s": 2.0},
+        "shaping": {"clip_min": -5.0, "clip_max": 5.0},
+        "report_every_s": 0.0,  # a summary line on every call
+    }
+    before = failure_stats()
+    with caplog.at_level("INFO", logger="worldpm_reward.integrations.verl"):
+        out = compute_score_batch(["x"] * 3, ["a", "b", "c"], [""] * 3, [{"prompt": "q"}] * 3, **kwargs)
+    assert out == [-5.0, -5.0, -5.0]  # fallback "min": the config's floor, not 0.0
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and "ALL 3 samples" in errors[0].getMessage() and "-5.0" in errors[0].getMessage()
+    summary = [
+        r.getMessage()
+        for r in caplog.records
+        if "samples," in r.getMessage() and "failed (" in r.getMessage()
+    ]
+    assert summary and "3 samples, 3 failed (100.0%)" in summary[-1]
+    after = failure_stats()
+    assert after["failed"] - before["failed"] == 3 and after["samples"] - before["samples"] == 3

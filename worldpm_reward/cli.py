@@ -452,10 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("OpenRLHF (/get_reward)")
     g.add_argument(
         "--fallback-reward",
-        type=float,
-        default=None,
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=-10.0,
         help="an item that cannot be scored gets this reward (flagged <name>_failed in extra_logs) "
-        "instead of a 422, which OpenRLHF retries and then turns into a crashed step",
+        "instead of a 422, which OpenRLHF retries and then turns into a None that breaks its step "
+        "(default: -10, the low end of OpenRLHF's default clip range; 'none': answer 422)",
     )
     g.add_argument(
         "--openrlhf-scores",

@@ -6,6 +6,12 @@ with ``add_special_tokens=False``, ending with ``<|endoftext|>`` exactly once: t
 token's hidden state is scored. Generic sequence-classification reward models use their
 own chat template as is.
 
+Tool turns (agentic rollouts) are rendered as their own turns the way Qwen2.5's chat
+template (WorldPM's base) renders them, :func:`plain_turns`: an assistant turn's tool calls
+become ``<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`` blocks after its text,
+and each run of tool results becomes ONE user turn of ``<tool_response>\n...\n</tool_response>``
+blocks. The scored reply is the final assistant turn.
+
 Over-long inputs keep their END (the reply and the scored token) and lose tokens from the
 START; every cut is counted and reported, and a cut that reaches into the reply itself is
 flagged so it is never silent.
@@ -13,13 +19,47 @@ flagged so it is never silent.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from worldpm_reward.config import Overflow
 from worldpm_reward.errors import CheckpointError, SampleError
 from worldpm_reward.samples import Conversation, Sample
+
+
+def _tool_call_text(call: dict[str, Any]) -> str:
+    """One call as Qwen2.5's template writes it (transformers' ``tojson``: ``json.dumps`` with
+    ``ensure_ascii=False``); arguments given as a JSON string are inserted as they are."""
+    args = call["arguments"]
+    args_text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return '<tool_call>\n{"name": "' + call["name"] + '", "arguments": ' + args_text + "}\n</tool_call>"
+
+
+def plain_turns(sample: Sample) -> Sample:
+    """The sample with tool turns rendered as plain ``{"role", "content"}`` turns (Qwen2.5's
+    layout, see the module docstring); a sample without tool turns is returned as it is.
+
+    Rendered through a plain ChatML template, the result is token for token what Qwen2.5's
+    own template makes of the structured conversation."""
+    if not sample.has_tool_turns:
+        return sample
+    out: Conversation = []
+    previous = None
+    for m in sample.messages:
+        if m["role"] == "tool":
+            block = "<tool_response>\n" + m["content"] + "\n</tool_response>"
+            if previous == "tool":  # a run of results: one user turn
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block})
+        else:
+            calls = [_tool_call_text(c) for c in m.get("tool_calls") or ()]
+            parts = ([m["content"]] if m["content"] else []) + calls
+            out.append({"role": m["role"], "content": "\n".join(parts)})
+        previous = m["role"]
+    return replace(sample, messages=out)
 
 
 @dataclass(frozen=True)
@@ -56,6 +96,13 @@ class Encoder:
         return out
 
 
+def _openai_layout(message: dict[str, Any]) -> dict[str, Any]:
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    return {**message, "tool_calls": [{"type": "function", "function": dict(c)} for c in calls]}
+
+
 class ChatTemplateEncoder(Encoder):
     """Render conversations with a tokenizer's chat template and tokenize them.
 
@@ -69,6 +116,10 @@ class ChatTemplateEncoder(Encoder):
             template does not already end with it), or None to use the ids as rendered.
         overflow: "truncate" cuts from the start; "error" refuses over-long samples.
         chat_template: overrides the tokenizer's own template.
+        tool_turns: "plain" (default): tool calls and results rendered as plain turns in
+            Qwen2.5's layout (:func:`plain_turns`) before the template sees them; "template":
+            handed to the chat template as structured messages (OpenAI layout), for a
+            checkpoint whose own template renders tools.
         special_tokens_in_content: "text" (default): a message whose content contains the
             text of a control token (``<|im_end|>``, ``<|endoftext|>``, ...) has that content
             encoded as plain text, so a reply cannot close its own turn and forge another (a
@@ -87,7 +138,11 @@ class ChatTemplateEncoder(Encoder):
         overflow: Overflow = "truncate",
         chat_template: str | None = None,
         special_tokens_in_content: str = "text",
+        tool_turns: str = "plain",
     ) -> None:
+        if tool_turns not in ("plain", "template"):
+            raise ValueError(f"tool_turns must be 'plain' or 'template', got {tool_turns!r}")
+        self.tool_turns = tool_turns
         if special_tokens_in_content not in ("text", "literal"):
             raise ValueError(
                 f"special_tokens_in_content must be 'text' or 'literal', got {special_tokens_in_content!r}"
@@ -125,6 +180,8 @@ class ChatTemplateEncoder(Encoder):
     def render(self, sample: Sample) -> str:
         """The conversation as text, exactly as the chat template renders it."""
         messages: Conversation = list(sample.messages)
+        if self.tool_turns == "template" and sample.has_tool_turns:
+            messages = [_openai_layout(m) for m in messages]
         if self.ensure_system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": ""}, *messages]
         text = self.tokenizer.apply_chat_template(
@@ -139,6 +196,8 @@ class ChatTemplateEncoder(Encoder):
     ) -> list[Encoded | SampleError]:
         """Encode many samples (one tokenizer call); a failure is returned in place, not raised."""
         indices = list(indices) if indices is not None else list(range(len(samples)))
+        if self.tool_turns == "plain":
+            samples = [plain_turns(s) for s in samples]
         texts: list[str | SampleError] = []
         for sample, idx in zip(samples, indices):
             try:

@@ -1,7 +1,12 @@
 """Input samples and per-sample results.
 
 A *conversation* is a list of ``{"role", "content"}`` messages ending with the assistant
-reply to be scored. Callers may also give a *prompt* (a string, taken as one user turn, or
+reply to be scored. Agentic rollouts add tool turns: an assistant message may carry
+``tool_calls`` (OpenAI/TRL layout ``[{"type": "function", "function": {"name", "arguments"}}]``
+or ``[{"name", "arguments"}]``) and a ``tool`` message holds one tool's result; they are
+kept as their own turns (normalized: ``tool_calls`` becomes ``[{"name", "arguments"}]``) and
+each family's encoder renders them in its format (:func:`worldpm_reward.formatting.plain_turns`).
+The scored reply is always the final assistant turn; everything before it is context. Callers may also give a *prompt* (a string, taken as one user turn, or
 a list of messages) plus a *response* string. This module turns either form into a
 validated :class:`Sample`, or raises :class:`SampleError` naming the sample and field.
 It knows nothing about tokenizers or models.
@@ -18,13 +23,15 @@ from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from worldpm_reward.errors import SampleError
 
-Message: TypeAlias = dict[str, str]
+#: ``{"role", "content"}``; an assistant message may also hold ``tool_calls``: a list of
+#: ``{"name": str, "arguments": mapping | list | str}``.
+Message: TypeAlias = dict[str, Any]
 Conversation: TypeAlias = list[Message]
 #: What the public scoring verb accepts per sample: a message list, or a mapping with
 #: ``messages`` or ``prompt`` + ``response`` (and optionally ``reference``).
 SampleLike: TypeAlias = Sequence[Mapping[str, Any]] | Mapping[str, Any]
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,11 @@ class Sample:
     @property
     def response(self) -> str:
         return self.messages[-1]["content"]
+
+    @property
+    def has_tool_turns(self) -> bool:
+        """Whether any message is a tool result or carries tool calls."""
+        return any(m["role"] == "tool" or m.get("tool_calls") for m in self.messages)
 
 
 @dataclass
@@ -128,10 +140,20 @@ def _check_messages(value: Any, *, index: int | None, field: str, final_assistan
             raise SampleError(
                 "a system message is only allowed as the first message", index=index, field=f"{where}.role"
             )
+        calls = _check_tool_calls(msg.get("tool_calls"), index=index, field=f"{where}.tool_calls", role=role)
+        content = msg.get("content")
+        if calls and content is None:
+            content = ""  # a message that only calls tools
         content = _check_text(
-            msg.get("content"), index=index, field=f"{where}.content", allow_empty=(role == "system")
+            content,
+            index=index,
+            field=f"{where}.content",
+            allow_empty=(role in ("system", "tool") or bool(calls)),
         )
-        out.append({"role": role, "content": content})
+        message: Message = {"role": role, "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        out.append(message)
     if final_assistant and out[-1]["role"] != "assistant":
         raise SampleError(
             f"the last message must be the assistant reply to score; got role {out[-1]['role']!r}",
@@ -139,6 +161,57 @@ def _check_messages(value: Any, *, index: int | None, field: str, final_assistan
             field=f"{field}[{len(out) - 1}].role",
         )
     return out
+
+
+def _check_tool_calls(value: Any, *, index: int | None, field: str, role: str) -> list[dict[str, Any]]:
+    """An assistant message's tool calls as ``[{"name", "arguments"}]`` ([] when it has none)."""
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return []
+    if role != "assistant":
+        raise SampleError(
+            f"only an assistant message may carry tool calls; this one is {role!r}", index=index, field=field
+        )
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise SampleError(
+            f"expected a list of tool calls, got {type(value).__name__}", index=index, field=field
+        )
+    calls = []
+    for j, call in enumerate(value):
+        where = f"{field}[{j}]"
+        if not isinstance(call, Mapping):
+            raise SampleError(
+                f"expected a mapping {{'function': {{'name', 'arguments'}}}}, got {type(call).__name__}",
+                index=index,
+                field=where,
+            )
+        fn = call.get("function", call)
+        if not isinstance(fn, Mapping):
+            raise SampleError(
+                f"expected a mapping with 'name' and 'arguments', got {type(fn).__name__}",
+                index=index,
+                field=f"{where}.function",
+            )
+        name = _check_text(fn.get("name"), index=index, field=f"{where}.name")
+        arguments = fn.get("arguments", {})
+        if arguments is None:
+            arguments = {}
+        if isinstance(arguments, str):
+            _check_text(arguments, index=index, field=f"{where}.arguments", allow_empty=True)
+        elif isinstance(arguments, (Mapping, list, tuple)):
+            try:
+                json.dumps(arguments, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise SampleError(
+                    f"must be JSON-serializable: {exc}", index=index, field=f"{where}.arguments"
+                ) from None
+        else:
+            raise SampleError(
+                f"expected a mapping or a JSON string, got {type(arguments).__name__}",
+                index=index,
+                field=f"{where}.arguments",
+            )
+        calls.append({"name": name, "arguments": arguments})
+    return calls
 
 
 def is_reference(value: Any) -> bool:

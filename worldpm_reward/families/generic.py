@@ -77,6 +77,7 @@ class GenericFamily(RewardFamily):
             overflow=config.overflow,
             chat_template=config.chat_template,
             special_tokens_in_content=config.special_tokens_in_content,
+            tool_turns="template",  # a classifier's own chat template decides how tools read
         )
 
     def parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:

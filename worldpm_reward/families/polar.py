@@ -40,7 +40,7 @@ from worldpm_reward.checkpoints import LoadRequest, check_weight_names, local_ch
 from worldpm_reward.config import ModelConfig
 from worldpm_reward.errors import CheckpointError, SampleError
 from worldpm_reward.families.base import KnownAnswer, RewardFamily
-from worldpm_reward.formatting import Encoded, Encoder
+from worldpm_reward.formatting import Encoded, Encoder, plain_turns
 from worldpm_reward.pooling import score_last_token
 from worldpm_reward.samples import Conversation, Sample
 
@@ -270,6 +270,7 @@ class PolarEncoder(Encoder):
                 "POLAR scores a response against a reference answer; this sample has none", field="reference"
             )
         tok = self.tokenizer
+        sample = plain_turns(sample)  # tool calls and results: their own turns, as text
         p = "\n".join(m["content"] for m in sample.prompt_messages)
         p_ids = tok.encode(p, add_special_tokens=True)
         r1_ids, cut1 = self._cap(

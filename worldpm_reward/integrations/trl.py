@@ -26,8 +26,20 @@ correlation of raw score and completion length in tokens: a length-bias diagnost
 through ``log_extra`` the per-sample raw scores as column ``<name>_raw``. TRL logs the
 returned rewards as ``rewards/<name>/mean``.
 
+Outage policy (``on_outage``): when the scorer itself fails (every reward server down
+after the client's retries and deadline, ``RemoteScoringError``), ``"raise"`` (default) stops
+the run at that step: nothing is trained on missing rewards, and a resumed run starts from
+the last checkpoint. ``"skip"`` keeps the run going: every completion of that call gets
+TRL's None ("not applicable": GRPO/RLOO ignore it, so with no other reward function the
+step carries no reward signal), ``<name>/failed`` counts them and a WARNING is logged.
+Trade-off: "skip" survives a server restart at the cost of steps without reward signal
+(wasted compute; other reward functions still count); "raise" wastes no compute on them but
+needs a restart. Per-sample errors (a malformed completion) are always None + a warning.
+
 OnlineDPO (``trl.experimental.online_dpo``) calls reward functions synchronously: use
-:class:`WorldPMReward` (not the async class). It scores the two completions of each prompt
+:class:`WorldPMReward` (not the async class). It passes no ``log_metric``, so call
+``reward.attach(trainer)`` once: the same ``<name>/*`` metrics then go into the trainer's
+logs (OnlineDPO's ``stats``, averaged over the logging interval). It scores the two completions of each prompt
 in one call (the first half against the second half) and turns None into 0, which could
 win a pair; so on that call layout (detected, or forced with ``pairs=True``) a completion
 that cannot be scored gets its partner's reward minus ``unscorable_margin``: it always loses.
@@ -44,7 +56,7 @@ from typing import Any
 import torch
 
 from worldpm_reward.rewards import RewardBatch, RewardFunction
-from worldpm_reward.samples import Scorer
+from worldpm_reward.samples import Scorer, ScoreResult
 from worldpm_reward.shaping import ShapingConfig
 
 logger = logging.getLogger(__name__)
@@ -96,6 +108,8 @@ class WorldPMReward:
             ``log_metric``, and the second half of the prompts repeating the first).
         unscorable_margin: how far below its partner an unscorable completion lands (keep it
             above OnlineDPO's ``missing_eos_penalty``).
+        on_outage: "raise" (default) or "skip": what a call does when the scorer fails as a
+            whole (see the module docstring for the trade-off).
     """
 
     def __init__(
@@ -110,9 +124,14 @@ class WorldPMReward:
         client_kwargs: Mapping[str, Any] | None = None,
         pairs: bool | None = None,
         unscorable_margin: float = 10.0,
+        on_outage: str = "raise",
     ) -> None:
         if sum(x is not None for x in (model, url, scorer)) != 1:
             raise ValueError("WorldPMReward needs exactly one of model=..., url=... or scorer=...")
+        if on_outage not in ("raise", "skip"):
+            raise ValueError(f"on_outage must be 'raise' or 'skip'; got {on_outage!r}")
+        self.on_outage = on_outage
+        self._pending: dict[str, list[float]] = {}  # metrics for attach()ed trainers
         self.model = None if model is None else str(model)
         self.url = url
         self.model_kwargs = dict(model_kwargs or {})
@@ -187,11 +206,53 @@ class WorldPMReward:
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any
     ) -> list[float | None]:
-        batch = self._reward_fn()(self._samples(prompts, completions, kwargs))
+        samples = self._samples(prompts, completions, kwargs)
+        try:
+            batch = self._reward_fn()(samples)
+        except Exception as exc:
+            batch = self._outage(exc, len(samples))
         rewards = self._report(batch, completions, completion_ids, kwargs)
         if self.pairs or (self.pairs is None and _online_dpo_call(prompts, kwargs)):
             return list(pair_fallback(rewards, self.unscorable_margin, name=self.__name__))
         return rewards
+
+    def _outage(self, exc: Exception, n: int) -> RewardBatch:
+        """The scorer failed as a whole: raise, or (on_outage="skip") n unscored results."""
+        from worldpm_reward.errors import SampleError
+
+        if self.on_outage == "raise" or isinstance(exc, (SampleError, ValueError, TypeError)):
+            raise exc  # a config or input bug is never an outage
+        logger.warning(
+            "%s: the reward scorer failed for all %d completions of this call; they get None "
+            "(on_outage='skip'): %s",
+            self.__name__,
+            n,
+            exc,
+        )
+        return RewardBatch([None] * n, [None] * n, None, [ScoreResult(error=f"scorer failed: {exc}")] * n)
+
+    def attach(self, trainer: Any) -> None:
+        """Log this reward's ``<name>/*`` metrics through a trainer that passes no
+        ``log_metric`` (OnlineDPO): they are averaged into its ``stats`` at each step end."""
+        from transformers import TrainerCallback
+
+        reward = self
+
+        class _Flush(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                stats = getattr(trainer, "stats", None)
+                pending, reward._pending = reward._pending, {}
+                if not isinstance(stats, dict):
+                    return
+                # every key of ours gets a value each step (OnlineDPO averages each list at
+                # log time and would divide by zero on an empty one)
+                ours = {k for k in stats if k.startswith(f"{reward.__name__}/")} | set(pending)
+                for key in ours:
+                    values = pending.get(key) or [math.nan]
+                    stats.setdefault(key, []).append(sum(values) / len(values))
+
+        self._attached = True
+        trainer.add_callback(_Flush())
 
     def _report(
         self, batch: RewardBatch, completions: Sequence[Any], completion_ids: Any, kwargs: Mapping[str, Any]
@@ -204,6 +265,8 @@ class WorldPMReward:
         if len(errors) > 3:
             logger.warning("%s: %d more completions not scored", name, len(errors) - 3)
         log_metric: Callable[[str, float], None] | None = kwargs.get("log_metric")
+        if log_metric is None and getattr(self, "_attached", False):
+            log_metric = self._collect
         if log_metric is not None:
             if raw:  # TRL averages sum/count over ranks: a rank with nothing scored adds nothing
                 mean = sum(raw) / len(raw)
@@ -219,6 +282,9 @@ class WorldPMReward:
             log_extra(f"{name}_raw", list(batch.raw))
         return batch.rewards
 
+    def _collect(self, key: str, value: float) -> None:
+        self._pending.setdefault(key, []).append(float(value))
+
 
 class AsyncWorldPMReward(WorldPMReward):
     """The same reward as an ``async`` callable: TRL 1.16's GRPO and RLOO run it concurrently
@@ -229,7 +295,11 @@ class AsyncWorldPMReward(WorldPMReward):
     async def __call__(  # type: ignore[override]
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **kwargs: Any
     ) -> list[float | None]:
-        batch = await self._reward_fn().acall(self._samples(prompts, completions, kwargs))
+        samples = self._samples(prompts, completions, kwargs)
+        try:
+            batch = await self._reward_fn().acall(samples)
+        except Exception as exc:
+            batch = self._outage(exc, len(samples))
         return self._report(batch, completions, completion_ids, kwargs)
 
 

@@ -33,9 +33,31 @@ is ``solution_str``.
 
 Errors: a sample that cannot be scored (no prompt, a bad message, a failed request) gets
 the ``fallback`` reward, with the reason logged and ``worldpm_failed = 1``; it never
-raises into veRL's step. ``fallback``: a number, or ``"min"`` (default): the lowest
-reward this worker has produced so far (0.0 before the first), so a failure never
-out-scores a real answer. ``fallback: raise`` restores all-or-nothing.
+raises into veRL's step. ``fallback``: ``"min"`` (default) is the reward floor: the
+config's ``shaping.clip_min`` when set (the shipped config clips to [-5, 5], so a failure
+ties the worst possible answer and never out-scores one), else ``-10`` or, once a real
+reward at or below that was seen, that reward minus 1 (unclipped rewards are unbounded: only
+``clip_min`` makes "never out-scores" a guarantee for rewards not yet produced). A number
+is used as it is; ``fallback: raise`` restores all-or-nothing. When EVERY sample of a
+scoring call fails (reward server down from the start, a bad URL), each gets that floor and
+the worker logs an ERROR saying so: never a quiet 0.0.
+
+Failure counts: veRL puts ``worldpm_raw`` / ``worldpm_failed`` in its validation metrics
+and rollout/validation dumps, but its training metrics (``compute_data_metrics``) do not
+read reward extras. So each reward worker also logs a summary line every
+``report_every_s`` seconds (default 60; WARNING when something failed, else INFO):
+``worldpm-reward: last 60 s: 512 samples, 3 failed (0.6%), fallback -5.0``; Ray forwards
+the workers' logs to the driver's console, next to veRL's step metrics.
+:func:`failure_stats` gives the same counts in the worker process.
+
+Multi-turn / tool rollouts: veRL's tool agent loop keeps the tool results inside the
+response (masked out of the loss) and the reward manager decodes it with
+``skip_special_tokens=True``. When ``solution_str`` holds Hermes/Qwen tool markup
+(``<tool_response>`` blocks, veRL's default ``hermes`` tool parser), it is split into the
+trajectory's turns (:func:`split_tool_turns`): assistant turns with their ``<tool_call>``
+blocks, tool results as tool turns; the FINAL assistant turn is the scored reply and the
+rest is context. ``extra_info["messages"]`` (a full message list ending with the reply, e.g.
+stored by a custom agent loop in its ``extra_fields``) is used as it is when present.
 
 Where the model runs: with ``url`` every reward worker sends its batches to the same
 server(s), which batch across workers and keep one set of normalization statistics
@@ -58,7 +80,9 @@ import json
 import logging
 import math
 import os
+import re
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,11 +92,33 @@ from worldpm_reward.rewards import RewardFunction
 from worldpm_reward.samples import ScoreResult, is_reference
 from worldpm_reward.shaping import ShapingConfig
 
-__all__ = ["batch_stats", "compute_score", "compute_score_async", "compute_score_batch", "verl_samples"]
+__all__ = [
+    "FALLBACK_FLOOR",
+    "batch_stats",
+    "compute_score",
+    "compute_score_async",
+    "compute_score_batch",
+    "failure_stats",
+    "split_tool_turns",
+    "verl_samples",
+]
 
 logger = logging.getLogger(__name__)
 
-_SETTINGS = ("url", "token", "token_env", "client_kwargs", "model", "model_kwargs", "shaping", "fallback")
+_SETTINGS = (
+    "url",
+    "token",
+    "token_env",
+    "client_kwargs",
+    "model",
+    "model_kwargs",
+    "shaping",
+    "fallback",
+    "report_every_s",
+)
+#: ``fallback: min`` without ``shaping.clip_min``: the failure reward (or 1 below the lowest
+#: real reward seen, when that is lower).
+FALLBACK_FLOOR = -10.0
 
 
 @dataclass
@@ -102,6 +148,10 @@ class _Backend:
                 ) from None
         self.fallback: float | str = fallback
         self.lowest: float | None = None
+        self.report_every_s = float(settings.get("report_every_s", 60.0))
+        self.window = [0, 0]  # samples, failed since the last summary line
+        self.totals = [0, 0]
+        self.last_report = time.monotonic()
         if url:
             from worldpm_reward.serving.client import RemoteScorer
 
@@ -124,7 +174,8 @@ class _Backend:
                 "veRL reward: set reward_kwargs.url (worldpm-reward serve URLs) or reward_kwargs.model "
                 "(a checkpoint), or the WORLDPM_REWARD_URL / WORLDPM_REWARD_MODEL environment variables"
             )
-        self.reward = RewardFunction(scorer, ShapingConfig(**shaping))
+        self.shaping = ShapingConfig(**shaping)
+        self.reward = RewardFunction(scorer, self.shaping)
         self.lock = threading.Lock()
         self.batchers: dict[asyncio.AbstractEventLoop, Any] = {}
         self.batches = 0
@@ -149,10 +200,51 @@ class _Backend:
                 for j, i in enumerate(good):
                     r = batch.results[j]
                     out[i] = _Outcome(score=batch.raw[j], error=r.error, reward=batch.rewards[j])
+            failed = 0
             for o in out:
-                if o.reward is not None:
+                if o.reward is not None and o.error is None:
                     self.lowest = o.reward if self.lowest is None else min(self.lowest, o.reward)
+                else:
+                    failed += 1
+            self._count(len(out), failed)
+        if out and failed == len(out) and self.fallback != "raise":
+            logger.error(
+                "worldpm-reward: ALL %d samples of this scoring call failed, each gets the fallback reward "
+                "%s (first error: %s); is the reward server up and reachable from the reward workers?",
+                len(out),
+                self.floor() if self.fallback == "min" else self.fallback,
+                out[0].error,
+            )
         return out
+
+    def _count(self, samples: int, failed: int) -> None:
+        """Failure counts, and the periodic summary line (called under the lock)."""
+        for counts in (self.window, self.totals):
+            counts[0] += samples
+            counts[1] += failed
+        now = time.monotonic()
+        if now - self.last_report < self.report_every_s:
+            return
+        n, f = self.window
+        logger.log(
+            logging.WARNING if f else logging.INFO,
+            "worldpm-reward: last %.0f s: %d samples, %d failed (%.1f%%), fallback %s",
+            now - self.last_report,
+            n,
+            f,
+            100.0 * f / max(n, 1),
+            self.floor() if self.fallback == "min" else self.fallback,
+        )
+        self.window = [0, 0]
+        self.last_report = now
+
+    def floor(self) -> float:
+        """``fallback: min``: the reward an unscorable sample gets (see the module docstring)."""
+        if self.shaping.clip_min is not None:
+            return float(self.shaping.clip_min)
+        if self.lowest is not None and self.lowest - 1.0 < FALLBACK_FLOOR:
+            return float(self.lowest) - 1.0
+        return FALLBACK_FLOOR
 
     def finish(self, outcome: _Outcome) -> dict[str, float]:
         if outcome.reward is not None and outcome.error is None:
@@ -160,7 +252,8 @@ class _Backend:
             return {"score": float(outcome.reward), "worldpm_raw": raw, "worldpm_failed": 0.0}
         if self.fallback == "raise":
             raise ValueError(outcome.error or "sample could not be scored")
-        value = (self.lowest if self.lowest is not None else 0.0) if self.fallback == "min" else self.fallback
+        with self.lock:
+            value = self.floor() if self.fallback == "min" else float(self.fallback)
         logger.warning("worldpm-reward: sample not scored, reward %s: %s", value, outcome.error)
         return {"score": float(value), "worldpm_raw": float(value), "worldpm_failed": 1.0}
 
@@ -197,14 +290,73 @@ def _backend(kwargs: Mapping[str, Any]) -> _Backend:
         return backend
 
 
+_TOOL_RESPONSE = re.compile(r"<tool_response>\n?(.*?)\n?</tool_response>", re.S)
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+# role headers left by a decode with skip_special_tokens=True ("<|im_start|>user\n" -> "user\n")
+_USER_HEADER = re.compile(r"(?:^|\n)[ \t]*(?:user|tool)[ \t]*\n?$")
+_ASSISTANT_HEADER = re.compile(r"^\s*assistant\s*\n")
+
+
+def _assistant_turn(text: str) -> dict[str, Any]:
+    """An assistant segment: its ``<tool_call>`` blocks as tool calls, the rest as its text
+    (a block that is not a ``{"name", "arguments"}`` JSON object stays text)."""
+    calls: list[dict[str, Any]] = []
+
+    def take(match: re.Match[str]) -> str:
+        try:
+            call = json.loads(match.group(1))
+        except ValueError:
+            return match.group(0)
+        if not isinstance(call, Mapping) or not isinstance(call.get("name"), str):
+            return match.group(0)
+        calls.append({"name": call["name"], "arguments": call.get("arguments", {})})
+        return ""
+
+    message: dict[str, Any] = {"role": "assistant", "content": _TOOL_CALL.sub(take, text).strip()}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def split_tool_turns(response: str) -> list[dict[str, Any]] | None:
+    """A veRL multi-turn response (tool results inside it, Hermes/Qwen markup, decoded with
+    or without special tokens) as turns: ``[assistant, tool, ..., assistant]``; the last is
+    the reply to score. None when the response holds no ``<tool_response>`` block."""
+    text = response.replace("<|im_end|>", "").replace("<|im_start|>", "")
+    matches = list(_TOOL_RESPONSE.finditer(text))
+    if not matches:
+        return None
+    turns: list[dict[str, Any]] = []
+    cursor = 0
+    for k, m in enumerate(matches):
+        between = text[cursor : m.start()]
+        if k == 0 or between.strip():
+            segment = _USER_HEADER.sub("", _ASSISTANT_HEADER.sub("", between))
+            if k > 0 or segment.strip():
+                turns.append(_assistant_turn(segment))
+        turns.append({"role": "tool", "content": m.group(1)})
+        cursor = m.end()
+    turns.append(_assistant_turn(_ASSISTANT_HEADER.sub("", text[cursor:])))
+    return turns
+
+
 def _sample(index: int, solution: Any, truth: Any, info: Any) -> Any:
     """A core sample, or an :class:`_Outcome` carrying the reason it cannot be one."""
+    messages = info.get("messages") if isinstance(info, Mapping) else None
     prompt = info.get("prompt") if isinstance(info, Mapping) else None
-    if prompt is None:
+    if messages is None and prompt is None:
         return _Outcome(
             error=f"sample {index}, field 'extra_info.prompt': missing; put the prompt in extra_info['prompt']"
         )
-    sample: dict[str, Any] = {"prompt": prompt, "response": solution}
+    sample: dict[str, Any]
+    turns = split_tool_turns(solution) if messages is None and isinstance(solution, str) else None
+    if messages is not None:
+        sample = {"messages": messages}
+    elif turns is not None:
+        context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt or [])
+        sample = {"messages": [*context, *turns]}
+    else:
+        sample = {"prompt": prompt, "response": solution}
     if is_reference(truth):
         sample["reference"] = truth  # text or a message list (samples.reference_text)
     return sample
@@ -261,6 +413,15 @@ def compute_score_batch(
     backend = _backend(kwargs)
     samples = [_sample(i, *a) for i, a in enumerate(zip(solution_strs, ground_truths, extra_infos))]
     return [backend.finish(o)["score"] for o in backend.score(samples)]
+
+
+def failure_stats() -> dict[str, int]:
+    """Samples and failed samples so far in this process (all settings together)."""
+    with _lock:
+        return {
+            "samples": sum(b.totals[0] for b in _backends.values()),
+            "failed": sum(b.totals[1] for b in _backends.values()),
+        }
 
 
 def batch_stats() -> dict[str, float]:

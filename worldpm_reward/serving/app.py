@@ -32,7 +32,7 @@ from typing import Any
 
 from worldpm_reward.errors import QueueFullError, RequestError, ServerClosingError, require_extra
 from worldpm_reward.samples import Scorer, ScoreResult, loads_json
-from worldpm_reward.serving.protocol import RewardService, Submit
+from worldpm_reward.serving.protocol import DEFAULT_FALLBACK_REWARD, RewardService, Submit
 from worldpm_reward.serving.queue import BatchReport, DynamicBatcher, current_client
 from worldpm_reward.shaping import ShapingConfig
 
@@ -60,7 +60,8 @@ class ServerConfig:
         name: reward name used in extra_logs keys and metrics labels.
         retry_after_s: the Retry-After value sent with 503, in seconds.
         fallback_reward: /get_reward (OpenRLHF): an item that cannot be scored gets this
-            reward and status 200 (flagged in extra_logs) instead of 422. None: 422.
+            reward and status 200 (flagged in extra_logs) instead of 422. Default -10 (the low
+            end of OpenRLHF's default clip range); None: 422.
         openrlhf_scores: /get_reward's ``scores``: "reward" or "sigmoid" (in (0, 1), for
             OpenRLHF's dynamic filtering).
         scores_temperature: scale of the "sigmoid" mapping: ``sigmoid(reward / T)``.
@@ -94,7 +95,7 @@ class ServerConfig:
     chat_format: str = "auto"
     name: str = "worldpm"
     retry_after_s: int = 1
-    fallback_reward: float | None = None
+    fallback_reward: float | None = DEFAULT_FALLBACK_REWARD
     drain_timeout_s: float | None = None
     openrlhf_scores: str = "reward"
     scores_temperature: float = 1.0

@@ -53,6 +53,10 @@ class ServiceStats:
 
 
 SCORES = ("reward", "sigmoid")
+#: /get_reward's default reward for an item that cannot be scored: the low end of OpenRLHF's
+#: default ``--reward.clip_range`` (-10, 10), so after OpenRLHF's clipping it never out-scores
+#: a real answer, and OpenRLHF never receives a None (which breaks its step later).
+DEFAULT_FALLBACK_REWARD = -10.0
 
 
 class RewardService:
@@ -66,7 +70,8 @@ class RewardService:
         max_items: most items per request (larger requests: 413).
         fallback_reward: OpenRLHF only: an item that cannot be scored gets this reward (and
             ``<name>_failed = 1`` in extra_logs, the reason in ``errors``) with status 200,
-            instead of a 422 that OpenRLHF retries and then turns into a crashed step. None: 422.
+            instead of a 422 that OpenRLHF retries 5 times and then turns into a None reward
+            that breaks its step. Default :data:`DEFAULT_FALLBACK_REWARD` (-10); None: 422.
         scores: what OpenRLHF's ``scores`` (used by its dynamic filtering, which keeps
             groups whose mean lies in ``--algo.dynamic_filtering_range``, (0, 1) by default)
             carry: "reward" (the reward itself) or "sigmoid" (``sigmoid(reward / scores_temperature)``,
@@ -83,7 +88,7 @@ class RewardService:
         chat_format: str = "auto",
         name: str = "worldpm",
         max_items: int = 4096,
-        fallback_reward: float | None = None,
+        fallback_reward: float | None = DEFAULT_FALLBACK_REWARD,
         scores: str = "reward",
         scores_temperature: float = 1.0,
         max_request_tokens: int | None = None,

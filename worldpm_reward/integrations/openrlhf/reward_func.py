@@ -11,16 +11,26 @@ parsed and the conversation is scored in WorldPM's own format with cross-request
   ``worldpm-reward-ray`` (called through a deployment handle, inside the Ray cluster).
 
 Optional: ``WORLDPM_REWARD_TOKEN`` (bearer token), ``WORLDPM_REWARD_TIMEOUT`` (seconds,
-default 180), ``WORLDPM_REWARD_RETRIES`` (attempts, default 5).
+default 180), ``WORLDPM_REWARD_RETRIES`` (attempts, default 5), ``WORLDPM_REWARD_FALLBACK``
+(default -10, the low end of OpenRLHF's default ``--reward.clip_range``).
+
+Failures never hand OpenRLHF a None (which breaks its step later): the server answers an
+unscorable item with its fallback reward (``worldpm-reward serve --fallback-reward``, -10 by
+default), and when the server itself cannot be reached after the retries, this file returns
+``WORLDPM_REWARD_FALLBACK`` for the sample, ``worldpm_failed: 1`` in ``extra_logs`` and an
+ERROR in the actor's log. ``WORLDPM_REWARD_FALLBACK=raise`` lets the error reach OpenRLHF.
 
 Returns ``{"rewards": [...], "scores": [...], "extra_logs": {...}}`` as OpenRLHF expects.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any
+
+logger = logging.getLogger("worldpm_reward.integrations.openrlhf.reward_func")
 
 _lock = threading.Lock()
 _scorer: Any = None
@@ -63,4 +73,22 @@ def reward_func(queries: list[str], prompts: list[str], labels: list[Any]) -> di
         raise RuntimeError(
             "set WORLDPM_REWARD_URL (server URLs) or WORLDPM_REWARD_RAY_APP (Ray Serve app name)"
         )
-    return _remote().get_reward(payload["query"], payload["prompts"], payload["labels"])
+    fallback = os.environ.get("WORLDPM_REWARD_FALLBACK", "-10").strip()
+    if fallback == "raise":
+        return _remote().get_reward(payload["query"], payload["prompts"], payload["labels"])
+    value = float(fallback)
+    try:
+        return _remote().get_reward(payload["query"], payload["prompts"], payload["labels"])
+    except Exception as exc:  # every server unreachable or refusing: a low reward, not a None
+        logger.error(
+            "worldpm-reward: %d sample(s) not scored, reward %s (WORLDPM_REWARD_FALLBACK): %s",
+            len(payload["query"]),
+            value,
+            exc,
+        )
+        n = len(payload["query"])
+        return {
+            "rewards": [value] * n,
+            "scores": [value] * n,
+            "extra_logs": {"worldpm_failed": [1.0] * n},
+        }
