@@ -74,6 +74,27 @@ class ScoreResult:
         return self.error is None and self.score is not None
 
 
+def finite_or_error(results: list[ScoreResult], start_index: int | None = 0) -> list[ScoreResult]:
+    """Turn a non-finite score (inf or NaN, e.g. an fp16/bf16 overflow) into that sample's
+    error, in place, so that it never reaches shaping, running statistics or a client as a
+    number (or as a null without a reason). ``start_index``: added to the positions quoted in
+    the message (None: positions are not quoted). Returns ``results``."""
+    for i, r in enumerate(results):
+        score = r.score
+        if r.error is None and score is not None and not _finite_number(score):
+            where = "" if start_index is None else f"sample {start_index + i}: "
+            r.error = (
+                f"{where}the model returned a non-finite score ({score!r}); the input may overflow the "
+                "model's dtype (try dtype float32)"
+            )
+            r.score = None
+    return results
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @runtime_checkable
 class Scorer(Protocol):
     """Anything that turns a batch of samples into per-sample results, in input order.

@@ -115,6 +115,7 @@ class DynamicBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worldpm-scorer")
         self._closing = False
+        self._running: list[_Request] = []  # requests with a piece in the scorer now
         self.abandoned_samples = 0  # dropped before scoring: their callers had gone
 
     @property
@@ -186,6 +187,24 @@ class DynamicBatcher:
                 await self._worker
             self._worker = None
         self._executor.shutdown(wait=True)
+
+    def abort(self, error: Exception) -> None:
+        """Stop now (a drain that ran out of time): every request not yet answered fails with
+        ``error``; a batch still in the scorer is not waited for."""
+        self._closing = True
+        for queue in self._clients.values():
+            for piece in queue:
+                if not piece.request.future.done():
+                    piece.request.future.set_exception(error)
+        self._clients.clear()
+        self._queued_samples = self._queued_tokens = 0
+        for request in list(self._running):
+            if not request.future.done():
+                request.future.set_exception(error)
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- the worker --------------------------------------------------------------------
     async def _run(self) -> None:
@@ -262,12 +281,17 @@ class DynamicBatcher:
     async def _run_batch(self, batch: list[_Piece], loop: asyncio.AbstractEventLoop) -> None:
         flat = [s for p in batch for s in p.samples]
         start = time.perf_counter()
+        self._running = [p.request for p in batch]
         try:
             results = await loop.run_in_executor(self._executor, self.score_fn, flat)
             error: Exception | None = None
+            if len(results) != len(flat):
+                raise RuntimeError(f"the scorer returned {len(results)} results for {len(flat)} samples")
         except Exception as exc:  # the model failed for the whole batch: fail these requests only
-            logger.exception("scoring a batch of %d samples failed", len(flat))
+            logger.error("scoring a batch of %d samples failed: %s", len(flat), exc)
             results, error = [], exc
+        finally:
+            self._running = []
         seconds = time.perf_counter() - start
         offset = 0
         for p in batch:
