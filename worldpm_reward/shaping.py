@@ -310,7 +310,9 @@ class RewardShaper:
         self._synced_at = now
         if self.background_sync and not wait:
             if self._syncing is None or not self._syncing.is_alive():
-                self._syncing = threading.Thread(target=self._merge_logged, name="worldpm-state-sync", daemon=True)
+                self._syncing = threading.Thread(
+                    target=self._merge_logged, name="worldpm-state-sync", daemon=True
+                )
                 self._syncing.start()
             return
         self._merge_logged()
@@ -420,7 +422,9 @@ _FIX = "fix or delete the file, or start with --normalize-state-reset (shaping.s
 def _number(data: dict[str, Any], key: str, where: str) -> float:
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise StateFileError(f"{where}: field '{key}' must be a finite number; got {str(value)[:40]!r}; {_FIX}")
+        raise StateFileError(
+            f"{where}: field '{key}' must be a finite number; got {str(value)[:40]!r}; {_FIX}"
+        )
     return float(value)
 
 

@@ -401,7 +401,9 @@ def create_app(
         registry=registry,
     )
     m_nonfinite = prom.Counter(
-        "worldpm_reward_nonfinite_scores", "samples whose score was not finite (each an error)", registry=registry
+        "worldpm_reward_nonfinite_scores",
+        "samples whose score was not finite (each an error)",
+        registry=registry,
     )
 
     state: dict[str, Any] = {
@@ -491,7 +493,9 @@ def create_app(
                     await asyncio.wait_for(batcher.stop(), timeout=left())
                 except asyncio.TimeoutError:
                     logger.error("drain timeout: %d queued samples not scored", batcher.queued_samples)
-                    batcher.abort(ServerClosingError("the reward server shut down before scoring this request"))
+                    batcher.abort(
+                        ServerClosingError("the reward server shut down before scoring this request")
+                    )
             close = getattr(state["scorer"], "close", None)
             if close is not None:  # e.g. a ProcessScorer's child process
                 timeout = left(1.0)
@@ -676,7 +680,9 @@ def create_app(
         }
         if reason:  # the details (paths, exception text) only for an authorized caller
             first = str(reason).strip().splitlines()[0][:300] if str(reason).strip() else ""
-            body["error"] = first if authorized(request) else "the scorer is not ready (details: see the server log)"
+            body["error"] = (
+                first if authorized(request) else "the scorer is not ready (details: see the server log)"
+            )
         m_state_failures.set(shaper.sync_failures)
         return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -705,7 +711,9 @@ def resolve_token(config: ServerConfig) -> None:
     (ConfigError) to serve a non-loopback host without one unless ``allow_no_auth``."""
     token = config.token if config.token is not None else os.environ.get(TOKEN_ENV)
     if token is not None and token != token.strip():
-        logger.warning("the bearer token has surrounding whitespace (e.g. a trailing newline); it is stripped")
+        logger.warning(
+            "the bearer token has surrounding whitespace (e.g. a trailing newline); it is stripped"
+        )
         token = token.strip()
     config.token = token or None
     if config.host not in LOOPBACK and config.token is None:
@@ -714,7 +722,10 @@ def resolve_token(config: ServerConfig) -> None:
                 f"refusing to serve on {config.host} without a bearer token: anyone who can reach it could "
                 f"use it. Set {TOKEN_ENV}, bind --host 127.0.0.1, or pass --no-auth to serve without one"
             )
-        logger.warning("serving on %s without a bearer token (--no-auth): anyone who can reach it can use it", config.host)
+        logger.warning(
+            "serving on %s without a bearer token (--no-auth): anyone who can reach it can use it",
+            config.host,
+        )
 
 
 def run_server(

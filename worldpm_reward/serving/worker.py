@@ -142,7 +142,7 @@ class ProcessScorer:
         """Start a child and wait until its scorer is loaded; raises ScorerProcessError."""
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        beat = ctx.RawValue("d", time.monotonic())
+        beat = ctx.RawValue("d", 0.0)  # 0: not started yet (importing takes a while)
         proc = ctx.Process(
             target=_child, args=(self.factory, child, beat, self.heartbeat_s), name=self.name, daemon=True
         )
@@ -184,7 +184,7 @@ class ProcessScorer:
             if not proc.is_alive():
                 raise _Stuck(f"it exited while {doing} (exit code {proc.exitcode})")
             silent = now - beat.value
-            if silent > self.heartbeat_timeout_s:
+            if beat.value and silent > self.heartbeat_timeout_s:
                 raise _Stuck(
                     f"it stopped answering while {doing} (no heartbeat for {silent:.0f} s; "
                     f"heartbeat_timeout_s={self.heartbeat_timeout_s:g})"
@@ -256,7 +256,9 @@ class ProcessScorer:
                 if not proc.is_alive():
                     self._lose_child(f"it exited (exit code {proc.exitcode})")
                 elif time.monotonic() - self._beat.value > self.heartbeat_timeout_s:
-                    self._lose_child(f"it stopped answering (no heartbeat for {self.heartbeat_timeout_s:g} s)")
+                    self._lose_child(
+                        f"it stopped answering (no heartbeat for {self.heartbeat_timeout_s:g} s)"
+                    )
             finally:
                 self._lock.release()
 
