@@ -380,6 +380,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_wait_ms=args.max_wait_ms,
         max_batch_samples=args.max_batch_samples,
+        max_batch_tokens=args.max_batch_tokens or None,
         chat_format=args.chat_format,
         name=args.name,
         fallback_reward=args.fallback_reward,
@@ -478,6 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
         "arrive while a batch runs form the next batch)",
     )
     p.add_argument("--max-batch-samples", type=int, default=256, help="most samples per model call")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=65536,
+        help="most estimated tokens per model call and per piece of a request: a small request waits "
+        "at most about one piece behind a token-heavy one; 0: no token bound",
+    )
     p.add_argument("--max-queue", type=int, default=8192, help="most queued samples before 503")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
     p.add_argument(
