@@ -380,7 +380,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_wait_ms=args.max_wait_ms,
         max_batch_samples=args.max_batch_samples,
-        max_batch_tokens=args.max_batch_tokens or None,
+        max_piece_tokens=args.max_piece_tokens or None,
         chat_format=args.chat_format,
         name=args.name,
         fallback_reward=args.fallback_reward,
@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-batch-samples", type=int, default=256, help="most samples per model call")
     p.add_argument(
-        "--max-batch-tokens",
+        "--max-piece-tokens",
         type=int,
         default=65536,
         help="most estimated tokens per model call and per piece of a request: a small request waits "

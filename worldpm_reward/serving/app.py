@@ -64,7 +64,7 @@ class ServerConfig:
         max_wait_ms: how long a request waits for others to share its batch, in ms, when the
             scorer is idle (0: start at once; requests that arrive while a batch runs form the next).
         max_batch_samples: most samples per model call.
-        max_batch_tokens: most estimated tokens per model call and per piece of a request
+        max_piece_tokens: most estimated tokens per model call and per piece of a request
             (fair scheduling in tokens: a small request waits at most about one piece behind
             a token-heavy one); None: bounded by samples only.
         chat_format: how OpenRLHF queries are parsed ("auto", "chatml", "llama3", ...).
@@ -104,7 +104,7 @@ class ServerConfig:
     max_queue: int = 8192
     max_wait_ms: float = 0.0
     max_batch_samples: int = 256
-    max_batch_tokens: int | None = 65536
+    max_piece_tokens: int | None = 65536
     chat_format: str = "auto"
     name: str = "worldpm"
     retry_after_s: int = 1
@@ -440,7 +440,7 @@ def create_app(
         max_queue_tokens=cfg.max_queue_tokens,
         on_batch=on_batch,
         pipeline=True,
-        max_batch_tokens=cfg.max_batch_tokens,
+        max_batch_tokens=cfg.max_piece_tokens,
     )
     own_batcher = submit is None
     if submit is not None:

@@ -425,7 +425,7 @@ class RemoteScorer:
             if isinstance(outcome, BaseException):
                 last = f"{type(outcome).__name__}: {outcome}"
                 httpx = require_extra("httpx", "client")
-                if isinstance(outcome, (_BadAnswer, httpx.TimeoutException)):
+                if isinstance(outcome, (_BadAnswer, httpx.TimeoutException, httpx.DecodingError)):
                     self._mark_suspect(url, last)  # a lying or hung replica: /health will not vouch for it
                 else:
                     self._mark_down(url, last)
