@@ -10,6 +10,7 @@ are marked slow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import json
@@ -749,3 +750,71 @@ def test_14_validation_is_the_same_on_both_protocols() -> None:
         openrlhf = httpx.post(f"{url}/get_reward", json={"query": [q], "labels": [42]}, timeout=30)
     assert native["error"] and "reference" in native["error"]
     assert openrlhf.status_code == 422 and "reference" in json.dumps(openrlhf.json())
+
+
+# -- acceptance: a real `worldpm-reward serve` pair, one scorer child stopped -----------------
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out += [int(x) for x in text]
+    return out
+
+
+def _open_sockets() -> int:
+    return sum(1 for fd in Path("/proc/self/fd").iterdir() if _is_socket(fd))
+
+
+def _is_socket(fd: Path) -> bool:
+    try:
+        return os.readlink(fd).startswith("socket:")
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_2_acceptance_one_of_two_replicas_scorer_child_stopped(tiny_worldpm: Path, tmp_path: Path) -> None:
+    """The issue's figure: two `worldpm-reward serve` replicas (default settings), one's scorer
+    child SIGSTOPped (its /health kept saying 200 before): >= 200 consecutive RemoteScorer
+    calls (default settings) each take <= 1 s with the right scores, and the client's
+    threads and sockets do not grow."""
+    from wpr_servers import server_process
+    from wpr_testutils import real_conversations
+
+    from worldpm_reward import RewardModel
+
+    convs = real_conversations(40)
+    want = RewardModel.from_pretrained(tiny_worldpm, device="cpu").score(convs)
+    with (
+        server_process(tiny_worldpm, log=tmp_path / "a.log") as (url_a, proc_a),
+        server_process(tiny_worldpm, log=tmp_path / "b.log") as (url_b, _),
+    ):
+        client = RemoteScorer([url_a, url_b])
+        try:
+            for i in range(20):  # latencies observed: the automatic hedge delay applies
+                client.score_detailed([convs[i % len(convs)]])
+            (child,) = _children(proc_a.pid)
+            threads, sockets = threading.active_count(), _open_sockets()
+            os.kill(child, signal.SIGSTOP)
+            walls: list[float] = []
+            worst_diff = 0.0
+            for i in range(240):
+                k = i % len(convs)
+                start = time.monotonic()
+                got = client.score_detailed([convs[k]])
+                walls.append(time.monotonic() - start)
+                assert got[0].error is None
+                worst_diff = max(worst_diff, abs(got[0].score - want[k]))
+            print(
+                f"acceptance: {len(walls)} calls, worst {max(walls):.3f} s, p50 {sorted(walls)[len(walls) // 2]:.3f} s, "
+                f"hedges {client.stats['hedges']}, threads {threads}->{threading.active_count()}, "
+                f"sockets {sockets}->{_open_sockets()}, max |diff| {worst_diff:.1e}"
+            )
+            assert max(walls) <= 1.0, sorted(walls)[-5:]
+            assert worst_diff <= 1e-4
+            assert threading.active_count() <= threads + 1
+            assert _open_sockets() <= sockets + 4
+        finally:
+            with contextlib.suppress(ProcessLookupError, ValueError, UnboundLocalError):
+                os.kill(child, signal.SIGCONT)
+            client.close()
