@@ -757,7 +757,7 @@ def draining_server(uvicorn: Any, app: Any) -> type:
             captured = getattr(self, "_captured_signals", None)
             if captured is not None:
                 captured.append(sig)  # re-raised by uvicorn once it has shut down, as it does
-            if not self.should_exit:
+            if not getattr(self, "should_exit", False):
                 app.state.exit_requested_at = time.monotonic()
                 logger.info("signal %d: draining, then exiting", sig)
             self.should_exit = True
