@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -53,6 +54,7 @@ def _process_scorer(**kw: Any) -> ProcessScorer:
 
 
 # -- 1. a hung scorer child ----------------------------------------------------------------
+@pytest.mark.slow
 def test_1_a_stopped_scorer_child_is_detected_killed_and_replaced() -> None:
     """SIGSTOP the child mid-call: the call fails within the heartbeat timeout (not forever),
     ``alive`` (what /health reports) turns False, the child is killed and a new one serves."""
@@ -119,7 +121,7 @@ def test_1_server_answers_503_with_reason_and_health_follows_the_child(tmp_path:
         os.kill(pid, signal.SIGSTOP)
         start = time.monotonic()
         r = httpx.post(f"{url}/v1/score", json={"samples": [conv("abc")]}, timeout=30)
-        assert time.monotonic() - start < 5.0
+        assert time.monotonic() - start < 10.0  # the heartbeat bound (1 s), with room for a loaded machine
         assert r.status_code == 503 and r.headers["retry-after"] == "2"
         assert "scorer process" in r.json()["detail"]
         health = httpx.get(f"{url}/health", timeout=5)
@@ -129,7 +131,8 @@ def test_1_server_answers_503_with_reason_and_health_follows_the_child(tmp_path:
         r = httpx.post(f"{url}/v1/score", json={"samples": [conv("abc")]}, timeout=30)
         assert r.status_code == 200 and r.json()["results"][0]["score"] == expected_score("abc")
         metrics = httpx.get(f"{url}/metrics", timeout=5).text
-        assert "worldpm_reward_scorer_unavailable_total 1.0" in metrics
+        unavailable = re.search(r"^worldpm_reward_scorer_unavailable_total (\S+)$", metrics, re.M)
+        assert unavailable and float(unavailable.group(1)) >= 1
 
 
 def test_1_shutdown_finishes_within_the_drain_timeout_whatever_the_child_does() -> None:
