@@ -794,9 +794,13 @@ def test_2_acceptance_one_of_two_replicas_scorer_child_stopped(tiny_worldpm: Pat
     ):
         client = RemoteScorer([url_a, url_b])
         try:
-            for i in range(20):  # latencies observed: the automatic hedge delay applies
+            for i in range(
+                80
+            ):  # warm latencies observed (the window is 64): the automatic hedge delay applies
                 client.score_detailed([convs[i % len(convs)]])
-            (child,) = _children(proc_a.pid)
+            (child,) = [
+                c for c in _children(proc_a.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+            ]  # the scorer process (not multiprocessing's resource tracker)
             threads, sockets = threading.active_count(), _open_sockets()
             os.kill(child, signal.SIGSTOP)
             walls: list[float] = []
