@@ -446,7 +446,12 @@ def test_process_scorer_matches_in_process_and_replaces_a_killed_child(
         while scorer.alive and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not scorer.alive  # /health reports this as 503
-        again = scorer.score_detailed(batch[:3])  # a new child is started
+        with pytest.raises(ScorerProcessError):  # 503 + Retry-After; never a hang
+            scorer.score_detailed(batch[:3])
+        deadline = time.monotonic() + 60
+        while not scorer.alive and time.monotonic() < deadline:  # a new child is started
+            time.sleep(0.05)
+        again = scorer.score_detailed(batch[:3])
         assert scorer.restarts == 1
         assert max(abs(a.score - b.score) for a, b in zip(again, got[:3])) <= 1e-6
     finally:

@@ -11,10 +11,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
 import math
+import os
+import re
 import sys
 import typing
 from collections.abc import Iterator, Sequence
@@ -24,6 +27,8 @@ from typing import Any, BinaryIO
 from worldpm_reward.policy_text import FORMATS
 from worldpm_reward.samples import loads_json
 from worldpm_reward.shaping import Normalize, ReferenceMode
+
+TOKEN_ENV = "WORLDPM_REWARD_TOKEN"
 
 EPILOG = """examples:
   worldpm-reward demo                      # whole path on a built-in tiny checkpoint, nothing downloaded
@@ -114,9 +119,38 @@ def _json_line(out: dict[str, Any]) -> str:
 _LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
+class UsageError(Exception):
+    """A user error the CLI reports as one ``error: ...`` line (exit 2)."""
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    if args.chunk_size < 1:
+        raise UsageError(f"--chunk-size must be at least 1; got {args.chunk_size}")
+    if args.input != "-" and not Path(args.input).is_file():
+        raise UsageError(f"input {args.input!r} is not a file")
+    if args.output != "-":
+        out = Path(args.output)
+        if out.is_dir():
+            raise UsageError(f"-o {args.output!r} is a directory; give a file name")
+        if args.input != "-" and out.exists() and out.resolve() == Path(args.input).resolve():
+            raise UsageError(f"-o {args.output!r} is the input file; writing it would destroy the input")
+        if not out.resolve().parent.is_dir():
+            raise UsageError(f"-o {args.output!r}: the folder {str(out.resolve().parent)!r} does not exist")
+
+
+_SAMPLE_PREFIX = re.compile(r"^sample \d+(?=[,:])")
+
+
+def _line_error(lineno: int, error: str) -> str:
+    """A scorer's error with its position in the scored chunk replaced by the input line."""
+    named, n = _SAMPLE_PREFIX.subn(f"line {lineno}", error, count=1)
+    return named if n else f"line {lineno}: {error}"
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    _check_paths(args)
     rm = _load(args)
     src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
     dst = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
@@ -126,7 +160,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     try:
         while chunk := list(itertools.islice(rows, args.chunk_size)):  # streamed: chunk by chunk
             objs = [o for _, o in chunk if isinstance(o, dict)]
-            results = iter(rm.score_detailed(objs, progress=bar.update, start_index=total) if objs else [])
+            results = iter(rm.score_detailed(objs, progress=bar.update) if objs else [])
             for lineno, obj in chunk:
                 if isinstance(obj, str):
                     out: dict[str, Any] = {"score": None, "error": obj}
@@ -138,7 +172,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                     score = r.score if r.score is None or math.isfinite(r.score) else None
                     out["score"] = score
                     if r.error is not None:
-                        out["error"] = f"line {lineno}: {r.error}"
+                        out["error"] = _line_error(lineno, r.error)
                     elif score is None:
                         out["error"] = f"line {lineno}: the model returned a non-finite score"
                     truncated += r.truncated
@@ -250,6 +284,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from worldpm_reward.rewards import RewardFunction
     from worldpm_reward.shaping import RunningStats, ShapingConfig, write_calibration
 
+    if args.chunk_size < 1:
+        raise UsageError(f"--chunk-size must be at least 1; got {args.chunk_size}")
     rm = _load(args)
     with open(args.input, "rb") as f:
         rows = [o for _, o in _read_lines(f) if isinstance(o, dict)]
@@ -292,6 +328,12 @@ def _add_shaping_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--normalize-sync", type=float, default=5.0, help="seconds between merges into --normalize-state"
     )
+    g.add_argument(
+        "--normalize-state-reset",
+        action="store_true",
+        help="an invalid --normalize-state file (or another model's) is set aside with a warning and the "
+        "statistics start over (default: refuse to start, naming the file and field)",
+    )
 
 
 def _shaping(args: argparse.Namespace) -> Any:
@@ -305,7 +347,27 @@ def _shaping(args: argparse.Namespace) -> Any:
         reference=args.reference,
         state_file=args.normalize_state,
         state_sync_s=args.normalize_sync,
+        state_model=_model_identity(args) if args.normalize_state else None,
+        state_reset=args.normalize_state_reset,
     )
+
+
+def _model_identity(args: argparse.Namespace) -> str:
+    """Which model a state file's statistics belong to: the family and the checkpoint (a local
+    directory's absolute path, or the hub id and revision)."""
+    path = Path(args.model)
+    family = args.family
+    if path.is_dir():
+        checkpoint = str(path.resolve())
+        if family == "auto":
+            try:
+                archs = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures")
+                family = str(archs[0]) if archs else "auto"
+            except (OSError, ValueError, TypeError, IndexError, AttributeError):
+                family = "auto"
+    else:
+        checkpoint = args.model + (f"@{args.revision}" if args.revision else "")
+    return f"{family}:{checkpoint}"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -318,6 +380,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_wait_ms=args.max_wait_ms,
         max_batch_samples=args.max_batch_samples,
+        max_piece_tokens=args.max_piece_tokens or None,
         chat_format=args.chat_format,
         name=args.name,
         fallback_reward=args.fallback_reward,
@@ -332,7 +395,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         idle_timeout_s=args.idle_timeout,
         max_connections=args.max_connections or None,
         request_id_cache=args.request_id_cache,
+        allow_no_auth=args.no_auth,
     )
+    for flag, value in (
+        ("--scorer-timeout", args.scorer_timeout),
+        ("--heartbeat-timeout", args.heartbeat_timeout),
+        ("--max-batch-samples", args.max_batch_samples),
+    ):
+        if not value > 0:
+            raise UsageError(f"{flag} must be positive; got {value}")
     shaping = _shaping(args)
     if args.in_process:
         run_server(lambda: _load(args), config, shaping)
@@ -343,7 +414,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from worldpm_reward.serving.worker import ProcessScorer
 
     factory = functools.partial(RewardModel.from_pretrained, args.model, _model_config(args))
-    run_server(functools.partial(ProcessScorer, factory), config, shaping)
+    scorer = functools.partial(
+        ProcessScorer,
+        factory,
+        call_timeout_s=args.scorer_timeout,
+        call_timeout_per_ktoken_s=args.scorer_timeout_per_ktoken,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+    )
+    run_server(scorer, config, shaping)
     return 0
 
 
@@ -401,6 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
         "arrive while a batch runs form the next batch)",
     )
     p.add_argument("--max-batch-samples", type=int, default=256, help="most samples per model call")
+    p.add_argument(
+        "--max-piece-tokens",
+        type=int,
+        default=65536,
+        help="most estimated tokens per model call and per piece of a request: a small request waits "
+        "at most about one piece behind a token-heavy one; 0: no token bound",
+    )
     p.add_argument("--max-queue", type=int, default=8192, help="most queued samples before 503")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
     p.add_argument(
@@ -439,6 +524,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=4096,
         help="answers kept by X-Request-ID so retries/hedges are not scored twice; 0: off",
     )
+    g = p.add_argument_group("the scorer process (a hung or dying scorer never hangs the server)")
+    g.add_argument(
+        "--scorer-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a model call may take before the scorer process is killed and restarted, plus "
+        "--scorer-timeout-per-ktoken per 1,000 tokens of the call (its requests get 503 + Retry-After)",
+    )
+    g.add_argument("--scorer-timeout-per-ktoken", type=float, default=2.0, help="see --scorer-timeout")
+    g.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=15.0,
+        help="a scorer process silent this long (stopped, frozen) is killed and restarted",
+    )
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help=f"serve a non-loopback --host without a bearer token (refused unless {TOKEN_ENV} is set)",
+    )
     p.add_argument(
         "--chat-format", default="auto", choices=FORMATS, help="the POLICY's chat format in OpenRLHF queries"
     )
@@ -447,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout",
         type=float,
         default=None,
-        help="on SIGTERM, finish accepted requests for at most this many seconds (default: no cap)",
+        help="on SIGTERM/SIGINT (also a second Ctrl-C), finish accepted requests for at most this many "
+        "seconds, whatever the scorer does (default: no cap)",
     )
     g = p.add_argument_group("OpenRLHF (/get_reward)")
     g.add_argument(
@@ -507,9 +613,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
-    except (WorldPMRewardError, FileNotFoundError, ImportError) as exc:  # ImportError: names the extra
-        print(f"error: {exc}", file=sys.stderr)
+    except BrokenPipeError:  # e.g. `... -o - | head -1`: the reader has gone; end quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    # ImportError names the extra; OSError: unreadable/unwritable files; ValueError: bad values
+    except (WorldPMRewardError, UsageError, OSError, ImportError, ValueError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -88,6 +88,16 @@ class ServerClosingError(WorldPMRewardError):
     """The server is shutting down and takes no new work (HTTP 503)."""
 
 
+class ScorerUnavailableError(WorldPMRewardError):
+    """The scorer cannot answer right now (its process hung, died or is restarting): the
+    request is answered 503 with ``Retry-After`` and this message, never a bare 500."""
+
+
+class StateFileError(ConfigError):
+    """A running-normalization state file cannot be used (unreadable, invalid, another model's,
+    or its lock cannot be taken in time); the message names the file and the field."""
+
+
 class RemoteScoringError(WorldPMRewardError):
     """Every reward server failed for a request after all retries, or answered nonsense."""
 

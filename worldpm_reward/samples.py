@@ -86,6 +86,27 @@ class ScoreResult:
         return self.error is None and self.score is not None
 
 
+def finite_or_error(results: list[ScoreResult], start_index: int | None = 0) -> list[ScoreResult]:
+    """Turn a non-finite score (inf or NaN, e.g. an fp16/bf16 overflow) into that sample's
+    error, in place, so that it never reaches shaping, running statistics or a client as a
+    number (or as a null without a reason). ``start_index``: added to the positions quoted in
+    the message (None: positions are not quoted). Returns ``results``."""
+    for i, r in enumerate(results):
+        score = r.score
+        if r.error is None and score is not None and not _finite_number(score):
+            where = "" if start_index is None else f"sample {start_index + i}: "
+            r.error = (
+                f"{where}the model returned a non-finite score ({score!r}); the input may overflow the "
+                "model's dtype (try dtype float32)"
+            )
+            r.score = None
+    return results
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @runtime_checkable
 class Scorer(Protocol):
     """Anything that turns a batch of samples into per-sample results, in input order.
@@ -95,6 +116,14 @@ class Scorer(Protocol):
     """
 
     def score_detailed(self, samples: Sequence[SampleLike]) -> list[ScoreResult]: ...
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error quotes a prefix of bad input, never all of it."""
+    text = (
+        repr(value) if not isinstance(value, (list, dict, tuple)) or len(value) < 20 else type(value).__name__
+    )
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _check_text(value: Any, *, index: int | None, field: str, allow_empty: bool = False) -> str:
@@ -134,7 +163,9 @@ def _check_messages(value: Any, *, index: int | None, field: str, final_assistan
         role = msg.get("role")
         if role not in ROLES:
             raise SampleError(
-                f"role must be one of {', '.join(ROLES)}; got {role!r}", index=index, field=f"{where}.role"
+                f"role must be one of {', '.join(ROLES)}; got {_short(role)}",
+                index=index,
+                field=f"{where}.role",
             )
         if role == "system" and i != 0:
             raise SampleError(
@@ -159,6 +190,12 @@ def _check_messages(value: Any, *, index: int | None, field: str, final_assistan
             f"the last message must be the assistant reply to score; got role {out[-1]['role']!r}",
             index=index,
             field=f"{field}[{len(out) - 1}].role",
+        )
+    if final_assistant and not any(m["role"] == "user" for m in out):
+        raise SampleError(
+            "the conversation has no user turn; the reply must answer a user message",
+            index=index,
+            field=field,
         )
     return out
 
@@ -260,6 +297,10 @@ def parse_sample(sample: Any, index: int | None = None) -> Sample:
         reference = sample.get("reference")
         if reference is not None:
             reference = reference_text(reference, index=index)
+        if "messages" in sample and ("prompt" in sample or "response" in sample):
+            raise SampleError(
+                "give either 'messages' or 'prompt' + 'response', not both", index=index, field="messages"
+            )
         if "messages" in sample:
             msgs = _check_messages(sample["messages"], index=index, field="messages", final_assistant=True)
             return Sample(msgs, reference)
@@ -288,7 +329,8 @@ def parse_sample(sample: Any, index: int | None = None) -> Sample:
             response = _check_text(sample["response"], index=index, field="response")
             return Sample([*prompt_msgs, {"role": "assistant", "content": response}], reference)
         raise SampleError(
-            f"a mapping sample needs 'messages' or 'prompt' + 'response'; got keys {sorted(sample)}",
+            f"a mapping sample needs 'messages' or 'prompt' + 'response'; got keys "
+            f"{_short(sorted(map(str, sample))[:10], 120)}",
             index=index,
             field="messages",
         )

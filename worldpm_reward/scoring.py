@@ -34,7 +34,7 @@ from worldpm_reward.families import RewardFamily, get_family, load
 from worldpm_reward.formatting import Encoded, Encoder
 from worldpm_reward.packing import Block, pack, packing_support, score_packed
 from worldpm_reward.policy_text import without_reasoning
-from worldpm_reward.samples import SampleLike, Scorer, ScoreResult, parse_sample
+from worldpm_reward.samples import SampleLike, Scorer, ScoreResult, finite_or_error, parse_sample
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +271,7 @@ class RewardModel:
 
         stats = BatchStats(num_samples=len(samples))
         self._score_encoded(ready, results, stats, progress, start_index)
+        finite_or_error(results, start_index)  # an overflowed score is that sample's error
         stats.num_errors = sum(r.error is not None for r in results)
         stats.num_truncated = sum(r.truncated for r in results)
         self.last_stats = stats

@@ -23,13 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from worldpm_reward.errors import StateFileError
+
+logger = logging.getLogger(__name__)
 
 Normalize = Literal["none", "running", "fixed"]
 ReferenceMode = Literal["none", "difference", "bt_probability"]
@@ -59,7 +65,18 @@ class ShapingConfig:
             shared filesystem) given the same file share one set of statistics: each adds
             what it saw since its last merge and adopts the total. With torch.distributed
             only rank 0 writes it (the ranks' statistics are already merged).
+            The file is validated when read (finite, non-negative, consistent, right types):
+            a bad one is refused with an error naming the file and the field. A merge that
+            fails (lock held too long, unreadable file, read-only directory) is logged and
+            counted (``RewardShaper.sync_failures``) and retried at the next merge; a file
+            deleted while running is written again from the full statistics.
         state_sync_s: seconds between merges into ``state_file`` (0: after every batch).
+        state_model: the identity of the model whose scores are normalized (family and
+            checkpoint); recorded in ``state_file``, and a file recorded for another model is
+            refused (statistics of two models must never be merged). None: not checked.
+        state_reset: a ``state_file`` that is invalid or another model's is set aside (renamed
+            ``<file>.bad-<time>``) with a warning and the statistics start over, instead of refusing.
+        state_lock_timeout_s: most seconds to wait for the state file's lock.
         eps: added to std to avoid division by zero.
     """
 
@@ -75,6 +92,9 @@ class ShapingConfig:
     sync_across_processes: bool = True
     state_file: str | None = None
     state_sync_s: float = 5.0
+    state_model: str | None = None
+    state_reset: bool = False
+    state_lock_timeout_s: float = 10.0
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -127,6 +147,9 @@ class RunningStats:
         return math.sqrt(self.variance)
 
     def update(self, values: Sequence[float]) -> None:
+        bad = [x for x in values if not math.isfinite(x)]
+        if bad:
+            raise ValueError(f"running statistics take finite values only; got {bad[0]!r}")
         for x in values:
             self.count += 1
             delta = x - self.mean
@@ -195,16 +218,31 @@ def group_win_rates(values: Sequence[float | None], groups: Sequence[Hashable]) 
     return out
 
 
-class RewardShaper:
-    """Applies a :class:`ShapingConfig` batch by batch; keeps the running statistics."""
+def _finite(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
 
-    def __init__(self, config: ShapingConfig | None = None) -> None:
+
+class RewardShaper:
+    """Applies a :class:`ShapingConfig` batch by batch; keeps the running statistics.
+
+    ``background_sync``: merges into the state file run in a background thread (the server
+    sets it, so file I/O and locking never block its event loop); otherwise in the caller's."""
+
+    def __init__(self, config: ShapingConfig | None = None, *, background_sync: bool = False) -> None:
         self.config = config or ShapingConfig()
         self.stats = RunningStats()
         self._unsynced = RunningStats()  # seen here since the last merge into the state file
         self._synced_at = -math.inf
+        self._lock = threading.Lock()  # stats / _unsynced, shared with a background merge
+        self._file_lock = threading.Lock()  # one merge at a time
+        self._syncing: threading.Thread | None = None
+        self._file_seen = False
+        self.background_sync = background_sync
+        self.sync_failures = 0
+        self.last_sync_error: str | None = None
         if self.config.state_file and self.config.normalize == "running":
-            self.sync(force=True)
+            self._synced_at = time.monotonic()
+            self._merge(initial=True)  # a bad file is refused here (StateFileError)
 
     def __call__(
         self,
@@ -232,29 +270,37 @@ class RewardShaper:
             if groups is None or len(groups) != len(values):
                 raise ValueError("shaping.group='bt_winrate' needs one group key (the prompt) per sample")
             values = group_win_rates(values, groups)
+        values = [_finite(v) for v in values]  # a non-finite value never enters the statistics
         present = [v for v in values if v is not None]
         if cfg.normalize == "running":
             batch = RunningStats.of(present)
             if cfg.sync_across_processes:
                 batch = _all_gather_stats(batch)
-            self.stats = self.stats.merge(batch)
-            self._unsynced = self._unsynced.merge(batch)
-            self.sync()
-            mean, std = self.stats.mean, self.stats.std
+            with self._lock:
+                merged = self.stats.merge(batch)
+                if math.isfinite(merged.mean) and math.isfinite(merged.m2):
+                    self.stats = merged
+                    self._unsynced = self._unsynced.merge(batch)
+            self.sync()  # in the background: the statistics as they are now
+            with self._lock:
+                mean, std = self.stats.mean, self.stats.std
         elif cfg.normalize == "fixed":
             mean, std = float(cfg.mean or 0.0), float(cfg.std or 1.0)
         if cfg.normalize != "none":
-            values = [None if v is None else (v - mean) / (std + cfg.eps) for v in values]
+            values = [None if v is None else _finite((v - mean) / (std + cfg.eps)) for v in values]
         if cfg.clip_min is not None or cfg.clip_max is not None:
             lo = -math.inf if cfg.clip_min is None else cfg.clip_min
             hi = math.inf if cfg.clip_max is None else cfg.clip_max
             values = [None if v is None else min(max(v, lo), hi) for v in values]
         return Shaped(values, list(raw), None if reference_raw is None else list(reference_raw))
 
-    def sync(self, force: bool = False) -> None:
+    def sync(self, force: bool = False, wait: bool = False) -> None:
         """Merge what this process saw since the last merge into ``state_file`` (under an
         exclusive lock; written atomically) and adopt the file's total. A no-op without a
-        state file, or before ``state_sync_s`` has passed unless ``force``."""
+        state file, or before ``state_sync_s`` has passed unless ``force``. With
+        ``background_sync`` the merge runs in a background thread unless ``wait``. A failed
+        merge is logged and counted in ``sync_failures``, never raised; what it would have
+        added is kept for the next merge (neither lost nor counted twice)."""
         cfg = self.config
         now = time.monotonic()
         if not cfg.state_file or cfg.normalize != "running":
@@ -262,24 +308,74 @@ class RewardShaper:
         if not force and now - self._synced_at < cfg.state_sync_s:
             return
         self._synced_at = now
+        if self.background_sync and not wait:
+            if self._syncing is None or not self._syncing.is_alive():
+                self._syncing = threading.Thread(
+                    target=self._merge_logged, name="worldpm-state-sync", daemon=True
+                )
+                self._syncing.start()
+            return
+        self._merge_logged()
+
+    def _merge_logged(self) -> None:
+        try:
+            self._merge(initial=False)
+        except Exception as exc:  # a persistence failure never fails scoring
+            self.sync_failures += 1
+            self.last_sync_error = str(exc)
+            logger.error("merging the running statistics into the state file failed (will retry): %s", exc)
+
+    def _merge(self, initial: bool) -> None:
+        cfg = self.config
+        assert cfg.state_file is not None
+        path = cfg.state_file
         writer = _is_rank_zero()
-        with _locked(cfg.state_file):
-            total = read_stats(cfg.state_file)
-            if not writer:  # other ranks: read once at start, then follow their own merged stats
-                if self.stats.count == 0:
-                    self.stats = total
-                self._unsynced = RunningStats()
-                return
-            total = total.merge(self._unsynced)
-            if self._unsynced.count:
-                write_stats(cfg.state_file, total)
-        self.stats, self._unsynced = total, RunningStats()
+        with self._file_lock:
+            with self._lock:
+                pending, self._unsynced = self._unsynced, RunningStats()
+                known = self.stats  # includes pending
+            try:
+                with _locked(path, cfg.state_lock_timeout_s):
+                    try:
+                        found = _read_state(path, cfg.state_model)
+                    except StateFileError as exc:
+                        if not (initial and cfg.state_reset):
+                            raise
+                        aside = f"{path}.bad-{time.strftime('%Y%m%dT%H%M%S')}"
+                        os.replace(path, aside)
+                        logger.warning("%s; moved it to %s and starting the statistics over", exc, aside)
+                        found = None
+                    if not writer:  # other ranks: read once at start, then follow their own merged stats
+                        with self._lock:
+                            if initial and found is not None:
+                                self.stats = found
+                            self._unsynced = RunningStats()
+                        return
+                    if found is None and self._file_seen:
+                        logger.warning(
+                            "the state file %s was deleted while running; writing it again from the full "
+                            "statistics (%d values)",
+                            path,
+                            known.count,
+                        )
+                        total = known
+                    else:
+                        total = (found or RunningStats()).merge(pending)
+                    if pending.count or (found is None and total.count):
+                        write_stats(path, total, model=cfg.state_model)
+            except BaseException:
+                with self._lock:  # kept for the next merge
+                    self._unsynced = pending.merge(self._unsynced)
+                raise
+            self._file_seen = True
+            with self._lock:
+                self.stats = total.merge(self._unsynced)  # plus what arrived meanwhile
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self.stats)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stats = RunningStats(int(state["count"]), float(state["mean"]), float(state["m2"]))
+        self.stats = _validated(state, "checkpointed shaper state", None)
 
 
 def _is_rank_zero() -> bool:
@@ -291,38 +387,110 @@ def _is_rank_zero() -> bool:
 
 
 @contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    """An exclusive advisory lock on ``path + ".lock"`` (POSIX flock)."""
+def _locked(path: str, timeout_s: float = 10.0) -> Iterator[None]:
+    """An exclusive advisory lock on ``path + ".lock"`` (POSIX flock), waited for at most
+    ``timeout_s`` (then StateFileError)."""
     import fcntl
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        handle = open(f"{path}.lock", "a")  # noqa: SIM115
+    except OSError as exc:
+        raise StateFileError(f"shaping.state_file {path!r}: cannot open its lock file: {exc}") from None
+    with handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StateFileError(
+                        f"shaping.state_file {path!r}: its lock ({path}.lock) is held by another process for "
+                        f"more than {timeout_s:g} s (a stopped replica, a stalled filesystem?)"
+                    ) from None
+                time.sleep(0.05)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def read_stats(path: str | os.PathLike[str]) -> RunningStats:
-    """Running statistics from a state file; empty if the file does not exist yet."""
+_FIX = "fix or delete the file, or start with --normalize-state-reset (shaping.state_reset) to start over"
+
+
+def _number(data: dict[str, Any], key: str, where: str) -> float:
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise StateFileError(
+            f"{where}: field '{key}' must be a finite number; got {str(value)[:40]!r}; {_FIX}"
+        )
+    return float(value)
+
+
+def _validated(data: Any, where: str, model: str | None) -> RunningStats:
+    """The statistics in ``data``, checked: right types, finite, non-negative, consistent."""
+    if not isinstance(data, dict):
+        raise StateFileError(f"{where} is not a statistics file (expected a JSON object); {_FIX}")
+    for key in ("count", "mean", "m2"):
+        if key not in data:
+            raise StateFileError(f"{where}: field '{key}' is missing; {_FIX}")
+    count = data["count"]
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 2**53:
+        raise StateFileError(
+            f"{where}: field 'count' must be a whole number from 0 to 2**53; got {str(count)[:40]!r}; {_FIX}"
+        )
+    mean, m2 = _number(data, "mean", where), _number(data, "m2", where)
+    if m2 < 0:
+        raise StateFileError(f"{where}: field 'm2' must not be negative; got {m2!r}; {_FIX}")
+    if count == 0 and (mean != 0 or m2 != 0):
+        raise StateFileError(f"{where}: field 'count' is 0 but mean={mean!r}, m2={m2!r}; {_FIX}")
+    recorded = data.get("model")
+    if model is not None and recorded is not None and recorded != model:
+        raise StateFileError(
+            f"{where}: field 'model' is {str(recorded)[:200]!r}, but these statistics are for {model!r}; "
+            "the statistics of two models must not be merged (give each model its own file)"
+        )
+    return RunningStats(count, mean, m2)
+
+
+def _read_state(path: str | os.PathLike[str], model: str | None = None) -> RunningStats | None:
+    """The validated statistics in a state file; None if it does not exist."""
+    where = f"shaping.state_file {str(path)!r}"
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        return RunningStats()
+        return None
     except (OSError, ValueError) as exc:
-        raise ValueError(f"shaping.state_file {str(path)!r} cannot be read: {exc}") from exc
+        raise StateFileError(f"{where} cannot be read: {exc}") from None
     try:
-        return RunningStats(int(data["count"]), float(data["mean"]), float(data["m2"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"shaping.state_file {str(path)!r} is not a statistics file: {exc}") from exc
+        data = json.loads(text)
+    except ValueError as exc:
+        raise StateFileError(f"{where} is not JSON ({exc}); {_FIX}") from None
+    return _validated(data, where, model)
 
 
-def write_stats(path: str | os.PathLike[str], stats: RunningStats) -> None:
-    """Write atomically (a temporary file renamed over the old one)."""
+def read_stats(path: str | os.PathLike[str], model: str | None = None) -> RunningStats:
+    """Validated running statistics from a state file (StateFileError names the field when
+    it is not valid, or recorded for another ``model``); empty if the file does not exist yet."""
+    return _read_state(path, model) or RunningStats()
+
+
+def write_stats(path: str | os.PathLike[str], stats: RunningStats, model: str | None = None) -> None:
+    """Write atomically (a temporary file renamed over the old one); ``model`` is recorded."""
+    if not (math.isfinite(stats.mean) and math.isfinite(stats.m2)):
+        raise StateFileError(f"refusing to write non-finite statistics to {str(path)!r}: {stats}")
+    body: dict[str, Any] = {**asdict(stats), "std": stats.std}
+    if model is not None:
+        body["model"] = model
     tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({**asdict(stats), "std": stats.std}) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(body, allow_nan=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StateFileError(f"shaping.state_file {str(path)!r} cannot be written: {exc}") from None
 
 
 @dataclass(frozen=True)

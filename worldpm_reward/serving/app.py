@@ -20,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -30,8 +31,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from worldpm_reward.errors import QueueFullError, RequestError, ServerClosingError, require_extra
-from worldpm_reward.samples import Scorer, ScoreResult, loads_json
+from worldpm_reward.errors import (
+    ConfigError,
+    QueueFullError,
+    RequestError,
+    ScorerUnavailableError,
+    ServerClosingError,
+    require_extra,
+)
+from worldpm_reward.samples import Scorer, ScoreResult, finite_or_error, loads_json
 from worldpm_reward.serving.protocol import DEFAULT_FALLBACK_REWARD, RewardService, Submit
 from worldpm_reward.serving.queue import BatchReport, DynamicBatcher, current_client
 from worldpm_reward.shaping import ShapingConfig
@@ -56,6 +64,9 @@ class ServerConfig:
         max_wait_ms: how long a request waits for others to share its batch, in ms, when the
             scorer is idle (0: start at once; requests that arrive while a batch runs form the next).
         max_batch_samples: most samples per model call.
+        max_piece_tokens: most estimated tokens per model call and per piece of a request
+            (fair scheduling in tokens: a small request waits at most about one piece behind
+            a token-heavy one); None: bounded by samples only.
         chat_format: how OpenRLHF queries are parsed ("auto", "chatml", "llama3", ...).
         name: reward name used in extra_logs keys and metrics labels.
         retry_after_s: the Retry-After value sent with 503, in seconds.
@@ -82,6 +93,8 @@ class ServerConfig:
         request_id_cache: how many answers are kept by ``X-Request-ID``, so a retried or
             hedged request is answered again without being scored (or counted by the running
             normalization) twice; 0 turns it off.
+        request_id_cache_bytes: most bytes of answers kept by that cache (the oldest go first).
+        allow_no_auth: serve without a token on a non-loopback host (otherwise refused).
     """
 
     host: str = "127.0.0.1"
@@ -92,6 +105,7 @@ class ServerConfig:
     max_queue: int = 8192
     max_wait_ms: float = 0.0
     max_batch_samples: int = 256
+    max_piece_tokens: int | None = 65536
     chat_format: str = "auto"
     name: str = "worldpm"
     retry_after_s: int = 1
@@ -107,6 +121,8 @@ class ServerConfig:
     idle_timeout_s: float = 5.0
     max_connections: int | None = 4096
     request_id_cache: int = 4096
+    request_id_cache_bytes: int = 64 * 2**20
+    allow_no_auth: bool = False
 
 
 class BodySizeLimit:
@@ -268,11 +284,20 @@ class RecentRequests:
     """Answers by request key (endpoint, ``X-Request-ID``, body hash), so a retried or hedged
     request is answered again without being scored, or counted by running normalization,
     twice. A duplicate that arrives while the first copy is still running waits for it; a
-    copy that failed or was abandoned is forgotten (the next copy runs). LRU, ``size`` keys."""
+    copy that failed or was abandoned is forgotten (the next copy runs). LRU, at most ``size``
+    keys and about ``max_bytes`` bytes of answers (as JSON)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_bytes: int = 64 * 2**20) -> None:
         self.size = size
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._entries: collections.OrderedDict[Any, asyncio.Future[Any]] = collections.OrderedDict()
+        self._sizes: dict[Any, int] = {}
+
+    def _evict(self) -> None:
+        while len(self._entries) > self.size or (self.bytes > self.max_bytes and len(self._entries) > 1):
+            key, _ = self._entries.popitem(last=False)
+            self.bytes -= self._sizes.pop(key, 0)
 
     async def once(self, key: Any, coro_fn: Callable[[], Any]) -> tuple[Any, bool]:
         """``(result, fresh)``: fresh is False when the answer is another copy's."""
@@ -290,13 +315,13 @@ class RecentRequests:
             return await coro_fn(), True
         mine: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._entries[key] = mine
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        self._evict()
         try:
             result = await coro_fn()
         except BaseException as exc:
             if self._entries.get(key) is mine:
                 del self._entries[key]
+                self.bytes -= self._sizes.pop(key, 0)
             if isinstance(exc, asyncio.CancelledError):
                 mine.cancel()
             else:
@@ -304,6 +329,17 @@ class RecentRequests:
                 mine.exception()  # retrieved: no "never retrieved" warning when nobody waits
             raise
         mine.set_result(result)
+        if self._entries.get(key) is mine:
+            try:
+                size = len(json.dumps(result, default=str))
+            except (TypeError, ValueError):
+                size = 0
+            if size > self.max_bytes:  # larger than the whole cache: not kept
+                del self._entries[key]
+            else:
+                self._sizes[key] = size
+                self.bytes += size
+                self._evict()
         return result, True
 
 
@@ -359,6 +395,21 @@ def create_app(
         "requests answered from the X-Request-ID cache (retries, hedges), not scored again",
         registry=registry,
     )
+    m_unavailable = prom.Counter(
+        "worldpm_reward_scorer_unavailable",
+        "requests answered 503 because the scorer hung, died or was restarting",
+        registry=registry,
+    )
+    m_state_failures = prom.Gauge(
+        "worldpm_reward_state_file_failures",
+        "failed merges into the running-normalization state file (logged; scoring goes on)",
+        registry=registry,
+    )
+    m_nonfinite = prom.Counter(
+        "worldpm_reward_nonfinite_scores",
+        "samples whose score was not finite (each an error)",
+        registry=registry,
+    )
 
     state: dict[str, Any] = {
         "scorer": None if callable(scorer) and not hasattr(scorer, "score_detailed") else scorer,
@@ -367,6 +418,8 @@ def create_app(
     }
 
     def count(results: list[ScoreResult]) -> None:
+        finite_or_error(results, None)  # any host's scorer: a non-finite score is that sample's error
+        m_nonfinite.inc(sum("non-finite score" in (r.error or "") for r in results))
         m_tokens.inc(sum(r.num_tokens for r in results))
         m_samples.inc(len(results))
         m_truncated.inc(sum(r.truncated for r in results))
@@ -388,6 +441,7 @@ def create_app(
         max_queue_tokens=cfg.max_queue_tokens,
         on_batch=on_batch,
         pipeline=True,
+        max_batch_tokens=cfg.max_piece_tokens,
     )
     own_batcher = submit is None
     if submit is not None:
@@ -412,7 +466,9 @@ def create_app(
         scores_temperature=cfg.scores_temperature,
         max_request_tokens=cfg.max_request_tokens,
     )
-    recent = RecentRequests(cfg.request_id_cache)
+    recent = RecentRequests(cfg.request_id_cache, cfg.request_id_cache_bytes)
+    shaper = service.reward.shaper
+    shaper.background_sync = True  # state-file I/O and locking never run on the event loop
 
     def load() -> None:
         try:
@@ -430,17 +486,41 @@ def create_app(
             threading.Thread(target=load, name="worldpm-load", daemon=True).start()
         yield
         state["closing"] = True
-        if own_batcher:
-            await batcher.stop()  # uvicorn stops accepting first; queued work is finished
-        close = getattr(state["scorer"], "close", None)
-        if close is not None:  # e.g. a ProcessScorer's child process
-            await asyncio.to_thread(close)
-        service.reward.shaper.sync(force=True)  # running statistics to the state file, if any
+        # bounded by drain_timeout_s from the exit signal, whatever the scorer does
+        begun = getattr(app.state, "exit_requested_at", None) or time.monotonic()
+        drain = cfg.drain_timeout_s
 
+        def left(floor: float = 0.5) -> float | None:
+            return None if drain is None else max(floor, begun + drain - time.monotonic())
+
+        try:
+            if own_batcher:
+                try:  # uvicorn stops accepting first; queued work is finished
+                    await asyncio.wait_for(batcher.stop(), timeout=left())
+                except asyncio.TimeoutError:
+                    logger.error("drain timeout: %d queued samples not scored", batcher.queued_samples)
+                    batcher.abort(
+                        ServerClosingError("the reward server shut down before scoring this request")
+                    )
+            close = getattr(state["scorer"], "close", None)
+            if close is not None:  # e.g. a ProcessScorer's child process
+                timeout = left(1.0)
+                if timeout is not None and "timeout_s" in inspect.signature(close).parameters:
+                    await asyncio.to_thread(close, timeout_s=timeout)
+                else:
+                    await asyncio.to_thread(close)
+        finally:
+            try:  # running statistics to the state file, if any: always attempted
+                await asyncio.to_thread(shaper.sync, True, True)
+            except Exception as exc:
+                logger.error("saving the running statistics at shutdown failed: %s", exc)
+
+    docs = {} if cfg.token is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = fastapi.FastAPI(
         title="worldpm-reward",
         version="0.1.0",
         lifespan=lifespan,
+        **docs,
         description="WorldPM reward scoring with cross-request batching. Scores are raw reward-model outputs "
         "(higher = preferred); 'reward' is after the server's shaping.",
     )
@@ -529,17 +609,23 @@ def create_app(
             return JSONResponse(
                 {"detail": str(exc)}, status_code=503, headers={"Retry-After": str(cfg.retry_after_s)}
             )
-        except ServerClosingError as exc:
+        except (ServerClosingError, ScorerUnavailableError) as exc:
             status = 503
+            if isinstance(exc, ScorerUnavailableError):
+                m_unavailable.inc()
             return JSONResponse(
                 {"detail": str(exc)}, status_code=503, headers={"Retry-After": str(cfg.retry_after_s)}
             )
         except fastapi.HTTPException as exc:
             status = exc.status_code
             raise
-        except Exception:
+        except Exception as exc:  # a bug or a scorer failure: never a bare 500
             status = 500
-            raise
+            logger.exception("%s failed", endpoint)
+            return JSONResponse(
+                {"detail": f"internal error ({type(exc).__name__}: {str(exc)[:200]}); see the server log"},
+                status_code=500,
+            )
         finally:
             m_requests.labels(endpoint, str(status)).inc()
             m_latency.labels(endpoint).observe(time.perf_counter() - start)
@@ -569,20 +655,41 @@ def create_app(
         body = await parse_body(request, ScoreRequest)
         return await run("score", lambda: service.score(body.samples), request)
 
+    def authorized(request: Any) -> bool:
+        try:
+            check_auth(request)
+        except fastapi.HTTPException:
+            return False
+        return True
+
     @app.get("/health")
-    async def health() -> Any:
-        ready = (
-            state["scorer"] is not None and not state["closing"] and getattr(state["scorer"], "alive", True)
-        )
+    async def health(request: fastapi.Request) -> Any:  # type: ignore[name-defined]
+        current = state["scorer"]
+        ready = current is not None and not state["closing"] and getattr(current, "alive", True)
+        reason = state["error"] or (None if current is None or ready else getattr(current, "reason", None))
+        if state["closing"]:
+            status = "shutting down"
+        elif ready:
+            status = "ok"
+        elif state["error"]:
+            status = "error"
+        elif current is None:
+            status = "loading"
+        else:
+            status = "unavailable"
         body = {
-            "status": "ok" if ready else ("error" if state["error"] else "loading"),
+            "status": status,
             "ready": ready,
             "live": True,
             "model": cfg.name,
             "queued_samples": batcher.queued_samples,
         }
-        if state["error"]:
-            body["error"] = state["error"]
+        if reason:  # the details (paths, exception text) only for an authorized caller
+            first = str(reason).strip().splitlines()[0][:300] if str(reason).strip() else ""
+            body["error"] = (
+                first if authorized(request) else "the scorer is not ready (details: see the server log)"
+            )
+        m_state_failures.set(shaper.sync_failures)
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/health/live")
@@ -592,6 +699,7 @@ def create_app(
     @app.get("/metrics", dependencies=[fastapi.Depends(check_auth)])
     async def metrics() -> Any:
         m_queue.set(batcher.queued_samples)
+        m_state_failures.set(shaper.sync_failures)
         return Response(prom.generate_latest(registry), media_type=prom.CONTENT_TYPE_LATEST)
 
     app.state.service = service
@@ -600,19 +708,62 @@ def create_app(
     return app
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def resolve_token(config: ServerConfig) -> None:
+    """The bearer token from the config or WORLDPM_REWARD_TOKEN, surrounding whitespace
+    stripped (a trailing newline from a file would otherwise refuse every client); refuses
+    (ConfigError) to serve a non-loopback host without one unless ``allow_no_auth``."""
+    token = config.token if config.token is not None else os.environ.get(TOKEN_ENV)
+    if token is not None and token != token.strip():
+        logger.warning(
+            "the bearer token has surrounding whitespace (e.g. a trailing newline); it is stripped"
+        )
+        token = token.strip()
+    config.token = token or None
+    if config.host not in LOOPBACK and config.token is None:
+        if not config.allow_no_auth:
+            raise ConfigError(
+                f"refusing to serve on {config.host} without a bearer token: anyone who can reach it could "
+                f"use it. Set {TOKEN_ENV}, bind --host 127.0.0.1, or pass --no-auth to serve without one"
+            )
+        logger.warning(
+            "serving on %s without a bearer token (--no-auth): anyone who can reach it can use it",
+            config.host,
+        )
+
+
 def run_server(
     scorer: Scorer | Callable[[], Scorer], config: ServerConfig, shaping: ShapingConfig | None = None
 ) -> None:
-    """Serve until SIGINT/SIGTERM; in-flight requests are finished first."""
+    """Serve until SIGINT/SIGTERM; in-flight requests are finished first (bounded by
+    ``drain_timeout_s``), a second SIGINT drains the same way, and the running statistics
+    are saved last."""
     uvicorn = require_extra("uvicorn", "serve")
-    if config.token is None:
-        config.token = os.environ.get(TOKEN_ENV) or None
-    if config.host not in ("127.0.0.1", "localhost", "::1") and config.token is None:
-        logger.warning(
-            "serving on %s without a bearer token: anyone who can reach it can use it", config.host
-        )
+    resolve_token(config)
     app = create_app(scorer, config, shaping)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", **uvicorn_options(config))
+    server = draining_server(uvicorn, app)(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="info", **uvicorn_options(config))
+    )
+    server.run()
+
+
+def draining_server(uvicorn: Any, app: Any) -> type:
+    """uvicorn's Server, except that a second SIGINT does not force an exit (which would give
+    accepted requests a 500 and skip the final statistics save): every exit signal drains."""
+
+    class DrainingServer(uvicorn.Server):  # type: ignore[misc,name-defined]
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            captured = getattr(self, "_captured_signals", None)
+            if captured is not None:
+                captured.append(sig)  # re-raised by uvicorn once it has shut down, as it does
+            if not getattr(self, "should_exit", False):
+                app.state.exit_requested_at = time.monotonic()
+                logger.info("signal %d: draining, then exiting", sig)
+            self.should_exit = True
+
+    return DrainingServer
 
 
 def wait_until_ready(url: str, timeout_s: float = 60.0, token: str | None = None) -> None:

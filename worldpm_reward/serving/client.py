@@ -14,7 +14,16 @@ Against flaky or hung replicas (an RL run must not stall on one):
     95th percentile of recent answers, at least ``hedge_min_s``), or a fixed number of seconds;
   * failed replicas are skipped (circuit breaking) and, with several URLs, probed in the
     background (``GET /health`` every ``health_interval_s``), so a hung replica leaves the
-    rotation within one probe and comes back when it answers again;
+    rotation within one probe. A replica whose request timed out, lost a hedge race or
+    answered nonsense is *suspect*: a 200 from ``/health`` alone does not bring it back; after
+    its cooldown (doubling up to 60 s) it gets one real request at a time (hedged as usual),
+    and only a good answer to it clears it;
+  * every 200 is validated (JSON, one result per sample, finite scores or null with an
+    error); a bad one counts as that replica's failure and the chunk is retried elsewhere,
+    and a fast wrong answer never marks a slower good replica down;
+  * the sync API runs on the same async I/O as the async one (one event-loop thread per
+    client): an attempt that is no longer needed is cancelled and its connection closed, so
+    a hung replica cannot hold threads or connections, and no pool can be exhausted;
   * ``Retry-After`` on 429/503 is honoured: that replica is not asked again before it says;
   * every chunk carries one ``X-Request-ID`` for all of its retries and hedges, so a server
     that has already answered it returns the same answer without scoring (or counting) it again.
@@ -27,7 +36,7 @@ drivers only do the I/O it asks for, so they cannot drift apart.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import itertools
 import json
 import logging
@@ -73,6 +82,51 @@ class _Wait:
 
 #: What the I/O driver sends back into the policy.
 _Outcome = Any
+
+
+class _BadAnswer(Exception):
+    """A 200 whose body is not a valid answer to the request."""
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_body(path: str, payload: dict[str, Any], body: Any) -> None:
+    """Raise _BadAnswer unless ``body`` is a well-formed answer to ``payload`` on ``path``."""
+    if not isinstance(body, dict):
+        raise _BadAnswer(f"expected a JSON object, got {type(body).__name__}")
+    if path == "/v1/score":
+        expected = len(payload.get("samples") or [])
+        results = body.get("results")
+        if not isinstance(results, list) or len(results) != expected:
+            got = len(results) if isinstance(results, list) else type(results).__name__
+            raise _BadAnswer(f"{got} results for {expected} samples")
+        for i, r in enumerate(results):
+            if not isinstance(r, dict):
+                raise _BadAnswer(f"result {i} is {type(r).__name__}, not an object")
+            score, error = r.get("score"), r.get("error")
+            if error is not None and not isinstance(error, str):
+                raise _BadAnswer(f"result {i}: error is {type(error).__name__}")
+            if score is None and not error:
+                raise _BadAnswer(f"result {i}: a null score without an error")
+            if score is not None and not _finite(score):
+                raise _BadAnswer(f"result {i}: score {str(score)[:40]!r} is not a finite number")
+            tokens = r.get("num_tokens", 0)
+            if tokens is not None and (not _finite(tokens) or tokens < 0):
+                raise _BadAnswer(f"result {i}: num_tokens {str(tokens)[:40]!r}")
+    elif path == "/get_reward":
+        expected = len(payload.get("query") or [])
+        for key in ("rewards", "scores"):
+            values = body.get(key)
+            if key == "scores" and values is None:
+                continue
+            if not isinstance(values, list) or len(values) != expected:
+                got = len(values) if isinstance(values, list) else type(values).__name__
+                raise _BadAnswer(f"'{key}': {got} values for {expected} queries")
+            bad = [v for v in values if not _finite(v)]
+            if bad:
+                raise _BadAnswer(f"'{key}' holds {str(bad[0])[:40]!r}, not a finite number")
 
 
 def _body(payload: dict[str, Any]) -> bytes:
@@ -152,7 +206,12 @@ class RemoteScorer:
         if hedge is not None and hedge != "auto" and not (isinstance(hedge, (int, float)) and hedge >= 0):
             raise ValueError(f"hedge must be 'auto', a number of seconds >= 0, or None; got {hedge!r}")
         self.urls = [self._base(u) for u in urls]
-        self.token = token
+        if token is not None and token != token.strip():
+            logger.warning(
+                "the bearer token has surrounding whitespace (e.g. a trailing newline); it is stripped"
+            )
+            token = token.strip()
+        self.token = token or None
         self.timeout_s = timeout_s
         self.deadline_s = deadline_s
         self.retries = retries
@@ -170,11 +229,13 @@ class RemoteScorer:
     def _init_runtime(self) -> None:
         self._down_until: dict[str, float] = {}  # circuit breaker: skipped until then
         self._not_before: dict[str, float] = {}  # Retry-After: not asked before then
+        self._suspect: dict[str, float] = {}  # url -> its cooldown; back only by a real answer
+        self._trials: set[str] = set()  # suspect replicas with a trial request in flight
         self._latencies: deque[float] = deque(maxlen=64)
         self._rr = itertools.count()
         self._lock = threading.Lock()
-        self._client: Any = None
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._io: tuple[int, asyncio.AbstractEventLoop, threading.Thread] | None = None
+        self._aclient: Any = None
         self._prober: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -194,7 +255,11 @@ class RemoteScorer:
 
     # -- replica health ------------------------------------------------------------------
     def _available(self, url: str, now: float) -> bool:
-        return self._down_until.get(url, 0.0) <= now and self._not_before.get(url, 0.0) <= now
+        return (
+            self._down_until.get(url, 0.0) <= now
+            and self._not_before.get(url, 0.0) <= now
+            and not (url in self._suspect and url in self._trials)  # one trial at a time
+        )
 
     def _pick(self, exclude: set[str], now: float) -> str | None:
         """The next replica in round-robin order: a healthy one, else (exclude empty) the one
@@ -217,6 +282,12 @@ class RemoteScorer:
     def _mark_up(self, url: str) -> None:
         self._down_until.pop(url, None)
 
+    def _mark_suspect(self, url: str, why: object) -> None:
+        """Out of rotation until a real request to it is answered well (not just /health)."""
+        cooldown = min(60.0, max(self.cooldown_s, 2 * self._suspect.get(url, self.cooldown_s / 2)))
+        self._suspect[url] = cooldown
+        self._mark_down(url, why, cooldown)
+
     def _probe_loop(self) -> None:
         """Active health checks: every replica's /health, every ``health_interval_s``."""
         httpx = require_extra("httpx", "client")
@@ -228,7 +299,8 @@ class RemoteScorer:
                     except httpx.HTTPError:
                         ok = False
                     if ok:
-                        self._mark_up(url)
+                        if url not in self._suspect:  # a suspect needs a real answer
+                            self._mark_up(url)
                     else:
                         self.stats["probes_failed"] += 1
                         self._down_until[url] = (
@@ -270,15 +342,27 @@ class RemoteScorer:
     def _delay(self, attempt: int) -> float:
         return min(self.backoff_s * (2**attempt), 8.0)
 
-    def _attempts(self, path: str) -> Generator[_Send | _Wait, _Outcome, Any]:
+    def _attempts(
+        self, path: str, payload: dict[str, Any] | None = None
+    ) -> Generator[_Send | _Wait, _Outcome, Any]:
         """The retry/hedge loop, without I/O. Yields :class:`_Send` (the driver starts that
         attempt) and :class:`_Wait` (the driver sends back the first finished attempt, or
-        None); returns the JSON body of the first good answer. A retryable status or a
-        transport error marks that replica down (for its ``Retry-After`` if it sent one) and
-        the chunk moves on; any other non-200 answer cannot be fixed by a retry and raises."""
+        None); returns the JSON body of the first good answer (checked against ``payload``).
+        A retryable status, a transport error or a bad 200 marks that replica down (for its
+        ``Retry-After`` if it sent one) and the chunk moves on; any other non-200 answer
+        cannot be fixed by a retry and raises."""
+        inflight: dict[int, tuple[str, float]] = {}
+        try:
+            return (yield from self._policy(path, inflight, payload))
+        finally:
+            for url, _ in inflight.values():
+                self._trials.discard(url)
+
+    def _policy(
+        self, path: str, inflight: dict[int, tuple[str, float]], payload: dict[str, Any] | None
+    ) -> Generator[_Send | _Wait, _Outcome, Any]:
         begin = time.monotonic()
         deadline = begin + self.deadline_s
-        inflight: dict[int, tuple[str, float]] = {}
         ids = itertools.count(1)
         failures = hedges = 0
         not_before = 0.0
@@ -302,6 +386,8 @@ class RemoteScorer:
                     continue
                 attempt = next(ids)
                 inflight[attempt] = (url, now)
+                if url in self._suspect:
+                    self._trials.add(url)
                 self.stats["attempts"] += 1
                 yield _Send(attempt, url, max(0.001, min(self.timeout_s, deadline - now)))
                 continue
@@ -318,6 +404,8 @@ class RemoteScorer:
                     if other is not None:
                         attempt = next(ids)
                         inflight[attempt] = (other, now)
+                        if other in self._suspect:
+                            self._trials.add(other)
                         hedge_ids.add(attempt)
                         self.stats["hedges"] += 1
                         self.stats["attempts"] += 1
@@ -325,9 +413,22 @@ class RemoteScorer:
                 continue
             attempt, outcome = reply
             url, sent = inflight.pop(attempt)
+            self._trials.discard(url)
+            body: Any = None
+            if not isinstance(outcome, BaseException) and outcome.status_code == 200:
+                try:
+                    body = outcome.json()
+                    if payload is not None:
+                        _check_body(path, payload, body)
+                except Exception as exc:  # HTML, null, wrong shape, bad encoding, NaN as text
+                    outcome = _BadAnswer(f"{url}{path} answered 200 with a bad body: {str(exc)[:200]}")
             if isinstance(outcome, BaseException):
                 last = f"{type(outcome).__name__}: {outcome}"
-                self._mark_down(url, last)
+                httpx = require_extra("httpx", "client")
+                if isinstance(outcome, (_BadAnswer, httpx.TimeoutException, httpx.DecodingError)):
+                    self._mark_suspect(url, last)  # a lying or hung replica: /health will not vouch for it
+                else:
+                    self._mark_down(url, last)
             elif outcome.status_code in RETRYABLE:
                 last = f"HTTP {outcome.status_code}: {outcome.text[:200]}"
                 wait = retry_after_seconds(outcome)
@@ -340,67 +441,56 @@ class RemoteScorer:
                 )
             else:
                 self._latencies.append(now - sent)
+                self._suspect.pop(url, None)
                 self._mark_up(url)
                 self.stats["hedge_wins"] += attempt in hedge_ids
                 for other_url, other_sent in inflight.values():  # lost the race by a hedge delay
-                    self._mark_down(
+                    self._mark_suspect(
                         other_url, f"no answer after {now - other_sent:.1f} s while another replica answered"
                     )
-                return outcome.json()
+                return body
             failures += 1
             self.stats["retries"] += 1
             if not inflight:
                 not_before = now + self._delay(failures - 1)
 
-    # -- drivers: the same policy, sync and async I/O ------------------------------------
-    def _post(self, path: str, payload: dict[str, Any]) -> Any:
-        httpx = require_extra("httpx", "client")
-        self._start_prober()
+    # -- drivers: the same policy; the sync API runs the async driver on an I/O thread ----
+    def _io_loop(self) -> asyncio.AbstractEventLoop:
+        """This client's event-loop thread (started on first use; again after a fork)."""
         with self._lock:
-            if self._client is None:
-                self._client = httpx.Client(timeout=self.timeout_s, limits=httpx.Limits(max_connections=64))
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="worldpm-client")
-        body, headers = _body(payload), self._headers(uuid.uuid4().hex)
-        policy = self._attempts(path)
-        running: dict[concurrent.futures.Future[Any], int] = {}
+            if self._io is None or self._io[0] != os.getpid() or not self._io[2].is_alive():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="worldpm-client-io", daemon=True)
+                thread.start()
+                self._io, self._aclient = (os.getpid(), loop, thread), None
+            return self._io[1]
+
+    async def _shared_client(self) -> Any:
+        httpx = require_extra("httpx", "client")
+        if self._aclient is None:
+            self._aclient = httpx.AsyncClient(
+                timeout=self.timeout_s,
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            )
+        return self._aclient
+
+    def _post(self, path: str, payload: dict[str, Any]) -> Any:
+        loop = self._io_loop()
+
+        async def on_io_thread() -> Any:
+            return await self._apost(await self._shared_client(), path, payload)
+
+        future = asyncio.run_coroutine_threadsafe(on_io_thread(), loop)
         try:
-            step = next(policy)
-            while True:
-                reply: Any = None
-                if isinstance(step, _Send):
-                    fut = self._pool.submit(
-                        self._client.post,
-                        f"{step.url}{path}",
-                        content=body,
-                        headers=headers,
-                        timeout=step.timeout,
-                    )
-                    running[fut] = step.attempt
-                elif not running:
-                    time.sleep(step.seconds)
-                else:
-                    done, _ = concurrent.futures.wait(
-                        running, timeout=step.seconds, return_when=concurrent.futures.FIRST_COMPLETED
-                    )
-                    if done:
-                        fut = done.pop()
-                        exc = fut.exception()
-                        if exc is not None and not isinstance(exc, httpx.TransportError):
-                            raise exc
-                        reply = (running.pop(fut), exc if exc is not None else fut.result())
-                step = policy.send(reply)
-        except StopIteration as finished:
-            return finished.value
-        finally:
-            for fut in running:  # a losing hedge: its answer is not needed (its timeout bounds it)
-                fut.cancel()
+            return future.result()  # bounded by deadline_s
+        except BaseException:
+            future.cancel()
+            raise
 
     async def _apost(self, client: Any, path: str, payload: dict[str, Any]) -> Any:
-        httpx = require_extra("httpx", "client")
         self._start_prober()
         body, headers = _body(payload), self._headers(uuid.uuid4().hex)
-        policy = self._attempts(path)
+        policy = self._attempts(path, payload)
         running: dict[asyncio.Task[Any], int] = {}
         try:
             step = next(policy)
@@ -419,15 +509,15 @@ class RemoteScorer:
                     )
                     if done:
                         task = done.pop()
+                        # any failure of one attempt (transport, decoding, ...) is that replica's
                         exc = task.exception()
-                        if exc is not None and not isinstance(exc, httpx.TransportError):
-                            raise exc
                         reply = (running.pop(task), exc if exc is not None else task.result())
                 step = policy.send(reply)
         except StopIteration as finished:
             return finished.value
         finally:
-            for task in running:
+            policy.close()
+            for task in running:  # a losing hedge: cancelled, its connection closed
                 task.cancel()
 
     # -- /v1/score --------------------------------------------------------------------
@@ -437,9 +527,11 @@ class RemoteScorer:
 
     @staticmethod
     def _results(body: dict[str, Any], expected: int) -> list[ScoreResult]:
-        results = body.get("results")
-        if not isinstance(results, list) or len(results) != expected:
-            raise RemoteScoringError(f"server answered {len(results or [])} results for {expected} samples")
+        try:
+            _check_body("/v1/score", {"samples": [None] * expected}, body)
+        except _BadAnswer as exc:
+            raise RemoteScoringError(f"the reward server answered nonsense: {exc}") from None
+        results = body["results"]
         return [
             ScoreResult(
                 score=r.get("score"),
@@ -481,15 +573,23 @@ class RemoteScorer:
             "labels": None if labels is None else list(labels),
         }
         body = self._post("/get_reward", payload)
-        if not isinstance(body, dict) or not isinstance(body.get("rewards"), list):
-            raise RemoteScoringError(f"/get_reward answered without a 'rewards' list: {str(body)[:200]}")
-        return body
+        try:
+            _check_body("/get_reward", payload, body)
+        except _BadAnswer as exc:
+            raise RemoteScoringError(f"/get_reward answered nonsense: {exc}") from None
+        return body  # type: ignore[no-any-return]
 
     def close(self) -> None:
         self._closed.set()
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        with self._lock:
+            io, self._io = self._io, None
+        if io is not None and io[0] == os.getpid():
+            _, loop, thread = io
+            aclient, self._aclient = self._aclient, None
+            if aclient is not None:
+                with contextlib.suppress(Exception):
+                    asyncio.run_coroutine_threadsafe(aclient.aclose(), loop).result(5)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+            if not thread.is_alive():
+                loop.close()

@@ -146,8 +146,9 @@ class RewardService:
                 parsed = parse_rendered(q, prompts[i] if prompts else None, self.chat_format, index=i)
                 sample: dict[str, Any] = {"messages": parsed.messages}
                 label = labels[i] if labels is not None else None
-                if is_reference(label):
-                    sample["reference"] = label  # the reference answer (POLAR; reference-relative shaping)
+                if is_reference(label) or (label is not None and self.reward.shaping.needs_reference):
+                    # the reference answer (POLAR; reference-relative shaping), validated as on /v1/score
+                    sample["reference"] = label
                 parse_sample(sample, i)  # validate before queueing
                 unknown += not parsed.recognised
                 samples.append(sample)

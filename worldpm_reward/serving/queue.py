@@ -11,8 +11,10 @@ Fairness: each client (``client`` argument of :meth:`DynamicBatcher.submit`, by 
 :data:`current_client` context variable that the HTTP app sets from the peer address or an
 ``X-Client-ID`` header) has its own FIFO, and batches are filled round-robin across
 clients, one piece at a time. A large request is cut into pieces of at most
-``max_batch_samples`` samples, so 4,000 samples from one client delay another client's
-request by at most one piece's scoring time, not by the whole request.
+``max_batch_samples`` samples and (with ``max_batch_tokens``) at most that many estimated
+tokens, and a batch holds at most that many tokens, so 4,000 samples, or six 30k-token
+samples, from one client delay another client's request by at most about one piece's
+scoring time, not by the whole request.
 
 Pipelining (``pipeline=True``, the HTTP server): a batch takes at most half of what waits
 (above 8 samples), so the front end answers and parses one half while the other is scored.
@@ -86,6 +88,8 @@ class DynamicBatcher:
         pipeline: take at most half of what waits (above 8 samples), so that a front end in
             this process answers and parses one half while the other is scored (the HTTP
             server turns it on).
+        max_batch_tokens: most estimated tokens per piece of a request and per batch (a
+            single larger sample still goes alone); None: bounded by samples only.
     """
 
     def __init__(
@@ -98,7 +102,9 @@ class DynamicBatcher:
         max_queue_tokens: int | None = None,
         on_batch: Callable[[BatchReport], None] | None = None,
         pipeline: bool = False,
+        max_batch_tokens: int | None = None,
     ) -> None:
+        self.max_batch_tokens = max_batch_tokens
         self.score_fn = score_fn
         self.pipeline = pipeline
         self.max_batch_samples = max(1, max_batch_samples)
@@ -115,6 +121,7 @@ class DynamicBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worldpm-scorer")
         self._closing = False
+        self._running: list[_Request] = []  # requests with a piece in the scorer now
         self.abandoned_samples = 0  # dropped before scoring: their callers had gone
 
     @property
@@ -160,21 +167,33 @@ class DynamicBatcher:
                 f"about {self._queued_tokens} tokens already queued and this request adds about {total} "
                 f"(max_queue_tokens={self.max_queue_tokens})"
             )
-        step = self.max_batch_samples
-        request = _Request(
-            asyncio.get_running_loop().create_future(), [None] * len(samples), -(-len(samples) // step)
-        )
+        cuts = self._cuts(costs)
+        request = _Request(asyncio.get_running_loop().create_future(), [None] * len(samples), len(cuts))
         queue = self._clients.setdefault(current_client.get() if client is None else client, deque())
-        for start in range(0, len(samples), step):
-            queue.append(
-                _Piece(request, start, samples[start : start + step], sum(costs[start : start + step]))
-            )
+        for start, stop in cuts:
+            queue.append(_Piece(request, start, samples[start:stop], sum(costs[start:stop])))
         self._queued_samples += len(samples)
         self._queued_tokens += total
         assert self._arrived is not None and self._idle is not None
         self._idle.clear()
         self._arrived.set()
         return await request.future
+
+    def _cuts(self, costs: list[int]) -> list[tuple[int, int]]:
+        """A request's pieces: at most max_batch_samples samples and max_batch_tokens tokens each."""
+        cuts: list[tuple[int, int]] = []
+        start = tokens = 0
+        for i, cost in enumerate(costs):
+            full = i - start >= self.max_batch_samples or (
+                self.max_batch_tokens is not None and i > start and tokens + cost > self.max_batch_tokens
+            )
+            if full:
+                cuts.append((start, i))
+                start, tokens = i, 0
+            tokens += cost
+        if start < len(costs):
+            cuts.append((start, len(costs)))
+        return cuts
 
     async def stop(self) -> None:
         """Finish everything queued, then stop (graceful shutdown)."""
@@ -186,6 +205,24 @@ class DynamicBatcher:
                 await self._worker
             self._worker = None
         self._executor.shutdown(wait=True)
+
+    def abort(self, error: Exception) -> None:
+        """Stop now (a drain that ran out of time): every request not yet answered fails with
+        ``error``; a batch still in the scorer is not waited for."""
+        self._closing = True
+        for queue in self._clients.values():
+            for piece in queue:
+                if not piece.request.future.done():
+                    piece.request.future.set_exception(error)
+        self._clients.clear()
+        self._queued_samples = self._queued_tokens = 0
+        for request in list(self._running):
+            if not request.future.done():
+                request.future.set_exception(error)
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- the worker --------------------------------------------------------------------
     async def _run(self) -> None:
@@ -232,7 +269,7 @@ class DynamicBatcher:
         that got a piece goes to the back of the line."""
         self._drop_abandoned()
         batch: list[_Piece] = []
-        size = 0
+        size = tokens = 0
         progressed = True
         # take at most half of what waits (when much waits): the other half is in the front end's
         # hands while this half is scored, so parsing, scoring and answering overlap
@@ -244,12 +281,16 @@ class DynamicBatcher:
             for client in list(self._clients):
                 queue = self._clients[client]
                 piece = queue[0]
-                if batch and size + len(piece.samples) > limit:
+                if batch and (
+                    size + len(piece.samples) > limit
+                    or (self.max_batch_tokens is not None and tokens + piece.tokens > self.max_batch_tokens)
+                ):
                     continue  # does not fit this batch; it opens a later one
                 queue.popleft()
                 self._drop(piece)  # no longer waiting: being scored
                 batch.append(piece)
                 size += len(piece.samples)
+                tokens += piece.tokens
                 progressed = True
                 if queue:
                     self._clients.move_to_end(client)
@@ -262,12 +303,17 @@ class DynamicBatcher:
     async def _run_batch(self, batch: list[_Piece], loop: asyncio.AbstractEventLoop) -> None:
         flat = [s for p in batch for s in p.samples]
         start = time.perf_counter()
+        self._running = [p.request for p in batch]
         try:
             results = await loop.run_in_executor(self._executor, self.score_fn, flat)
             error: Exception | None = None
+            if len(results) != len(flat):
+                raise RuntimeError(f"the scorer returned {len(results)} results for {len(flat)} samples")
         except Exception as exc:  # the model failed for the whole batch: fail these requests only
-            logger.exception("scoring a batch of %d samples failed", len(flat))
+            logger.error("scoring a batch of %d samples failed: %s", len(flat), exc)
             results, error = [], exc
+        finally:
+            self._running = []
         seconds = time.perf_counter() - start
         offset = 0
         for p in batch:

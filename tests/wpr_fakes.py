@@ -1,0 +1,62 @@
+"""Small scorers for fault injection, importable by a spawned scorer process (no torch).
+
+Each scores a sample by the length of its reply, so results are checkable by hand; a reply
+that names a fault triggers it: "HANG" sleeps (a hung call), "INF"/"NAN" return a
+non-finite score, "SLOW" takes ``slow_s`` seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from worldpm_reward.samples import ScoreResult, parse_sample
+
+
+def expected_score(reply: str) -> float:
+    return float(len(reply)) / 10.0
+
+
+class FaultyScorer:
+    def __init__(self, slow_s: float = 2.0) -> None:
+        self.slow_s = slow_s
+        self.pid = os.getpid()
+
+    def score_detailed(self, samples: Sequence[Any]) -> list[ScoreResult]:
+        out = []
+        for i, s in enumerate(samples):
+            try:
+                reply = parse_sample(s, i).response
+            except Exception as exc:
+                out.append(ScoreResult(error=str(exc)))
+                continue
+            if "HANG" in reply:
+                time.sleep(3600)
+            if "SLOW" in reply:
+                time.sleep(self.slow_s)
+            score = expected_score(reply)
+            if "INF" in reply:
+                score = math.inf
+            elif "NAN" in reply:
+                score = math.nan
+            out.append(ScoreResult(score=score, num_tokens=len(reply)))
+        return out
+
+
+def make_faulty(slow_s: float = 2.0) -> FaultyScorer:
+    return FaultyScorer(slow_s)
+
+
+def make_unless_marker(marker: str, slow_s: float = 2.0) -> FaultyScorer:
+    """A factory that fails (as a broken restart would) once ``marker`` exists."""
+    if Path(marker).exists():
+        raise RuntimeError(f"cannot load: the GPU is gone (marker {marker})")
+    return FaultyScorer(slow_s)
+
+
+def conv(reply: str, prompt: str = "Say something.") -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
