@@ -33,6 +33,7 @@ from worldpm_reward.samples import ScoreResult
 from worldpm_reward.serving import ServerConfig, create_app
 from worldpm_reward.serving.app import RecentRequests, uvicorn_options
 from worldpm_reward.serving.client import RemoteScorer
+from worldpm_reward.serving.protocol import DEFAULT_FALLBACK_REWARD
 from worldpm_reward.serving.worker import ProcessScorer, ScorerProcessError
 from worldpm_reward.shaping import RewardShaper, RunningStats, ShapingConfig, read_stats
 
@@ -241,10 +242,14 @@ def test_3_a_non_finite_score_is_that_samples_error_and_never_poisons_normalizat
                 assert row["error"] is None and math.isfinite(row["reward"])
         again = httpx.post(f"{url}/v1/score", json={"samples": [conv("dd"), conv("e")]}, timeout=30).json()
         assert all(math.isfinite(x["reward"]) for x in again["results"])
-        # OpenRLHF: never [null]; the bad item is a 422 naming it
+        # OpenRLHF: never [null]; the bad item gets the fallback reward (the default since
+        # issue 21) and an error naming it, and shows in the failure log
         q = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nINF<|im_end|>"
         bad = httpx.post(f"{url}/get_reward", json={"query": [q]}, timeout=30)
-        assert bad.status_code == 422 and "non-finite" in json.dumps(bad.json())
+        assert bad.status_code == 200, bad.text
+        body = bad.json()
+        assert body["rewards"] == [DEFAULT_FALLBACK_REWARD] and body["extra_logs"]["worldpm_failed"] == [1.0]
+        assert "non-finite" in json.dumps(body["errors"])
         metrics = httpx.get(f"{url}/metrics", timeout=5).text
         assert "worldpm_reward_nonfinite_scores_total 3.0" in metrics
     saved = json.loads(state.read_text())
@@ -752,7 +757,10 @@ def test_14_validation_is_the_same_on_both_protocols() -> None:
         ).json()["results"][0]
         openrlhf = httpx.post(f"{url}/get_reward", json={"query": [q], "labels": [42]}, timeout=30)
     assert native["error"] and "reference" in native["error"]
-    assert openrlhf.status_code == 422 and "reference" in json.dumps(openrlhf.json())
+    # the same refusal on /get_reward: the fallback reward (the default) with the error naming it
+    assert openrlhf.status_code == 200, openrlhf.text
+    assert openrlhf.json()["rewards"] == [DEFAULT_FALLBACK_REWARD]
+    assert "reference" in json.dumps(openrlhf.json()["errors"])
 
 
 # -- acceptance: a real `worldpm-reward serve` pair, one scorer child stopped -----------------
