@@ -56,7 +56,7 @@ class FrameworkEnv:
 VERL_ENV = FrameworkEnv(
     name="verl-0.9.1",
     requirements=("transformers==5.9.0", "ray>=2.55,<3"),  # veRL: ray[default]>=2.41
-    extras=("testing", "test", "client"),
+    extras=("testing", "test", "client", "serve"),  # serve: veRL's tests also start a reward server
     no_deps=("verl==0.9.1",),
     tests=(
         "tests/test_reference.py",
