@@ -201,7 +201,8 @@ def test_score_streams_every_line_in_order_with_valid_json_out(tmp_path: Path, t
     assert "blank" in rows[1]["error"] and "line 2" in rows[1]["error"] and "line 3" in rows[2]["error"]
     assert "UTF-8" in rows[3]["error"] and "NaN" in rows[4]["error"]
     assert rows[5]["id"] == 5 and "line 6" in rows[5]["error"]
-    assert "error" not in rows[6] and rows[6]["score"] == rows[0]["score"] and rows[6]["id"] == 6
+    # the same sample at two batch positions: equal within float rounding
+    assert "error" not in rows[6] and abs(rows[6]["score"] - rows[0]["score"]) <= 1e-6 and rows[6]["id"] == 6
 
     # streamed: the first results arrive while stdin is still open
     proc = subprocess.Popen(
