@@ -1,7 +1,10 @@
 """Scorer + shaping: samples in, training rewards out. The one verb every adapter calls.
 
 :class:`RewardFunction` scores a batch with any :class:`~worldpm_reward.samples.Scorer`
-(in-process model or remote client), scores the reference answers when the shaping asks
+(in-process model, scorer process, remote client) or, from :meth:`RewardFunction.acall`,
+any :class:`~worldpm_reward.samples.AsyncScorer` (the cross-call batcher, Ray Serve's batch
+method). Each sample is parsed here once; a sample that does not parse is not sent to the
+scorer (its result carries the error). It scores the reference answers when the shaping asks
 for reference-relative rewards (each distinct prompt + reference scored once, in the same
 call as the responses), and applies :class:`~worldpm_reward.shaping.RewardShaper`.
 """
@@ -10,13 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from worldpm_reward.errors import SampleError
-from worldpm_reward.samples import Sample, SampleLike, Scorer, ScoreResult, parse_sample, reference_text
+from worldpm_reward.errors import ConfigError, SampleError
+from worldpm_reward.samples import (
+    AsyncScorer,
+    Sample,
+    SampleLike,
+    Scorer,
+    ScoreResult,
+    finite_or_error,
+    parse_sample,
+    reference_text,
+)
 from worldpm_reward.shaping import RewardShaper, ShapingConfig
+
+_SAMPLE_NUMBER = re.compile(r"^sample \d+(?=[,:])")
 
 
 @dataclass
@@ -26,13 +42,11 @@ class RewardBatch:
     Attributes:
         rewards: shaped rewards (None where a sample could not be scored).
         raw: the reward model's raw scores (None where unscorable).
-        reference_raw: raw scores of the reference answers, when used.
         results: the per-sample scoring results (token counts, truncation, errors).
     """
 
     rewards: list[float | None]
     raw: list[float | None]
-    reference_raw: list[float | None] | None
     results: list[ScoreResult]
 
     @property
@@ -40,13 +54,25 @@ class RewardBatch:
         return [(i, r.error) for i, r in enumerate(self.results) if r.error is not None]
 
 
+@dataclass
+class RewardResult(ScoreResult):
+    """A :class:`ScoreResult` (``score``: the raw score) with its shaped ``reward`` (None
+    where the sample could not be scored)."""
+
+    reward: float | None = None
+
+
 class RewardFunction:
     """Turns samples into shaped rewards with a scorer. Thread-safe for concurrent calls
-    only if the scorer is; the running statistics are updated under the caller's order."""
+    only if the scorer is; the running statistics are updated under the caller's order.
 
-    def __init__(self, scorer: Scorer, shaping: ShapingConfig | None = None) -> None:
+    :meth:`score_detailed` makes it a sync :class:`~worldpm_reward.samples.Scorer` of shaped
+    results (the veRL adapter batches calls with it)."""
+
+    def __init__(self, scorer: Scorer | AsyncScorer, shaping: ShapingConfig | None = None) -> None:
         self.scorer = scorer
         self.shaper = RewardShaper(shaping)
+        self._lock = threading.Lock()
 
     @property
     def shaping(self) -> ShapingConfig:
@@ -56,17 +82,40 @@ class RewardFunction:
         self, samples: Sequence[SampleLike], references: Sequence[str | None] | None = None
     ) -> RewardBatch:
         parsed, to_score, ref_keys = self._prepare(samples, references)
-        results = self.scorer.score_detailed(to_score)
+        if not isinstance(self.scorer, Scorer):
+            raise ConfigError(
+                f"{type(self.scorer).__name__} scores asynchronously only; await RewardFunction.acall"
+            )
+        results = self.scorer.score_detailed(to_score) if to_score else []
         return self._finish(parsed, results, ref_keys)
+
+    def score_detailed(self, samples: Sequence[SampleLike]) -> list[ScoreResult]:
+        """Score and shape ``samples`` as one batch (calls are serialized: the shaper's
+        statistics are shared): one :class:`RewardResult` per sample, in input order."""
+        with self._lock:
+            batch = self(samples)
+        return [
+            RewardResult(
+                score=raw,
+                num_tokens=r.num_tokens,
+                truncated=r.truncated,
+                num_truncated_tokens=r.num_truncated_tokens,
+                response_truncated=r.response_truncated,
+                error=r.error,
+                reward=reward,
+            )
+            for raw, reward, r in zip(batch.raw, batch.rewards, batch.results)
+        ]
 
     async def acall(
         self, samples: Sequence[SampleLike], references: Sequence[str | None] | None = None
     ) -> RewardBatch:
         """Async form: awaits an async scorer (``ascore_detailed``), else runs in a worker thread."""
         parsed, to_score, ref_keys = self._prepare(samples, references)
-        ascore = getattr(self.scorer, "ascore_detailed", None)
-        if ascore is not None:
-            results = await ascore(to_score)
+        if not to_score:
+            results: list[ScoreResult] = []
+        elif isinstance(self.scorer, AsyncScorer):
+            results = await self.scorer.ascore_detailed(to_score)
         else:
             results = await asyncio.to_thread(self.scorer.score_detailed, to_score)
         return self._finish(parsed, results, ref_keys)
@@ -75,16 +124,20 @@ class RewardFunction:
     def _prepare(
         self, samples: Sequence[SampleLike], references: Sequence[str | None] | None
     ) -> tuple[list[Sample | SampleError], list[Any], list[int | str | None]]:
-        """Validate samples; append each distinct reference conversation once after them."""
+        """Validate samples (a :class:`Sample` or :class:`SampleError` is taken as already
+        parsed); the valid ones are scored, then each distinct reference conversation once."""
         if references is not None and len(references) != len(samples):
-            raise ValueError(f"got {len(references)} references for {len(samples)} samples")
+            raise ConfigError(f"got {len(references)} references for {len(samples)} samples")
         parsed: list[Sample | SampleError] = []
         for i, s in enumerate(samples):
+            if isinstance(s, SampleError):
+                parsed.append(s)
+                continue
             try:
                 parsed.append(parse_sample(s, i))
             except SampleError as exc:
                 parsed.append(exc)
-        to_score: list[Any] = [p if isinstance(p, Sample) else samples[i] for i, p in enumerate(parsed)]
+        to_score: list[Any] = [p for p in parsed if isinstance(p, Sample)]
         ref_keys: list[int | str | None] = [None] * len(samples)
         if self.shaping.needs_reference:
             seen: dict[str, int] = {}
@@ -102,7 +155,7 @@ class RewardFunction:
                 conv = [*p.prompt_messages, {"role": "assistant", "content": ref}]
                 key = json.dumps(conv, ensure_ascii=False)
                 if key not in seen:
-                    seen[key] = len(to_score)
+                    seen[key] = len(seen)  # its place after the samples' own results
                     to_score.append(conv)
                 ref_keys[i] = seen[key]
         return parsed, to_score, ref_keys
@@ -110,8 +163,13 @@ class RewardFunction:
     def _finish(
         self, parsed: list[Sample | SampleError], results: list[ScoreResult], ref_keys: list[int | str | None]
     ) -> RewardBatch:
-        n = len(parsed)
-        own = results[:n]
+        finite_or_error(results, None)  # whatever the scorer: a non-finite score is that sample's error
+        scored = iter(results)
+        own = [next(scored) if isinstance(p, Sample) else ScoreResult(error=str(p)) for p in parsed]
+        for i, r in enumerate(own):  # the scorer numbered what it was given: say the caller's number
+            if r.error is not None and isinstance(parsed[i], Sample):
+                r.error = _SAMPLE_NUMBER.sub(f"sample {i}", r.error, count=1)
+        n_scored = sum(isinstance(p, Sample) for p in parsed)
         raw = [r.score if r.error is None else None for r in own]
         reference_raw: list[float | None] | None = None
         if self.shaping.needs_reference:
@@ -131,7 +189,7 @@ class RewardFunction:
                         )
                     reference_raw.append(None)
                     continue
-                ref = results[k]
+                ref = results[n_scored + k]
                 if ref.error is not None and own[i].error is None:
                     own[i].error = f"sample {i}, field '{self.shaping.reference_field}': {ref.error}"
                 reference_raw.append(ref.score if ref.error is None else None)
@@ -142,4 +200,4 @@ class RewardFunction:
                 for i, p in enumerate(parsed)
             ]
         shaped = self.shaper(raw, reference_raw, groups)
-        return RewardBatch(shaped.rewards, shaped.raw, reference_raw, own)
+        return RewardBatch(shaped.rewards, shaped.raw, own)

@@ -18,7 +18,8 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from worldpm_reward.errors import SampleError
@@ -58,6 +59,12 @@ class Sample:
         """Whether any message is a tool result or carries tool calls."""
         return any(m["role"] == "tool" or m.get("tool_calls") for m in self.messages)
 
+    @cached_property
+    def estimated_tokens(self) -> int:
+        """:func:`estimate_tokens` of this sample, computed once (a request's size check, the
+        batcher's queue bound and the scorer process's time budget all read it)."""
+        return _estimate({"messages": self.messages, "reference": self.reference})
+
 
 @dataclass
 class ScoreResult:
@@ -79,7 +86,6 @@ class ScoreResult:
     num_truncated_tokens: int = 0
     response_truncated: bool = False
     error: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -116,6 +122,20 @@ class Scorer(Protocol):
     """
 
     def score_detailed(self, samples: Sequence[SampleLike]) -> list[ScoreResult]: ...
+
+
+@runtime_checkable
+class AsyncScorer(Protocol):
+    """The asynchronous scoring seam: a batch of samples in, per-sample results out, in input
+    order, awaited on an event loop.
+
+    Implemented by :class:`~worldpm_reward.batcher.DynamicBatcher` (cross-call batching around
+    a sync :class:`Scorer`), :class:`~worldpm_reward.serving.client.RemoteScorer` and Ray
+    Serve's batch method (:class:`~worldpm_reward.integrations.ray_batch.ServeBatchScorer`);
+    :class:`~worldpm_reward.serving.protocol.RewardService` depends on this seam only.
+    """
+
+    async def ascore_detailed(self, samples: Sequence[SampleLike]) -> list[ScoreResult]: ...
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -370,7 +390,11 @@ def estimate_tokens(sample: Any) -> int:
     real conversations it is above the real count for 99% and at most 10% below it: UTF-8 bytes of all its text / :data:`BYTES_PER_TOKEN` (a digit counts
     as one token), plus :data:`TOKENS_PER_MESSAGE` per message and one more message. Any shape is accepted (nothing is validated)."""
     if isinstance(sample, Sample):
-        sample = {"messages": sample.messages, "reference": sample.reference}
+        return sample.estimated_tokens
+    return _estimate(sample)
+
+
+def _estimate(sample: Any) -> int:
     size, messages, stack = 0, 0, [sample]
     while stack:
         item = stack.pop()

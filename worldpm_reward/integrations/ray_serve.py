@@ -20,15 +20,17 @@ file with ``WORLDPM_REWARD_RAY_APP``)::
     handle.score.remote([{"prompt": "...", "response": "..."}]).result()     # like /v1/score
     handle.get_reward.remote(queries, prompts, labels).result()             # like /get_reward
 
-Every path scores through one ``@serve.batch`` method (one sample per batch slot), so
-concurrent HTTP and handle requests share model calls; the replica's scorer then packs
-each batch into token-budgeted micro-batches.
+Every path scores through one ``@serve.batch`` method (one sample per batch slot;
+:class:`~worldpm_reward.integrations.ray_batch.ServeBatchScorer`), so concurrent HTTP and
+handle requests share model calls; the replica's scorer then packs each batch into
+token-budgeted micro-batches. The replica builds one
+:class:`~worldpm_reward.serving.protocol.RewardService` around it and mounts the server's
+routes on that service (no batcher of the server's own).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import logging
@@ -37,9 +39,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from worldpm_reward.errors import ConfigError, RequestError, require_extra
-from worldpm_reward.samples import ScoreResult
-from worldpm_reward.serving.app import ServerConfig, create_app
+from worldpm_reward.errors import ConfigError, RequestError, SampleError, require_extra
+from worldpm_reward.integrations.ray_batch import ServeBatchScorer
+from worldpm_reward.serving.app import create_app
+from worldpm_reward.serving.config import ServerConfig
+from worldpm_reward.serving.protocol import RewardService
 from worldpm_reward.shaping import ShapingConfig
 
 serve = require_extra("ray.serve", "ray")
@@ -65,32 +69,24 @@ class WorldPMDeployment:
         from worldpm_reward.scoring import RewardModel
 
         self.scorer = RewardModel.from_pretrained(model, **(model_kwargs or {}))
-        self._batched.set_max_batch_size(max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batch_calls = 0
-        self.batched_samples = 0
-        self._fatal: str | None = None
-        self.http_app = create_app(
-            self.scorer, ServerConfig(**(server or {})), ShapingConfig(**(shaping or {})), submit=self._submit
+        self.batches = ServeBatchScorer(self.scorer, max_batch_size, batch_wait_timeout_s)
+        config = ServerConfig(**(server or {}))
+        self.service = RewardService(
+            self.batches,
+            shaping=ShapingConfig(**(shaping or {})),
+            chat_format=config.chat_format,
+            name=config.name,
+            max_items=config.max_items,
+            fallback_reward=config.fallback_reward,
+            scores=config.openrlhf_scores,
+            scores_temperature=config.scores_temperature,
+            max_request_tokens=config.max_request_tokens,
         )
-        self.service = self.http_app.state.service
+        self.http_app = create_app(self.service, config)
 
     def __serve_build_asgi_app__(self) -> Any:
         """Serve mounts this replica's FastAPI app (built in __init__, around the loaded model)."""
         return self.http_app
-
-    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005)
-    async def _batched(self, samples: list[Any]) -> list[ScoreResult]:
-        self.batch_calls += 1
-        self.batched_samples += len(samples)
-        try:
-            return await asyncio.to_thread(self.scorer.score_detailed, samples)
-        except Exception as exc:  # score_detailed never raises for a bad sample: the model is broken
-            self._fatal = f"{type(exc).__name__}: {exc}"
-            raise
-
-    async def _submit(self, samples: Sequence[Any]) -> list[ScoreResult]:
-        return list(await asyncio.gather(*(self._batched(s) for s in samples)))
 
     async def score(self, samples: list[Any]) -> dict[str, Any]:
         """Handle path of /v1/score: per-item results for a list of samples."""
@@ -99,21 +95,21 @@ class WorldPMDeployment:
     async def get_reward(
         self, query: list[str], prompts: list[str] | None = None, labels: list[Any] | None = None
     ) -> dict[str, Any]:
-        """Handle path of OpenRLHF's /get_reward; raises ValueError naming bad items."""
+        """Handle path of OpenRLHF's /get_reward; raises SampleError (a ValueError) naming bad items."""
         try:
             return await self.service.get_reward(query, prompts, labels)
-        except RequestError as exc:
-            raise ValueError(f"HTTP {exc.status}: {json.dumps(exc.detail)}") from None
+        except RequestError as exc:  # its (status, detail) does not survive Ray's pickling: one message
+            raise SampleError(f"HTTP {exc.status}: {json.dumps(exc.detail)}") from None
 
     def batch_stats(self) -> dict[str, int]:
         """How many ``@serve.batch`` calls this replica made, and the samples they held."""
-        return {"batch_calls": self.batch_calls, "batched_samples": self.batched_samples}
+        return {"batch_calls": self.batches.batch_calls, "batched_samples": self.batches.batched_samples}
 
     def check_health(self) -> None:
         """Serve's periodic replica health check: a replica whose model failed a whole batch
         (a CUDA error, a lost device; never a bad sample) is reported unhealthy and replaced."""
-        if self._fatal is not None:
-            raise RuntimeError(f"the reward model failed: {self._fatal}")
+        if self.batches.fatal is not None:
+            raise RuntimeError(f"the reward model failed: {self.batches.fatal}")
 
 
 @dataclass

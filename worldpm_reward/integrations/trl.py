@@ -229,7 +229,7 @@ class WorldPMReward:
             n,
             exc,
         )
-        return RewardBatch([None] * n, [None] * n, None, [ScoreResult(error=f"scorer failed: {exc}")] * n)
+        return RewardBatch([None] * n, [None] * n, [ScoreResult(error=f"scorer failed: {exc}")] * n)
 
     def attach(self, trainer: Any) -> None:
         """Log this reward's ``<name>/*`` metrics through a trainer that passes no

@@ -84,12 +84,12 @@ import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from worldpm_reward.errors import ConfigError
-from worldpm_reward.rewards import RewardFunction
-from worldpm_reward.samples import ScoreResult, is_reference
+from worldpm_reward.batcher import BatchReport, DynamicBatcher
+from worldpm_reward.errors import ConfigError, SampleError
+from worldpm_reward.rewards import RewardFunction, RewardResult
+from worldpm_reward.samples import is_reference
 from worldpm_reward.shaping import ShapingConfig
 
 __all__ = [
@@ -100,7 +100,6 @@ __all__ = [
     "compute_score_batch",
     "failure_stats",
     "split_tool_turns",
-    "verl_samples",
 ]
 
 logger = logging.getLogger(__name__)
@@ -119,13 +118,6 @@ _SETTINGS = (
 #: ``fallback: min`` without ``shaping.clip_min``: the failure reward (or 1 below the lowest
 #: real reward seen, when that is lower).
 FALLBACK_FLOOR = -10.0
-
-
-@dataclass
-class _Outcome(ScoreResult):
-    """A scoring result with its shaped reward (what the batcher hands each caller)."""
-
-    reward: float | None = None
 
 
 class _Backend:
@@ -180,42 +172,48 @@ class _Backend:
         self.batchers: dict[asyncio.AbstractEventLoop, Any] = {}
         self.batches = 0
         self.samples = 0
+        self._last_failure: BaseException | None = None
 
-    def score(self, samples: Sequence[Any]) -> list[_Outcome]:
-        """Score and shape one batch (thread-safe: the shaper's statistics are shared)."""
+    def score(self, samples: Sequence[Any]) -> list[RewardResult]:
+        """Score and shape one batch (a :class:`SampleError` in ``samples`` is that sample's
+        result); a scorer that fails for the whole batch fails each sample, never raises."""
         samples = list(samples)
-        good = [i for i, s in enumerate(samples) if not isinstance(s, _Outcome)]
+        try:
+            out = cast(list[RewardResult], self.reward.score_detailed(samples))
+        except Exception as exc:  # e.g. every server unreachable after retries: these samples fail
+            logger.warning("worldpm-reward: scoring %d samples failed: %s", len(samples), exc)
+            out = [
+                RewardResult(error=str(s) if isinstance(s, SampleError) else f"scoring failed: {exc}")
+                for s in samples
+            ]
+        failed = self._tally(out)
         with self.lock:
-            try:
-                batch = self.reward([samples[i] for i in good]) if good else None
-            except Exception as exc:  # e.g. every server unreachable after retries: these samples fail
-                logger.warning("worldpm-reward: scoring %d samples failed: %s", len(good), exc)
-                batch = None
-                for i in good:
-                    samples[i] = _Outcome(error=f"scoring failed: {exc}")
             self.batches += 1
-            self.samples += len(samples)
-            out = [s if isinstance(s, _Outcome) else _Outcome() for s in samples]
-            if batch is not None:
-                for j, i in enumerate(good):
-                    r = batch.results[j]
-                    out[i] = _Outcome(score=batch.raw[j], error=r.error, reward=batch.rewards[j])
-            failed = 0
-            for o in out:
-                if o.reward is not None and o.error is None:
-                    self.lowest = o.reward if self.lowest is None else min(self.lowest, o.reward)
-                else:
-                    failed += 1
+            self.samples += len(out)
             self._count(len(out), failed)
         if out and failed == len(out) and self.fallback != "raise":
-            logger.error(
-                "worldpm-reward: ALL %d samples of this scoring call failed, each gets the fallback reward "
-                "%s (first error: %s); is the reward server up and reachable from the reward workers?",
-                len(out),
-                self.floor() if self.fallback == "min" else self.fallback,
-                out[0].error,
-            )
+            self._all_failed(len(out), out[0].error)
         return out
+
+    def _tally(self, results: Sequence[RewardResult]) -> int:
+        """Track the lowest real reward; the number of failed results."""
+        failed = 0
+        with self.lock:
+            for r in results:
+                if r.reward is not None and r.error is None:
+                    self.lowest = r.reward if self.lowest is None else min(self.lowest, r.reward)
+                else:
+                    failed += 1
+        return failed
+
+    def _all_failed(self, n: int, error: str | None) -> None:
+        logger.error(
+            "worldpm-reward: ALL %d samples of this scoring call failed, each gets the fallback reward "
+            "%s (first error: %s); is the reward server up and reachable from the reward workers?",
+            n,
+            self.floor() if self.fallback == "min" else self.fallback,
+            error,
+        )
 
     def _count(self, samples: int, failed: int) -> None:
         """Failure counts, and the periodic summary line (called under the lock)."""
@@ -246,34 +244,53 @@ class _Backend:
             return float(self.lowest) - 1.0
         return FALLBACK_FLOOR
 
-    def finish(self, outcome: _Outcome) -> dict[str, float]:
+    def finish(self, outcome: RewardResult) -> dict[str, float]:
         if outcome.reward is not None and outcome.error is None:
             raw = float(outcome.score if outcome.score is not None else outcome.reward)
             return {"score": float(outcome.reward), "worldpm_raw": raw, "worldpm_failed": 0.0}
         if self.fallback == "raise":
-            raise ValueError(outcome.error or "sample could not be scored")
+            raise SampleError(outcome.error or "sample could not be scored")
         with self.lock:
             value = self.floor() if self.fallback == "min" else float(self.fallback)
         logger.warning("worldpm-reward: sample not scored, reward %s: %s", value, outcome.error)
         return {"score": float(value), "worldpm_raw": float(value), "worldpm_failed": 1.0}
 
-    async def submit(self, sample: Any, max_batch: int, wait_s: float) -> _Outcome:
-        from worldpm_reward.serving.queue import DynamicBatcher
+    def _batched(self, report: BatchReport) -> None:
+        with self.lock:
+            self.batches += 1
+            self.samples += report.samples
 
-        loop = asyncio.get_running_loop()
-        batcher = self.batchers.get(loop)
-        if batcher is None:
-            self.batchers = {k: v for k, v in self.batchers.items() if not k.is_closed()}
-            batcher = DynamicBatcher(
-                self.score,  # type: ignore[arg-type]
-                max_batch_samples=max_batch,
-                max_wait_s=wait_s,
-                max_queue=1 << 30,
-            )
-            batcher.start()
-            self.batchers[loop] = batcher
-        (outcome,) = await batcher.submit([sample])
-        return outcome  # type: ignore[return-value]
+    async def submit(self, sample: Any, max_batch: int, wait_s: float) -> RewardResult:
+        """Score one sample together with this event loop's other concurrent calls (the
+        cross-call batcher around this backend's RewardFunction)."""
+        if isinstance(sample, SampleError):
+            outcome = RewardResult(error=str(sample))
+        else:
+            loop = asyncio.get_running_loop()
+            batcher = self.batchers.get(loop)
+            if batcher is None:
+                self.batchers = {k: v for k, v in self.batchers.items() if not k.is_closed()}
+                batcher = DynamicBatcher(
+                    self.reward,
+                    max_batch_samples=max_batch,
+                    max_wait_s=wait_s,
+                    max_queue=1 << 30,
+                    on_batch=self._batched,
+                )
+                batcher.start()
+                self.batchers[loop] = batcher
+            try:
+                (result,) = await batcher.ascore_detailed([sample])
+                outcome = result  # type: ignore[assignment]  # the RewardFunction's RewardResult
+            except Exception as exc:  # the whole batch failed (e.g. every server unreachable)
+                if exc is not self._last_failure:  # once per failed batch, not once per sample
+                    self._last_failure = exc
+                    logger.warning("worldpm-reward: scoring a batch failed: %s", exc)
+                outcome = RewardResult(error=f"scoring failed: {exc}")
+        failed = self._tally([outcome])
+        with self.lock:
+            self._count(1, failed)
+        return outcome
 
 
 _lock = threading.Lock()
@@ -341,12 +358,12 @@ def split_tool_turns(response: str) -> list[dict[str, Any]] | None:
 
 
 def _sample(index: int, solution: Any, truth: Any, info: Any) -> Any:
-    """A core sample, or an :class:`_Outcome` carrying the reason it cannot be one."""
+    """A core sample, or the :class:`SampleError` saying why it cannot be one."""
     messages = info.get("messages") if isinstance(info, Mapping) else None
     prompt = info.get("prompt") if isinstance(info, Mapping) else None
     if messages is None and prompt is None:
-        return _Outcome(
-            error=f"sample {index}, field 'extra_info.prompt': missing; put the prompt in extra_info['prompt']"
+        return SampleError(
+            "missing; put the prompt in extra_info['prompt']", index=index, field="extra_info.prompt"
         )
     sample: dict[str, Any]
     turns = split_tool_turns(solution) if messages is None and isinstance(solution, str) else None
@@ -360,19 +377,6 @@ def _sample(index: int, solution: Any, truth: Any, info: Any) -> Any:
     if is_reference(truth):
         sample["reference"] = truth  # text or a message list (samples.reference_text)
     return sample
-
-
-def verl_samples(
-    solution_strs: Sequence[str], ground_truths: Sequence[Any], extra_infos: Sequence[Any]
-) -> list[dict[str, Any]]:
-    """veRL's per-sample fields as core samples (raises on a sample with no prompt)."""
-    out = []
-    for i, args in enumerate(zip(solution_strs, ground_truths, extra_infos)):
-        s = _sample(i, *args)
-        if isinstance(s, _Outcome):
-            raise ValueError(s.error)
-        out.append(s)
-    return out
 
 
 def compute_score(

@@ -539,7 +539,6 @@ class RemoteScorer:
                 truncated=bool(r.get("truncated")),
                 response_truncated=bool(r.get("response_truncated")),
                 error=r.get("error"),
-                extras={"reward": r.get("reward")},
             )
             for r in results
         ]

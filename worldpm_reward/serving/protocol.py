@@ -1,7 +1,9 @@
 """Protocol handling shared by every host (the HTTP server, the Ray Serve deployment).
 
-:class:`RewardService` turns protocol payloads into samples, hands them to a ``submit``
-coroutine (the dynamic batcher, or Ray Serve's batching) and builds the responses. It
+:class:`RewardService` turns protocol payloads into samples (each parsed and its tokens
+estimated once), scores them with an :class:`~worldpm_reward.samples.AsyncScorer` (the
+cross-call batcher, or Ray Serve's batch method) through
+:class:`~worldpm_reward.rewards.RewardFunction` (shaping) and builds the responses. It
 knows no web framework: hosts map :class:`RequestError` to their own HTTP errors.
 
 Protocols:
@@ -18,52 +20,33 @@ Protocols:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from worldpm_reward.errors import ConfigError, RequestError, SampleError
 from worldpm_reward.policy_text import FORMATS, parse_rendered
 from worldpm_reward.rewards import RewardFunction
-from worldpm_reward.samples import ScoreResult, estimate_tokens, is_reference, parse_sample
+from worldpm_reward.samples import (
+    AsyncScorer,
+    Sample,
+    ScoreResult,
+    estimate_tokens,
+    is_reference,
+    parse_sample,
+)
+from worldpm_reward.serving.config import DEFAULT_FALLBACK_REWARD
 from worldpm_reward.shaping import ShapingConfig, sigmoid
 
 logger = logging.getLogger(__name__)
 
-Submit = Callable[[Sequence[Any]], Awaitable[list[ScoreResult]]]
-
-
-class _AsyncScorer:
-    """Adapts a ``submit`` coroutine to the scorer seam that RewardFunction.acall awaits."""
-
-    def __init__(self, submit: Submit) -> None:
-        self.ascore_detailed = submit
-
-    def score_detailed(self, samples: Sequence[Any]) -> list[ScoreResult]:  # pragma: no cover - async only
-        raise RuntimeError("the reward service scores asynchronously")
-
-
-@dataclass
-class ServiceStats:
-    requests: int = 0
-    samples: int = 0
-    item_errors: int = 0
-    unknown_format: int = 0
-    truncated: int = 0
-
-
 SCORES = ("reward", "sigmoid")
-#: /get_reward's default reward for an item that cannot be scored: the low end of OpenRLHF's
-#: default ``--reward.clip_range`` (-10, 10), so after OpenRLHF's clipping it never out-scores
-#: a real answer, and OpenRLHF never receives a None (which breaks its step later).
-DEFAULT_FALLBACK_REWARD = -10.0
 
 
 class RewardService:
-    """Protocol handling around a ``submit(samples) -> results`` coroutine.
+    """Protocol handling around an :class:`~worldpm_reward.samples.AsyncScorer`.
 
     Args:
-        submit: scores samples (batched by the host), results in input order.
+        scorer: scores samples (batched by the host), results in input order.
         shaping: reward shaping applied to every request (raw scores are also returned).
         chat_format: how OpenRLHF queries are parsed: one of chat_formats.FORMATS.
         name: prefix of the extra_logs keys (``<name>_raw``, ...).
@@ -78,11 +61,14 @@ class RewardService:
             in (0, 1)).
         scores_temperature: the scale of the "sigmoid" mapping.
         max_request_tokens: most estimated tokens in one request (more: 413); None: no bound.
+        on_results: called with each request's per-sample results (the server's metrics).
+        on_unknown_format: called with the number of OpenRLHF queries of a request whose chat
+            markup was not recognised.
     """
 
     def __init__(
         self,
-        submit: Submit,
+        scorer: AsyncScorer,
         *,
         shaping: ShapingConfig | None = None,
         chat_format: str = "auto",
@@ -92,6 +78,8 @@ class RewardService:
         scores: str = "reward",
         scores_temperature: float = 1.0,
         max_request_tokens: int | None = None,
+        on_results: Callable[[list[ScoreResult]], None] | None = None,
+        on_unknown_format: Callable[[int], None] | None = None,
     ) -> None:
         if scores not in SCORES:
             raise ConfigError(f"scores must be one of {SCORES}; got {scores!r}")
@@ -101,23 +89,27 @@ class RewardService:
         self.scores_mode = scores
         self.scores_temperature = float(scores_temperature)
         if chat_format not in FORMATS:
-            raise ValueError(f"chat_format must be one of {FORMATS}; got {chat_format!r}")
+            raise ConfigError(f"chat_format must be one of {FORMATS}; got {chat_format!r}")
         if shaping is not None and shaping.group != "none":
             raise ConfigError(
                 f"shaping.group={shaping.group!r} needs each prompt's whole group in one call, which a "
                 "server does not see (OpenRLHF sends one sample per request); apply it on the trainer "
                 "side, e.g. WorldPMReward(url=..., shaping={'group': 'bt_winrate'})"
             )
-        self.reward = RewardFunction(_AsyncScorer(submit), shaping)  # type: ignore[arg-type]
+        self.reward = RewardFunction(scorer, shaping)
         self.chat_format = chat_format
         self.name = name
         self.max_items = max_items
         self.max_request_tokens = max_request_tokens
-        self.stats = ServiceStats()
+        self.on_results = on_results
+        self.on_unknown_format = on_unknown_format
 
-    def _check_size(self, items: Sequence[Any]) -> None:
+    def _check_count(self, items: Sequence[Any]) -> None:
         if len(items) > self.max_items:
             raise RequestError(413, f"{len(items)} items in one request; the limit is {self.max_items}")
+
+    def _check_tokens(self, items: Sequence[Any]) -> None:
+        """``items``: parsed samples (their estimate is cached on them) or raw input."""
         if self.max_request_tokens is not None:
             tokens = sum(estimate_tokens(x) for x in items)
             if tokens > self.max_request_tokens:
@@ -131,13 +123,14 @@ class RewardService:
         self, query: list[str], prompts: list[str] | None, labels: list[Any] | None
     ) -> dict[str, Any]:
         """OpenRLHF's remote reward protocol."""
-        self._check_size(query)
+        self._check_count(query)
         for field, values in (("prompts", prompts), ("labels", labels)):
             if values is not None and len(values) != len(query):
                 raise RequestError(
                     422, [{"field": field, "error": f"has {len(values)} items but query has {len(query)}"}]
                 )
-        samples: list[dict[str, Any]] = []
+        samples: list[Any] = []  # parsed Samples
+        sized: list[Any] = []  # each item as parsed (its estimate cached), or its raw query
         kept: list[int] = []  # the request index of each of `samples`
         bad: list[dict[str, Any]] = []
         unknown = 0
@@ -149,24 +142,23 @@ class RewardService:
                 if is_reference(label) or (label is not None and self.reward.shaping.needs_reference):
                     # the reference answer (POLAR; reference-relative shaping), validated as on /v1/score
                     sample["reference"] = label
-                parse_sample(sample, i)  # validate before queueing
+                samples.append(parse_sample(sample, i))  # validated once, before queueing
+                sized.append(samples[-1])
                 unknown += not parsed.recognised
-                samples.append(sample)
                 kept.append(i)
             except SampleError as exc:
                 bad.append({"index": i, "field": exc.field, "error": str(exc)})
-        self.stats.unknown_format += unknown
-        if bad:
-            self.stats.item_errors += len(bad)
-            if self.fallback_reward is None:
-                raise RequestError(422, bad)
+                sized.append(q)
+        self._check_tokens(sized)
+        if unknown and self.on_unknown_format is not None:
+            self.on_unknown_format(unknown)
+        if bad and self.fallback_reward is None:
+            raise RequestError(422, bad)
         batch = await self.reward.acall(samples)
-        self._count(batch.results)
+        self._report(batch.results)
         errors = batch.errors
-        if errors:
-            self.stats.item_errors += len(errors)
-            if self.fallback_reward is None:
-                raise RequestError(422, [{"index": i, "field": "query", "error": e} for i, e in errors])
+        if errors and self.fallback_reward is None:
+            raise RequestError(422, [{"index": i, "field": "query", "error": e} for i, e in errors])
         # every item of the request, in order: scored, or (fallback mode) the fallback reward
         problems = {b["index"]: b for b in bad}
         for i, e in errors:
@@ -201,10 +193,16 @@ class RewardService:
 
     async def score(self, samples: list[Any]) -> dict[str, Any]:
         """The native API: per-item results, per-item errors."""
-        self._check_size(samples)
-        batch = await self.reward.acall(samples)
-        self._count(batch.results)
-        self.stats.item_errors += len(batch.errors)
+        self._check_count(samples)
+        parsed: list[Sample | SampleError] = []
+        for i, s in enumerate(samples):  # each sample parsed once: RewardFunction takes these as they are
+            try:
+                parsed.append(parse_sample(s, i))
+            except SampleError as exc:
+                parsed.append(exc)
+        self._check_tokens([p if isinstance(p, Sample) else s for p, s in zip(parsed, samples)])
+        batch = await self.reward.acall(parsed)  # type: ignore[arg-type]
+        self._report(batch.results)
         return {
             "model": self.name,
             "results": [
@@ -220,7 +218,6 @@ class RewardService:
             ],
         }
 
-    def _count(self, results: list[ScoreResult]) -> None:
-        self.stats.requests += 1
-        self.stats.samples += len(results)
-        self.stats.truncated += sum(r.truncated for r in results)
+    def _report(self, results: list[ScoreResult]) -> None:
+        if self.on_results is not None:
+            self.on_results(results)

@@ -1,9 +1,13 @@
-"""Cross-request dynamic batching on an asyncio event loop, fair across clients.
+"""Cross-call dynamic batching on an asyncio event loop, fair across clients: an
+:class:`~worldpm_reward.samples.AsyncScorer` around a sync :class:`~worldpm_reward.samples.Scorer`.
+
+Used by the HTTP server (``worldpm-reward serve``) and by the veRL adapter
+(``compute_score_async``).
 
 Many small concurrent requests (OpenRLHF sends ONE sample per request from every rollout
 actor) are queued; a single worker waits until ``max_batch_samples`` samples are queued or
 ``max_wait_s`` has passed since the oldest arrived, takes work off the queue and runs the
-scorer on it in a worker thread (the event loop keeps accepting requests meanwhile, so the
+scorer's ``score_detailed`` on it in a worker thread (the event loop keeps accepting requests meanwhile, so the
 next batch fills while the model runs). The scorer's own planner then sorts the batch into
 token-budgeted micro-batches. Each request gets exactly its own results, in its own order.
 
@@ -39,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worldpm_reward.errors import QueueFullError, ServerClosingError
-from worldpm_reward.samples import ScoreResult, estimate_tokens
+from worldpm_reward.samples import Scorer, ScoreResult, estimate_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -65,20 +69,20 @@ class _Piece:
 
 @dataclass
 class BatchReport:
-    """What one model call did (for metrics): sizes and seconds."""
+    """What one model call did (for metrics): its samples and seconds."""
 
-    requests: int
     samples: int
     seconds: float
-    queue_wait_s: float
 
 
 class DynamicBatcher:
-    """Queue requests, score them together, round-robin across clients.
+    """Queue requests, score them together, round-robin across clients
+    (an :class:`~worldpm_reward.samples.AsyncScorer`).
 
     Args:
-        score_fn: ``samples -> list[ScoreResult]`` (e.g. ``RewardModel.score_detailed``);
-            called in one worker thread, never concurrently with itself.
+        scorer: a sync :class:`~worldpm_reward.samples.Scorer` (``RewardModel``, ``ProcessScorer``,
+            ...); its ``score_detailed`` is called in one worker thread, never concurrently
+            with itself.
         max_batch_samples: most samples per model call; larger requests are cut into pieces.
         max_wait_s: how long the oldest queued request waits for company.
         max_queue: most samples waiting; beyond it ``submit`` raises QueueFullError.
@@ -94,7 +98,7 @@ class DynamicBatcher:
 
     def __init__(
         self,
-        score_fn: Callable[[Sequence[Any]], list[ScoreResult]],
+        scorer: Scorer,
         *,
         max_batch_samples: int = 256,
         max_wait_s: float = 0.005,
@@ -105,7 +109,7 @@ class DynamicBatcher:
         max_batch_tokens: int | None = None,
     ) -> None:
         self.max_batch_tokens = max_batch_tokens
-        self.score_fn = score_fn
+        self.scorer = scorer
         self.pipeline = pipeline
         self.max_batch_samples = max(1, max_batch_samples)
         self.max_wait_s = max_wait_s
@@ -138,6 +142,10 @@ class DynamicBatcher:
             self._arrived, self._idle = asyncio.Event(), asyncio.Event()
             self._idle.set()
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="worldpm-batcher")
+
+    async def ascore_detailed(self, samples: Sequence[Any]) -> list[ScoreResult]:
+        """The AsyncScorer seam: :meth:`submit` for :data:`current_client`."""
+        return await self.submit(samples)
 
     async def submit(
         self, samples: Sequence[Any], client: str | None = None, tokens: Sequence[int] | None = None
@@ -305,7 +313,7 @@ class DynamicBatcher:
         start = time.perf_counter()
         self._running = [p.request for p in batch]
         try:
-            results = await loop.run_in_executor(self._executor, self.score_fn, flat)
+            results = await loop.run_in_executor(self._executor, self.scorer.score_detailed, flat)
             error: Exception | None = None
             if len(results) != len(flat):
                 raise RuntimeError(f"the scorer returned {len(results)} results for {len(flat)} samples")
@@ -330,5 +338,4 @@ class DynamicBatcher:
                         request.future.set_result(request.results)  # type: ignore[arg-type]
             offset += len(p.samples)
         if self.on_batch is not None:
-            wait = sum(start - p.request.enqueued for p in batch) / len(batch)
-            self.on_batch(BatchReport(len({id(p.request) for p in batch}), len(flat), seconds, wait))
+            self.on_batch(BatchReport(len(flat), seconds))

@@ -1,0 +1,90 @@
+"""The reward server's Prometheus metrics: one registry per app, its counters, and the few
+things that feed them (request outcomes, scored results, model calls).
+
+prometheus-client (extra ``serve``) is imported when the metrics are created.
+"""
+
+from __future__ import annotations
+
+from worldpm_reward.batcher import BatchReport
+from worldpm_reward.errors import require_extra
+from worldpm_reward.samples import ScoreResult
+
+
+class ServerMetrics:
+    """The app's metrics (``GET /metrics`` renders :meth:`render`)."""
+
+    def __init__(self) -> None:
+        prom = require_extra("prometheus_client", "serve")
+        self._prom = prom
+        self.registry = registry = prom.CollectorRegistry()
+        self.requests = prom.Counter(
+            "worldpm_reward_requests", "HTTP requests", ["endpoint", "status"], registry=registry
+        )
+        self.item_errors = prom.Counter(
+            "worldpm_reward_item_errors", "items that could not be scored", registry=registry
+        )
+        self.unknown_format = prom.Counter(
+            "worldpm_reward_unknown_chat_format", "queries with no known chat markup", registry=registry
+        )
+        self.queue = prom.Gauge(
+            "worldpm_reward_queue_samples", "samples waiting to be scored", registry=registry
+        )
+        self.batch = prom.Histogram(
+            "worldpm_reward_batch_samples",
+            "samples per model call",
+            registry=registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+        )
+        self.batch_seconds = prom.Histogram(
+            "worldpm_reward_batch_seconds", "seconds per model call", registry=registry
+        )
+        self.latency = prom.Histogram(
+            "worldpm_reward_request_seconds", "request latency", ["endpoint"], registry=registry
+        )
+        self.tokens = prom.Counter(
+            "worldpm_reward_tokens", "tokens scored (rate() = tokens/s)", registry=registry
+        )
+        self.samples = prom.Counter("worldpm_reward_samples", "samples scored", registry=registry)
+        self.truncated = prom.Counter(
+            "worldpm_reward_truncated", "samples cut to max_length", registry=registry
+        )
+        self.duplicates = prom.Counter(
+            "worldpm_reward_duplicate_requests",
+            "requests answered from the X-Request-ID cache (retries, hedges), not scored again",
+            registry=registry,
+        )
+        self.unavailable = prom.Counter(
+            "worldpm_reward_scorer_unavailable",
+            "requests answered 503 because the scorer hung, died or was restarting",
+            registry=registry,
+        )
+        self.state_failures = prom.Gauge(
+            "worldpm_reward_state_file_failures",
+            "failed merges into the running-normalization state file (logged; scoring goes on)",
+            registry=registry,
+        )
+        self.nonfinite = prom.Counter(
+            "worldpm_reward_nonfinite_scores",
+            "samples whose score was not finite (each an error)",
+            registry=registry,
+        )
+
+    def count_results(self, results: list[ScoreResult]) -> None:
+        """One request's per-sample results (tokens, truncation, non-finite scores)."""
+        self.nonfinite.inc(sum("non-finite score" in (r.error or "") for r in results))
+        self.tokens.inc(sum(r.num_tokens for r in results))
+        self.samples.inc(len(results))
+        self.truncated.inc(sum(r.truncated for r in results))
+
+    def observe_batch(self, report: BatchReport) -> None:
+        """One model call of the batcher."""
+        self.batch.observe(report.samples)
+        self.batch_seconds.observe(report.seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return self._prom.generate_latest(self.registry), self._prom.CONTENT_TYPE_LATEST
+
+
+__all__ = ["ServerMetrics"]
