@@ -12,23 +12,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
 import math
 import os
-import re
 import sys
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from worldpm_reward.policy_text import FORMATS
-from worldpm_reward.samples import loads_json
+from worldpm_reward.jsonl import json_line, line_error, read_lines
 from worldpm_reward.shaping import Normalize, ReferenceMode
-
-TOKEN_ENV = "WORLDPM_REWARD_TOKEN"
 
 EPILOG = """examples:
   worldpm-reward demo                      # whole path on a built-in tiny checkpoint, nothing downloaded
@@ -75,50 +72,6 @@ def _load(args: argparse.Namespace, model: str | None = None) -> Any:
     return RewardModel.from_pretrained(model or args.model, _model_config(args))
 
 
-def _read_lines(f: BinaryIO) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object or an error string) for EVERY line, read as it comes:
-    blank, undecodable (not UTF-8) and invalid lines are errors in place, so the output has
-    one line per input line, in order."""
-    for lineno, raw in enumerate(f, start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield lineno, f"line {lineno}: not UTF-8 (invalid byte at column {exc.start + 1})"
-            continue
-        if not line.strip():
-            yield lineno, f"line {lineno}: blank line"
-            continue
-        try:
-            obj = loads_json(line)
-        except json.JSONDecodeError as exc:
-            yield lineno, f"line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
-            continue
-        except (ValueError, RecursionError) as exc:
-            yield lineno, f"line {lineno}: invalid JSON ({exc})"
-            continue
-        if not isinstance(obj, dict):
-            yield lineno, f"line {lineno}: expected a JSON object, got {type(obj).__name__}"
-            continue
-        yield lineno, obj
-
-
-def _json_line(out: dict[str, Any]) -> str:
-    """One output line: valid JSON and valid UTF-8 whatever the input held (a lone surrogate
-    from a JSON escape is written escaped), and one line for every reader: the characters
-    that ``str.splitlines`` and some JSONL readers take as line breaks (U+0085, U+2028,
-    U+2029) are written as JSON escapes."""
-    line = json.dumps(out, ensure_ascii=False, allow_nan=False)
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        line = json.dumps(out, ensure_ascii=True, allow_nan=False)
-    return line.translate(_LINE_BREAKS) + "\n"
-
-
-#: Line-break characters that json.dumps leaves unescaped (it escapes everything below U+0020).
-_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
-
-
 class UsageError(Exception):
     """A user error the CLI reports as one ``error: ...`` line (exit 2)."""
 
@@ -138,15 +91,6 @@ def _check_paths(args: argparse.Namespace) -> None:
             raise UsageError(f"-o {args.output!r}: the folder {str(out.resolve().parent)!r} does not exist")
 
 
-_SAMPLE_PREFIX = re.compile(r"^sample \d+(?=[,:])")
-
-
-def _line_error(lineno: int, error: str) -> str:
-    """A scorer's error with its position in the scored chunk replaced by the input line."""
-    named, n = _SAMPLE_PREFIX.subn(f"line {lineno}", error, count=1)
-    return named if n else f"line {lineno}: {error}"
-
-
 def cmd_score(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -155,7 +99,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
     dst = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
     total = bad = truncated = 0
-    rows = _read_lines(src)
+    rows = read_lines(src)
     bar = tqdm(unit="sample", desc="scoring", disable=None, file=sys.stderr)
     try:
         while chunk := list(itertools.islice(rows, args.chunk_size)):  # streamed: chunk by chunk
@@ -172,13 +116,13 @@ def cmd_score(args: argparse.Namespace) -> int:
                     score = r.score if r.score is None or math.isfinite(r.score) else None
                     out["score"] = score
                     if r.error is not None:
-                        out["error"] = _line_error(lineno, r.error)
+                        out["error"] = line_error(lineno, r.error)
                     elif score is None:
                         out["error"] = f"line {lineno}: the model returned a non-finite score"
                     truncated += r.truncated
                 bad += out["score"] is None
                 total += 1
-                dst.write(_json_line(out))
+                dst.write(json_line(out))
             dst.flush()
         bar.close()
     finally:
@@ -234,50 +178,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from worldpm_reward.families import known_answers_for
+    from worldpm_reward.selftest import run_selftest
 
-    rm = _load(args)
-    if rm.model is None:  # engine="vllm": vLLM holds the weights
-        dtype = None
-        print(f"loaded {args.model} as family={rm.family} on engine=vllm ({type(rm.backend).__name__})")
-    else:
-        dtype = next(rm.model.parameters()).dtype
-        print(f"loaded {args.model} as family={rm.family}, dtype={dtype}, device={rm.device}")
-    ok = True
-    answers = known_answers_for(args.model)
-    if answers:
-        scores = rm.score([a.sample for a in answers])
-        for a, s in zip(answers, scores):
-            diff = abs(s - a.score)
-            # a published value given only approximately ("about -0.57") is judged at its own
-            # precision; --tolerance cannot make it more precise than it was published
-            tol = max(args.tolerance, a.tolerance or 0.0)
-            good = diff <= tol
-            ok &= good
-            print(
-                f"  [{'ok' if good else 'MISMATCH'}] {a.label}: got {s:.6f}, model card {a.score:.6f}, |diff| {diff:.4f} (tolerance {tol})"
-            )
-    else:
-        print(f"  no published known answers for {args.model!r}; running sanity checks only")
-    pair: list[Any] = list(rm.family_spec.sanity_pair)
-    good, bad = rm.score(pair)
-    alone = rm.score(pair[:1])[0]
-    finite = math.isfinite(good) and math.isfinite(bad)
-    ok &= finite and good > bad
-    print(
-        f"  [{'ok' if good > bad else 'FAIL'}] a helpful reply outscores a careless one: {good:.4f} > {bad:.4f}"
-    )
-    inv = abs(alone - good)
-    # fp32 (and vLLM's engine, which resolves dtype itself) agrees closely; half precision less so
-    inv_tol = 5e-2 if dtype is not None and dtype != __import__("torch").float32 else 1e-3
-    ok &= inv <= inv_tol
-    print(f"  [{'ok' if inv <= inv_tol else 'FAIL'}] same score alone and in a batch: |diff| {inv:.2e}")
-    print(
-        "selftest PASSED"
-        if ok
-        else "selftest FAILED: this checkpoint or setup does not reproduce the expected scores"
-    )
-    return 0 if ok else 1
+    report = run_selftest(_load(args), args.model, args.tolerance)
+    print("\n".join([*report.lines, report.verdict]))
+    return 0 if report.ok else 1
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -288,7 +193,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError(f"--chunk-size must be at least 1; got {args.chunk_size}")
     rm = _load(args)
     with open(args.input, "rb") as f:
-        rows = [o for _, o in _read_lines(f) if isinstance(o, dict)]
+        rows = [o for _, o in read_lines(f) if isinstance(o, dict)]
     reward = RewardFunction(rm, ShapingConfig(reference=args.reference))
     stats = RunningStats()
     errors = 0
@@ -370,33 +275,71 @@ def _model_identity(args: argparse.Namespace) -> str:
     return f"{family}:{checkpoint}"
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from worldpm_reward.serving.app import ServerConfig, run_server
+def _server_flag(f: Any) -> str:
+    return str(f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
 
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        max_body_bytes=int(args.max_body_mb * 2**20),
-        max_queue=args.max_queue,
-        max_wait_ms=args.max_wait_ms,
-        max_batch_samples=args.max_batch_samples,
-        max_piece_tokens=args.max_piece_tokens or None,
-        chat_format=args.chat_format,
-        name=args.name,
-        fallback_reward=args.fallback_reward,
-        drain_timeout_s=args.drain_timeout,
-        openrlhf_scores=args.openrlhf_scores,
-        scores_temperature=args.scores_temperature,
-        max_request_tokens=args.max_request_tokens or None,
-        max_queue_tokens=args.max_queue_tokens or None,
-        max_upload_bytes=int(args.max_upload_mb * 2**20),
-        body_timeout_s=args.body_timeout,
-        header_timeout_s=args.header_timeout,
-        idle_timeout_s=args.idle_timeout,
-        max_connections=args.max_connections or None,
-        request_id_cache=args.request_id_cache,
-        allow_no_auth=args.no_auth,
-    )
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    """The serve flags, generated from ServerConfig's fields (names, types, defaults, help; a
+    field's metadata may rename its flag, scale its unit, or read 0 as None)."""
+    from worldpm_reward.serving.config import ServerConfig
+
+    hints = typing.get_type_hints(ServerConfig)
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(ServerConfig):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        group = meta.get("group")
+        g = p if group is None else groups.setdefault(group, p.add_argument_group(group))
+        flag, hint, help_text = _server_flag(f), hints[f.name], meta.get("help", "")
+        if hint is bool:
+            g.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            continue
+        kinds = set(typing.get_args(hint)) or {hint}
+        scale = meta.get("scale")
+        default = f.default
+        if scale:  # e.g. bytes as MiB on the command line
+            kind: Any = float
+            default = default / scale  # type: ignore[operator]
+        elif float in kinds and type(None) in kinds:  # a number, or 'none'
+            kind = _number_or_none
+        elif int in kinds:
+            kind = int
+        elif float in kinds:
+            kind = float
+        else:
+            kind = str
+        choices = meta.get("choices") or (
+            typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+        )
+        g.add_argument(flag, dest=f.name, type=kind, default=default, choices=choices, help=help_text)
+
+
+def _number_or_none(value: str) -> float | None:
+    return None if value.lower() == "none" else float(value)
+
+
+def _server_config(args: argparse.Namespace) -> Any:
+    from worldpm_reward.serving.config import ServerConfig
+
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(ServerConfig):
+        if not f.metadata.get("cli", True):
+            continue
+        value = getattr(args, f.name)
+        if f.metadata.get("scale"):
+            value = int(value * f.metadata["scale"])
+        if f.metadata.get("zero_none") and not value:
+            value = None
+        values[f.name] = value
+    return ServerConfig(**values)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from worldpm_reward.serving.app import run_server
+
+    config = _server_config(args)
     for flag, value in (
         ("--scorer-timeout", args.scorer_timeout),
         ("--heartbeat-timeout", args.heartbeat_timeout),
@@ -411,7 +354,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import functools
 
     from worldpm_reward.scoring import RewardModel
-    from worldpm_reward.serving.worker import ProcessScorer
+    from worldpm_reward.serving.scorer_process import ProcessScorer
 
     factory = functools.partial(RewardModel.from_pretrained, args.model, _model_config(args))
     scorer = functools.partial(
@@ -469,60 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve a reward model over HTTP (OpenRLHF /get_reward, /v1/score) with batching"
     )
     _add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
-        "--max-wait-ms",
-        type=float,
-        default=0.0,
-        help="how long a request waits for company when the scorer is idle (default 0: requests that "
-        "arrive while a batch runs form the next batch)",
-    )
-    p.add_argument("--max-batch-samples", type=int, default=256, help="most samples per model call")
-    p.add_argument(
-        "--max-piece-tokens",
-        type=int,
-        default=65536,
-        help="most estimated tokens per model call and per piece of a request: a small request waits "
-        "at most about one piece behind a token-heavy one; 0: no token bound",
-    )
-    p.add_argument("--max-queue", type=int, default=8192, help="most queued samples before 503")
-    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
+    _add_server_args(p)
     p.add_argument(
         "--in-process",
         action="store_true",
         help="run the model in the server process (default: a child process, so HTTP handling "
         "never waits for the model's GIL)",
-    )
-    g = p.add_argument_group("bounds (hostile or runaway clients)")
-    g.add_argument(
-        "--max-request-tokens",
-        type=int,
-        default=2_000_000,
-        help="most estimated tokens per request (413); 0: none",
-    )
-    g.add_argument(
-        "--max-queue-tokens", type=int, default=8_000_000, help="most estimated tokens queued (503); 0: none"
-    )
-    g.add_argument(
-        "--max-upload-mb", type=float, default=256.0, help="most body bytes held by all uploads (503)"
-    )
-    g.add_argument(
-        "--body-timeout", type=float, default=60.0, help="seconds for a request body to arrive (408)"
-    )
-    g.add_argument(
-        "--header-timeout",
-        type=float,
-        default=30.0,
-        help="seconds for a connection's request headers to arrive",
-    )
-    g.add_argument("--idle-timeout", type=float, default=5.0, help="idle connections are closed after this")
-    g.add_argument("--max-connections", type=int, default=4096, help="most open connections (503); 0: none")
-    g.add_argument(
-        "--request-id-cache",
-        type=int,
-        default=4096,
-        help="answers kept by X-Request-ID so retries/hedges are not scored twice; 0: off",
     )
     g = p.add_argument_group("the scorer process (a hung or dying scorer never hangs the server)")
     g.add_argument(
@@ -539,39 +434,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=15.0,
         help="a scorer process silent this long (stopped, frozen) is killed and restarted",
     )
-    p.add_argument(
-        "--no-auth",
-        action="store_true",
-        help=f"serve a non-loopback --host without a bearer token (refused unless {TOKEN_ENV} is set)",
-    )
-    p.add_argument(
-        "--chat-format", default="auto", choices=FORMATS, help="the POLICY's chat format in OpenRLHF queries"
-    )
-    p.add_argument("--name", default="worldpm", help="reward name in extra_logs and metrics")
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=None,
-        help="on SIGTERM/SIGINT (also a second Ctrl-C), finish accepted requests for at most this many "
-        "seconds, whatever the scorer does (default: no cap)",
-    )
-    g = p.add_argument_group("OpenRLHF (/get_reward)")
-    g.add_argument(
-        "--fallback-reward",
-        type=lambda v: None if v.lower() == "none" else float(v),
-        default=-10.0,
-        help="an item that cannot be scored gets this reward (flagged <name>_failed in extra_logs) "
-        "instead of a 422, which OpenRLHF retries and then turns into a None that breaks its step "
-        "(default: -10, the low end of OpenRLHF's default clip range; 'none': answer 422)",
-    )
-    g.add_argument(
-        "--openrlhf-scores",
-        default="reward",
-        choices=["reward", "sigmoid"],
-        help="'scores' for OpenRLHF's dynamic filtering, whose range defaults to (0, 1): the reward, "
-        "or sigmoid(reward / --scores-temperature)",
-    )
-    g.add_argument("--scores-temperature", type=float, default=1.0, help="scale of --openrlhf-scores sigmoid")
     _add_shaping_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -346,4 +346,4 @@ def wait_until_ready(url: str, timeout_s: float = 60.0, token: str | None = None
     raise TimeoutError(f"{url} not ready after {timeout_s} s: {last}")
 
 
-__all__ = ["ServerConfig", "create_app", "run_server", "wait_until_ready"]
+__all__ = ["create_app", "draining_server", "run_server", "wait_until_ready"]
