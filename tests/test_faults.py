@@ -25,16 +25,17 @@ from typing import Any
 
 import httpx
 import pytest
-from wpr_fakes import FaultyScorer, conv, expected_score, make_faulty, make_unless_marker
+from wpr_fakes import FaultyScorer, FnScorer, conv, expected_score, make_faulty, make_unless_marker
 from wpr_servers import server_thread
 
 from worldpm_reward.errors import RemoteScoringError, StateFileError
 from worldpm_reward.samples import ScoreResult
 from worldpm_reward.serving import ServerConfig, create_app
-from worldpm_reward.serving.app import RecentRequests, uvicorn_options
+from worldpm_reward.serving.idempotency import RecentRequests
+from worldpm_reward.serving.limits import uvicorn_options
 from worldpm_reward.serving.client import RemoteScorer
 from worldpm_reward.serving.protocol import DEFAULT_FALLBACK_REWARD
-from worldpm_reward.serving.worker import ProcessScorer, ScorerProcessError
+from worldpm_reward.serving.scorer_process import ProcessScorer, ScorerProcessError
 from worldpm_reward.shaping import RewardShaper, RunningStats, ShapingConfig, read_stats
 
 
@@ -594,7 +595,7 @@ def test_7_request_id_cache_is_bounded_in_bytes_and_errors_quote_a_prefix() -> N
 
 # -- 11. fairness in tokens -------------------------------------------------------------------
 def test_11_a_small_request_waits_at_most_one_piece_behind_a_token_heavy_one() -> None:
-    from worldpm_reward.serving.queue import DynamicBatcher
+    from worldpm_reward.batcher import DynamicBatcher
 
     batches: list[list[Any]] = []
 
@@ -604,7 +605,7 @@ def test_11_a_small_request_waits_at_most_one_piece_behind_a_token_heavy_one() -
         return [ScoreResult(score=1.0) for _ in samples]
 
     async def scenario() -> int:
-        batcher = DynamicBatcher(score, max_batch_samples=256, max_wait_s=0.0, max_batch_tokens=40_000)
+        batcher = DynamicBatcher(FnScorer(score), max_batch_samples=256, max_wait_s=0.0, max_batch_tokens=40_000)
         batcher.start()
         heavy = asyncio.ensure_future(batcher.submit([conv("w " * 45_000)] * 6, client="heavy"))
         await asyncio.sleep(0)
@@ -715,7 +716,7 @@ def test_12_a_closed_stdout_ends_quietly(tmp_path: Path, tiny_worldpm: Path) -> 
 # -- 13. auth -----------------------------------------------------------------------------------
 def test_13_auth_refuses_open_public_serving_strips_the_token_and_guards_docs(monkeypatch: Any) -> None:
     from worldpm_reward.errors import ConfigError
-    from worldpm_reward.serving.app import resolve_token
+    from worldpm_reward.serving.config import resolve_token
 
     monkeypatch.setenv("WORLDPM_REWARD_TOKEN", "")
     with pytest.raises(ConfigError, match="--no-auth"):

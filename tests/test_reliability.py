@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from wpr_fakes import FnScorer
 from wpr_servers import server_process, server_thread
 from wpr_testutils import real_conversations
 
@@ -28,9 +29,9 @@ from worldpm_reward import RewardModel
 from worldpm_reward.errors import QueueFullError
 from worldpm_reward.samples import ScoreResult, estimate_tokens
 from worldpm_reward.serving import ServerConfig, create_app
-from worldpm_reward.serving.app import uvicorn_options
+from worldpm_reward.serving.limits import uvicorn_options
 from worldpm_reward.serving.client import RemoteScorer
-from worldpm_reward.serving.queue import DynamicBatcher
+from worldpm_reward.batcher import DynamicBatcher
 from worldpm_reward.shaping import RewardShaper, RunningStats, ShapingConfig
 
 
@@ -184,7 +185,7 @@ def test_a_huge_request_does_not_starve_another_client() -> None:
         return [ScoreResult(score=float(s[1]), num_tokens=1) for s in samples]
 
     async def go() -> tuple[list[ScoreResult], list[ScoreResult], int]:
-        batcher = DynamicBatcher(score, max_batch_samples=100, max_wait_s=0.001)
+        batcher = DynamicBatcher(FnScorer(score), max_batch_samples=100, max_wait_s=0.001)
         big = asyncio.ensure_future(batcher.submit([("big", i) for i in range(4000)], client="big"))
         await asyncio.sleep(0.03)  # the big request is being scored
         small = await batcher.submit([("small", -1)], client="small")
@@ -215,7 +216,8 @@ def test_token_bounds_per_request_and_queue(direct: RewardModel) -> None:
     async def queue() -> None:
         gate = threading.Event()
         batcher = DynamicBatcher(
-            lambda s: gate.wait(10) and [ScoreResult(score=0.0, num_tokens=1)] * len(s), max_queue_tokens=9000
+            FnScorer(lambda s: gate.wait(10) and [ScoreResult(score=0.0, num_tokens=1)] * len(s)),
+            max_queue_tokens=9000,
         )
         first = asyncio.ensure_future(batcher.submit([long]))  # taken although it is most of the bound
         await asyncio.sleep(0.05)
@@ -432,7 +434,7 @@ def test_process_scorer_matches_in_process_and_replaces_a_killed_child(
     import functools
 
     from worldpm_reward.config import ModelConfig
-    from worldpm_reward.serving.worker import ProcessScorer, ScorerProcessError
+    from worldpm_reward.serving.scorer_process import ProcessScorer, ScorerProcessError
 
     scorer = ProcessScorer(
         functools.partial(RewardModel.from_pretrained, str(tiny_worldpm), ModelConfig(device="cpu"))

@@ -344,26 +344,32 @@ def test_remote_scorer_async_and_pickle(live: str, direct: RewardModel) -> None:
     )
 
 
-def test_create_app_scores_through_the_given_submit(direct: RewardModel) -> None:
-    """The host seam: with ``submit`` (what the Ray Serve deployment passes) every request goes
-    through it, on both protocols, and the built-in batcher never starts."""
+def test_create_app_scores_through_a_given_service_without_a_batcher(direct: RewardModel) -> None:
+    """The host seam: given a RewardService around an AsyncScorer (what the Ray Serve
+    deployment passes) every request goes through that scorer, on both protocols; no batcher
+    is built and /health reports no batcher queue."""
+    from worldpm_reward.serving import RewardService
+
     calls: list[int] = []
 
-    async def submit(samples: Any) -> Any:
-        calls.append(len(samples))
-        return await asyncio.to_thread(direct.score_detailed, samples)
+    class Async:
+        async def ascore_detailed(self, samples: Any) -> Any:
+            calls.append(len(samples))
+            return await asyncio.to_thread(direct.score_detailed, samples)
 
-    app = create_app(direct, ServerConfig(), submit=submit)
+    app = create_app(RewardService(Async()), ServerConfig())
     convs = real_conversations(6)
     with server_thread(app) as url:
         r = httpx.post(f"{url}/v1/score", json={"samples": [{"messages": c} for c in convs]}, timeout=60)
         query = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>"
         g = httpx.post(f"{url}/get_reward", json={"query": [query]}, timeout=60)
         metrics = httpx.get(f"{url}/metrics").text
+        health = httpx.get(f"{url}/health").json()
     assert r.status_code == 200 and g.status_code == 200
     assert calls == [6, 1]
     assert [x["score"] for x in r.json()["results"]] == direct.score(convs)
-    assert app.state.batcher._worker is None  # never started
+    assert app.state.batcher is None
+    assert health["ready"] and "queued_samples" not in health
     assert re.search(r"^worldpm_reward_samples_total 7\.0$", metrics, re.M)
 
 

@@ -60,3 +60,13 @@ def make_unless_marker(marker: str, slow_s: float = 2.0) -> FaultyScorer:
 
 def conv(reply: str, prompt: str = "Say something.") -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+
+
+class FnScorer:
+    """A plain ``samples -> results`` function as a sync Scorer (what the batcher wraps)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def score_detailed(self, samples: Sequence[Any]) -> list[ScoreResult]:
+        return self.fn(samples)
