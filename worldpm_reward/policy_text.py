@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from worldpm_reward.errors import SampleError
+from worldpm_reward.errors import ConfigError, SampleError
 from worldpm_reward.samples import Conversation, Sample
 
 FORMATS = ("auto", "chatml", "llama3", "mistral", "gemma", "phi3", "plain")
@@ -154,7 +154,7 @@ def parse_rendered(
         SampleError: naming field 'query' when no reply can be found.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"chat format must be one of {FORMATS}; got {fmt!r}")
+        raise ConfigError(f"chat format must be one of {FORMATS}; got {fmt!r}")
     used = detect_format(query) if fmt == "auto" else fmt
     if used == "plain":
         return Parsed(_plain(query, prompt, index), "plain", fmt == "plain")

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from worldpm_reward.errors import StateFileError
+from worldpm_reward.errors import ConfigError, StateFileError
 
 logger = logging.getLogger(__name__)
 
@@ -99,29 +99,29 @@ class ShapingConfig:
 
     def __post_init__(self) -> None:
         if self.normalize not in ("none", "running", "fixed"):
-            raise ValueError(
+            raise ConfigError(
                 f"shaping.normalize must be 'none', 'running' or 'fixed'; got {self.normalize!r}"
             )
         if self.reference not in ("none", "difference", "bt_probability"):
-            raise ValueError(
+            raise ConfigError(
                 f"shaping.reference must be 'none', 'difference' or 'bt_probability'; got {self.reference!r}"
             )
         if self.group not in ("none", "bt_winrate"):
-            raise ValueError(f"shaping.group must be 'none' or 'bt_winrate'; got {self.group!r}")
+            raise ConfigError(f"shaping.group must be 'none' or 'bt_winrate'; got {self.group!r}")
         if self.normalize == "fixed":
             if self.calibration_file is not None:
                 calib = read_calibration(self.calibration_file)
                 self.mean = calib.mean if self.mean is None else self.mean
                 self.std = calib.std if self.std is None else self.std
             if self.mean is None or self.std is None:
-                raise ValueError(
+                raise ConfigError(
                     "shaping.normalize='fixed' needs shaping.mean and shaping.std, or shaping.calibration_file "
                     "(write one with: worldpm-reward calibrate --model M DATA.jsonl -o calib.json)"
                 )
             if not self.std > 0:
-                raise ValueError(f"shaping.std must be positive; got {self.std!r}")
+                raise ConfigError(f"shaping.std must be positive; got {self.std!r}")
         if self.clip_min is not None and self.clip_max is not None and self.clip_min > self.clip_max:
-            raise ValueError(
+            raise ConfigError(
                 f"shaping.clip_min ({self.clip_min}) must not exceed shaping.clip_max ({self.clip_max})"
             )
 
@@ -256,7 +256,7 @@ class RewardShaper:
         values: list[float | None] = list(raw)
         if cfg.needs_reference:
             if reference_raw is None or len(reference_raw) != len(raw):
-                raise ValueError(
+                raise ConfigError(
                     f"shaping.reference={cfg.reference!r} needs one reference score per sample "
                     f"(field '{cfg.reference_field}')"
                 )
@@ -268,7 +268,7 @@ class RewardShaper:
             ]
         if cfg.group == "bt_winrate":
             if groups is None or len(groups) != len(values):
-                raise ValueError("shaping.group='bt_winrate' needs one group key (the prompt) per sample")
+                raise ConfigError("shaping.group='bt_winrate' needs one group key (the prompt) per sample")
             values = group_win_rates(values, groups)
         values = [_finite(v) for v in values]  # a non-finite value never enters the statistics
         present = [v for v in values if v is not None]
@@ -524,10 +524,10 @@ def read_calibration(path: str | os.PathLike[str]) -> Calibration:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"shaping.calibration_file {str(path)!r} cannot be read as JSON: {exc}") from exc
+        raise ConfigError(f"shaping.calibration_file {str(path)!r} cannot be read as JSON: {exc}") from exc
     missing = [k for k in ("mean", "std", "count") if k not in data]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"shaping.calibration_file {str(path)!r} lacks {missing}; write it with worldpm-reward calibrate"
         )
     return Calibration(**{k: data[k] for k in Calibration.__dataclass_fields__ if k in data})

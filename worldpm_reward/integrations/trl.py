@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from worldpm_reward.errors import ConfigError
 from worldpm_reward.rewards import RewardBatch, RewardFunction
 from worldpm_reward.samples import Scorer, ScoreResult
 from worldpm_reward.shaping import ShapingConfig
@@ -127,9 +128,9 @@ class WorldPMReward:
         on_outage: str = "raise",
     ) -> None:
         if sum(x is not None for x in (model, url, scorer)) != 1:
-            raise ValueError("WorldPMReward needs exactly one of model=..., url=... or scorer=...")
+            raise ConfigError("WorldPMReward needs exactly one of model=..., url=... or scorer=...")
         if on_outage not in ("raise", "skip"):
-            raise ValueError(f"on_outage must be 'raise' or 'skip'; got {on_outage!r}")
+            raise ConfigError(f"on_outage must be 'raise' or 'skip'; got {on_outage!r}")
         self.on_outage = on_outage
         self._pending: dict[str, list[float]] = {}  # metrics for attach()ed trainers
         self.model = None if model is None else str(model)
@@ -193,7 +194,7 @@ class WorldPMReward:
         column = kwargs.get(self.shaping.reference_field)
         if column is None:
             if self.shaping.needs_reference:
-                raise ValueError(
+                raise ConfigError(
                     f"shaping.reference={self.shaping.reference!r} needs a dataset column "
                     f"'{self.shaping.reference_field}' with the reference answer; the dataset has none"
                 )
@@ -323,7 +324,7 @@ def pair_fallback(rewards: Sequence[float | None], margin: float, *, name: str =
     n = len(rewards)
     half = n // 2
     if n % 2:
-        raise ValueError(f"OnlineDPO pairs need an even number of completions, got {n}")
+        raise ConfigError(f"OnlineDPO pairs need an even number of completions, got {n}")
     scored = [r for r in rewards if r is not None]
     floor = (min(scored) - margin) if scored else 0.0
     out: list[float] = []

@@ -121,7 +121,7 @@ class WorldPMPPORewardModel(nn.Module):
             if value is None:
                 if self.missing_reward is None:
                     reason = samples[i].get("_error") or batch.results[i].error
-                    raise ValueError(
+                    raise SampleError(
                         f"PPO reward: sequence {i} cannot be scored ({reason}); decoded text: {texts[i][:300]!r}"
                     )
                 value = self.missing_reward

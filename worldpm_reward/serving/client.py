@@ -51,7 +51,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from worldpm_reward.errors import RemoteScoringError, require_extra
+from worldpm_reward.errors import ConfigError, RemoteScoringError, require_extra
 from worldpm_reward.samples import Sample, ScoreResult
 
 logger = logging.getLogger(__name__)
@@ -202,9 +202,9 @@ class RemoteScorer:
         if isinstance(urls, str):
             urls = [u for u in urls.split(",") if u.strip()]
         if not urls:
-            raise ValueError("RemoteScorer needs at least one server URL")
+            raise ConfigError("RemoteScorer needs at least one server URL")
         if hedge is not None and hedge != "auto" and not (isinstance(hedge, (int, float)) and hedge >= 0):
-            raise ValueError(f"hedge must be 'auto', a number of seconds >= 0, or None; got {hedge!r}")
+            raise ConfigError(f"hedge must be 'auto', a number of seconds >= 0, or None; got {hedge!r}")
         self.urls = [self._base(u) for u in urls]
         if token is not None and token != token.strip():
             logger.warning(
