@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -236,3 +237,39 @@ def test_score_streams_every_line_in_order_with_valid_json_out(tmp_path: Path, t
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_serve_flags_are_server_config_fields() -> None:
+    """Every ServerConfig field but the token (read from WORLDPM_REWARD_TOKEN) is a serve flag,
+    the defaults give ServerConfig() exactly, and unit-scaled / 0-is-None flags convert."""
+    import dataclasses
+
+    from worldpm_reward.cli import _server_config, build_parser
+    from worldpm_reward.serving.config import ServerConfig
+
+    parser = build_parser()
+    serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    dests = {a.dest for a in serve._actions}
+    fields = {f.name for f in dataclasses.fields(ServerConfig)}
+    assert fields - dests == {"token"}
+    assert _server_config(parser.parse_args(["serve", "--model", "m"])) == ServerConfig()
+    custom = _server_config(
+        parser.parse_args(
+            [
+                "serve",
+                "--model",
+                "m",
+                "--max-body-mb",
+                "2",
+                "--max-piece-tokens",
+                "0",
+                "--fallback-reward",
+                "none",
+            ]
+        )
+    )
+    assert (
+        custom.max_body_bytes == 2 * 2**20
+        and custom.max_piece_tokens is None
+        and custom.fallback_reward is None
+    )

@@ -31,9 +31,9 @@ from wpr_servers import server_thread
 from worldpm_reward.errors import RemoteScoringError, StateFileError
 from worldpm_reward.samples import ScoreResult
 from worldpm_reward.serving import ServerConfig, create_app
+from worldpm_reward.serving.client import RemoteScorer
 from worldpm_reward.serving.idempotency import RecentRequests
 from worldpm_reward.serving.limits import uvicorn_options
-from worldpm_reward.serving.client import RemoteScorer
 from worldpm_reward.serving.protocol import DEFAULT_FALLBACK_REWARD
 from worldpm_reward.serving.scorer_process import ProcessScorer, ScorerProcessError
 from worldpm_reward.shaping import RewardShaper, RunningStats, ShapingConfig, read_stats
@@ -605,7 +605,9 @@ def test_11_a_small_request_waits_at_most_one_piece_behind_a_token_heavy_one() -
         return [ScoreResult(score=1.0) for _ in samples]
 
     async def scenario() -> int:
-        batcher = DynamicBatcher(FnScorer(score), max_batch_samples=256, max_wait_s=0.0, max_batch_tokens=40_000)
+        batcher = DynamicBatcher(
+            FnScorer(score), max_batch_samples=256, max_wait_s=0.0, max_batch_tokens=40_000
+        )
         batcher.start()
         heavy = asyncio.ensure_future(batcher.submit([conv("w " * 45_000)] * 6, client="heavy"))
         await asyncio.sleep(0)

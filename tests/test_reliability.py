@@ -26,12 +26,12 @@ from wpr_servers import server_process, server_thread
 from wpr_testutils import real_conversations
 
 from worldpm_reward import RewardModel
+from worldpm_reward.batcher import DynamicBatcher
 from worldpm_reward.errors import QueueFullError
 from worldpm_reward.samples import ScoreResult, estimate_tokens
 from worldpm_reward.serving import ServerConfig, create_app
-from worldpm_reward.serving.limits import uvicorn_options
 from worldpm_reward.serving.client import RemoteScorer
-from worldpm_reward.batcher import DynamicBatcher
+from worldpm_reward.serving.limits import uvicorn_options
 from worldpm_reward.shaping import RewardShaper, RunningStats, ShapingConfig
 
 

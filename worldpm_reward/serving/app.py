@@ -329,7 +329,7 @@ def draining_server(uvicorn: Any, app: Any) -> type:
     return DrainingServer
 
 
-def wait_until_ready(url: str, timeout_s: float = 60.0, token: str | None = None) -> None:
+def wait_until_ready(url: str, timeout_s: float = 60.0) -> None:
     """Poll ``url``/health until it answers 200 (for scripts and tests)."""
     httpx = require_extra("httpx", "client")
     deadline = time.monotonic() + timeout_s
