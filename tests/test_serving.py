@@ -606,11 +606,15 @@ def test_sigterm_drain_finishes_every_accepted_request(
     from worldpm_reward.serving.app import run_server
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
-    run_server(direct, ServerConfig())
-    assert seen["timeout_graceful_shutdown"] is None  # default: no cap on finishing accepted work
-    run_server(direct, ServerConfig(drain_timeout_s=30))
-    assert seen["timeout_graceful_shutdown"] == 30
+    # run_server builds uvicorn.Config and runs a uvicorn.Server (patching uvicorn.run, as this
+    # test did, started a real server on port 8000 that never returned)
+    with monkeypatch.context() as patched:
+        patched.setattr(uvicorn, "Config", lambda app, **kw: seen.update(kw))
+        patched.setattr(uvicorn.Server, "run", lambda self, *a, **kw: None)
+        run_server(direct, ServerConfig())
+        assert seen["timeout_graceful_shutdown"] is None  # default: no cap on finishing accepted work
+        run_server(direct, ServerConfig(drain_timeout_s=30))
+        assert seen["timeout_graceful_shutdown"] == 30
 
     slow = SlowScorer(direct, 0.4)
     app = create_app(slow, ServerConfig(max_batch_samples=1, max_wait_ms=1))
