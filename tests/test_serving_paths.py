@@ -139,3 +139,43 @@ def test_the_upload_bound_503_carries_the_configured_retry_after() -> None:
     with server_thread(create_app(RecordingScorer(), cfg)) as url:
         r = httpx.post(url + "/v1/score", json={"samples": [_conv(i) for i in range(20)]}, timeout=10)
     assert r.status_code == 503 and r.headers["retry-after"] == "7", (r.status_code, r.headers)
+
+
+def test_verl_async_goes_down_through_the_batcher_without_fake_samples(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """veRL's compute_score_async: verl -> batcher -> rewards -> scorer (it used to go verl ->
+    serving.queue -> back into verl, with errors smuggled through the batcher as fake samples);
+    a sample without a prompt never reaches the batcher."""
+    import asyncio
+
+    from worldpm_reward.integrations import verl
+
+    submitted: list[list[str]] = []
+    original = batcher_module.DynamicBatcher.ascore_detailed
+
+    async def recording(self: Any, samples: Sequence[Any]) -> list[ScoreResult]:
+        submitted.append([*_package_modules(inspect.stack()), "worldpm_reward.batcher"])
+        assert all(isinstance(s, dict) for s in samples), samples
+        return await original(self, samples)
+
+    monkeypatch.setattr(batcher_module.DynamicBatcher, "ascore_detailed", recording)
+    settings = {"url": "http://127.0.0.1:9", "report_every_s": 3600.0, "shaping": {}}
+    scorer = RecordingScorer()
+    verl._backend(settings).reward.scorer = scorer
+
+    async def go() -> list[dict[str, float]]:
+        return list(
+            await asyncio.gather(
+                verl.compute_score_async("x", "hello", "", {"prompt": "hi"}, **settings),
+                verl.compute_score_async("x", "hello", "", {}, **settings),  # no prompt
+            )
+        )
+
+    good, bad = asyncio.run(go())
+    assert good == {"score": 0.5, "worldpm_raw": 0.5, "worldpm_failed": 0.0}
+    assert bad["worldpm_failed"] == 1.0
+    assert len(submitted) == 1 and len(scorer.stacks) == 1
+    path = [*submitted[0], *scorer.stacks[0]]
+    assert _reentered(path) == [], path
+    assert path[0] == "worldpm_reward.integrations.verl" and path[-1] == "worldpm_reward.rewards", path
