@@ -97,12 +97,16 @@ def test_deployment_http_and_handle_give_the_same_scores(cluster: str, tiny_worl
         del os.environ["WORLDPM_REWARD_RAY_APP"]
     assert out["rewards"] == r_handle["rewards"]
 
-    # bad items: 422 over HTTP, a ValueError naming the item through the handle
+    # bad items (the default fallback reward, issue 21): 200 with the fallback and an error naming
+    # the item, over HTTP and through the handle alike
     bad = "<|im_start|>user\nhi<|im_end|>\n"
-    assert httpx.post(f"{cluster}/get_reward", json={"query": [bad]}, timeout=60).status_code == 422
-    with pytest.raises(Exception, match="index"):
-        handle.get_reward.remote([bad], None, None).result()
-    assert httpx.get(f"{cluster}/health", timeout=30).status_code == 200
+    over_http = httpx.post(f"{cluster}/get_reward", json={"query": [bad]}, timeout=60)
+    assert over_http.status_code == 200
+    for answer in (over_http.json(), handle.get_reward.remote([bad], None, None).result()):
+        assert answer["rewards"] == [-10.0] and answer["errors"][0]["index"] == 0, answer
+    health = httpx.get(f"{cluster}/health", timeout=30)
+    # Ray Serve batches with @serve.batch: no batcher of the server's own is built or reported
+    assert health.status_code == 200 and "queued_samples" not in health.json()
 
 
 def test_killed_replica_is_replaced_and_a_retrying_client_loses_nothing(
