@@ -263,8 +263,10 @@ class _Backend:
     async def submit(self, sample: Any, max_batch: int, wait_s: float) -> RewardResult:
         """Score one sample together with this event loop's other concurrent calls (the
         cross-call batcher around this backend's RewardFunction)."""
-        if isinstance(sample, SampleError):
+        if isinstance(sample, SampleError):  # never queued; counted among the samples handled
             outcome = RewardResult(error=str(sample))
+            with self.lock:
+                self.samples += 1
         else:
             loop = asyncio.get_running_loop()
             batcher = self.batchers.get(loop)
@@ -429,7 +431,8 @@ def failure_stats() -> dict[str, int]:
 
 
 def batch_stats() -> dict[str, float]:
-    """Scoring calls and samples so far in this process (all settings together)."""
+    """Scoring calls and samples handled so far in this process (all settings together; a
+    sample that cannot be scored, e.g. without a prompt, counts as a sample, not a call)."""
     with _lock:
         batches = sum(b.batches for b in _backends.values())
         samples = sum(b.samples for b in _backends.values())
