@@ -117,7 +117,10 @@ def _finite_number(value: Any) -> bool:
 class Scorer(Protocol):
     """Anything that turns a batch of samples into per-sample results, in input order.
 
-    Implemented by :class:`~worldpm_reward.scoring.RewardModel` (in process) and :class:`~worldpm_reward.serving.client.RemoteScorer` (remote); the
+    Implemented by :class:`~worldpm_reward.scoring.RewardModel` (in process),
+    :class:`~worldpm_reward.serving.scorer_process.ProcessScorer` (a child process),
+    :class:`~worldpm_reward.serving.client.RemoteScorer` (remote) and
+    :class:`~worldpm_reward.rewards.RewardFunction` (shaped results); the
     framework adapters depend on this seam only.
     """
 
