@@ -600,11 +600,14 @@ def test_sigterm_drain_finishes_every_accepted_request(
     from worldpm_reward.serving.app import run_server
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    # run_server's server is a uvicorn.Server subclass: record what it would run with, bind nothing
+    monkeypatch.setattr(
+        uvicorn.Server, "run", lambda self, *a, **k: seen.update(drain=self.config.timeout_graceful_shutdown)
+    )
     run_server(direct, ServerConfig())
-    assert seen["timeout_graceful_shutdown"] is None  # default: no cap on finishing accepted work
+    assert "drain" in seen and seen["drain"] is None  # default: no cap on finishing accepted work
     run_server(direct, ServerConfig(drain_timeout_s=30))
-    assert seen["timeout_graceful_shutdown"] == 30
+    assert seen["drain"] == 30
 
     slow = SlowScorer(direct, 0.4)
     app = create_app(slow, ServerConfig(max_batch_samples=1, max_wait_ms=1))
