@@ -138,7 +138,7 @@ def test_polar_groups_share_their_prefix(tmp_path: Path) -> None:
 
 def test_group_size_threshold(tiny_worldpm: Path) -> None:
     rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32, min_shared_group=7)
-    assert rm.min_shared_group == 7
+    assert rm.engine.min_shared_group == 7
     got = rm.score(GROUPS)  # groups of 6: below the threshold, nothing shared
     assert rm.last_stats.shared_groups == 0
     assert (
@@ -148,7 +148,8 @@ def test_group_size_threshold(tiny_worldpm: Path) -> None:
         <= 1e-4
     )
     assert (
-        RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32).min_shared_group == 2
+        RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32).engine.min_shared_group
+        == 2
     )  # CPU default
 
 
