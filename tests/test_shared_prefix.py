@@ -86,7 +86,7 @@ def test_bad_samples_and_out_of_memory_fall_back(tiny_worldpm: Path, monkeypatch
     assert results[6].error is not None and "response" in results[6].error
     assert _max_diff([r.score for r in results if r.ok], want) <= 1e-4
 
-    import worldpm_reward.scoring as scoring
+    import worldpm_reward.engines.transformers as scoring
 
     real = scoring.score_packed
 
@@ -194,7 +194,7 @@ def test_sharing_is_on_only_where_it_pays() -> None:
     gets one no prefix reaches, because each token it skips saves less than a forward call costs."""
     from transformers import Qwen2Config, Qwen2Model
 
-    from worldpm_reward.scoring import auto_min_shared_prefix
+    from worldpm_reward.engines.transformers import auto_min_shared_prefix
     from worldpm_reward.testing import QWEN2_DIMENSIONS
 
     tiny = Qwen2Model(Qwen2Config(vocab_size=64, **QWEN2_DIMENSIONS["tiny"]))
