@@ -206,3 +206,31 @@ def test_family_names_have_one_source() -> None:
         assert family.name == name and get_family(name) is family
     with pytest.raises(ConfigError, match="family"):
         get_family("llama")
+
+
+def test_user_mistakes_raise_worldpm_reward_errors() -> None:
+    """A wrong option, dtype, batching setting or missing extra is a WorldPMRewardError, and
+    still the built-in class callers caught before (TypeError, ValueError, ImportError)."""
+    import pytest
+
+    from worldpm_reward.batching import plan_batches
+    from worldpm_reward.checkpoints import resolve_dtype
+    from worldpm_reward.config import ModelConfig
+    from worldpm_reward.errors import (
+        ConfigError,
+        ConfigTypeError,
+        MissingExtraError,
+        WorldPMRewardError,
+        require_extra,
+    )
+
+    with pytest.raises(ConfigTypeError, match="max_batch_tokenz") as unknown:
+        ModelConfig.from_kwargs(max_batch_tokenz=1)
+    assert isinstance(unknown.value, TypeError) and isinstance(unknown.value, WorldPMRewardError)
+    with pytest.raises(ConfigError, match="dtype"):
+        resolve_dtype("fp7", "cpu")
+    with pytest.raises(ConfigError, match="max_batch_tokens"):
+        plan_batches([3, 2], 0, None, 0.0)
+    with pytest.raises(MissingExtraError, match=r"worldpm-reward\[nope\]") as missing:
+        require_extra("worldpm_reward_no_such_module", "nope")
+    assert isinstance(missing.value, ImportError)
