@@ -239,7 +239,9 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     rm = _load(args)
     if rm.model is None:  # engine="vllm": vLLM holds the weights
         dtype = None
-        print(f"loaded {args.model} as family={rm.family} on engine=vllm ({type(rm.backend).__name__})")
+        print(
+            f"loaded {args.model} as family={rm.family} on engine=vllm ({type(rm.engine.backend).__name__})"
+        )
     else:
         dtype = next(rm.model.parameters()).dtype
         print(f"loaded {args.model} as family={rm.family}, dtype={dtype}, device={rm.device}")
