@@ -85,7 +85,10 @@ def main() -> None:
         }
         if args.padded:
             padded = RewardModel.from_pretrained(path, device=args.device, **options)
-            padded._packed_parts, padded.share_prefixes = None, False  # the pre-packing micro-batches
+            padded.engine._packed_parts, padded.engine.share_prefixes = (
+                None,
+                False,
+            )  # the pre-packing micro-batches
             engines["padded"] = padded
         started = time.perf_counter()
         engines["vllm"] = RewardModel.from_pretrained(

@@ -83,7 +83,9 @@ def main() -> None:
     rm.model.config._attn_implementation = args.attn
 
     def run(samples: list[Any], **changes: Any) -> tuple[float, list[float], Any]:
-        scorer = type(rm)(rm.model, rm.tokenizer, family="worldpm", config=rm.config.replace(**changes))
+        scorer = type(rm).from_model(
+            rm.model, rm.tokenizer, family="worldpm", config=rm.config.replace(**changes)
+        )
         scorer.score(samples[:8])  # warm-up
         sync()
         t0 = time.perf_counter()

@@ -65,7 +65,7 @@ def worker(args: argparse.Namespace) -> None:
 
     t_full, want = timed(full)
     t_sharded, got = timed(sharded)
-    mem = sharded.memory()
+    mem = sharded.engine.memory()
     figures: dict[str, Any] = {
         "rank": rank,
         "samples": len(mine),
@@ -74,22 +74,25 @@ def worker(args: argparse.Namespace) -> None:
         "total_params": mem.total,
         "resident_gb": mem.resident_bytes / 1e9,
         "full_copy_gb": mem.full_copy_bytes / 1e9,
-        "checkpoint_elements_read": sharded.elements_read,
+        "checkpoint_elements_read": sharded.engine.elements_read,
         "load_sharded_s": load_sharded,
         "load_full_s": load_full,
         "score_full_s": t_full,
         "score_sharded_s": t_sharded,
-        "dummy_calls": sharded.dummy_calls,
+        "dummy_calls": sharded.engine.dummy_calls,
         "max_abs_diff": max((abs(a - b) for a, b in zip(got, want)), default=0.0),
     }
     if on_gpu:
         del full
         torch.cuda.empty_cache()
         figures["allocated_gb_sharded_only"] = torch.cuda.memory_allocated() / 1e9
-        sharded.offload()
+        sharded.engine.offload()
         figures["allocated_gb_offloaded"] = torch.cuda.memory_allocated() / 1e9
-        sharded.onload()
-        figures["offload_s"], figures["onload_s"] = sharded.offload_seconds, sharded.onload_seconds
+        sharded.engine.onload()
+        figures["offload_s"], figures["onload_s"] = (
+            sharded.engine.offload_seconds,
+            sharded.engine.onload_seconds,
+        )
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, figures)
     if rank == 0:

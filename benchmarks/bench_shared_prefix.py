@@ -96,7 +96,7 @@ def main() -> None:
     for name in args.models:
         rm = random_worldpm(seed=0, max_length=4096, device=args.device, **QWEN2_DIMENSIONS[name])
         rm.model.to(dtype=resolve_dtype(args.dtype, args.device))
-        plain = type(rm)(
+        plain = type(rm).from_model(
             rm.model,
             rm.tokenizer,
             family="worldpm",

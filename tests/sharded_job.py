@@ -38,7 +38,7 @@ except CheckpointError as exc:
     report["broken_head"] = str(exc)
 
 rm = RewardModel.from_pretrained(ckpt, engine="fsdp", device="cpu", max_batch_tokens=96)
-mem = rm.memory()
+mem = rm.engine.memory()
 report["memory"] = {
     "resident": mem.resident,
     "total": mem.total,
@@ -46,7 +46,7 @@ report["memory"] = {
     "resident_bytes": mem.resident_bytes,
     "full_copy_bytes": mem.full_copy_bytes,
 }
-report["elements_read"] = rm.elements_read
+report["elements_read"] = rm.engine.elements_read
 
 # failures injected on this rank: a batch holding a marker fails where the marker says
 markers = marker_ids(rm.tokenizer)
@@ -86,13 +86,13 @@ for samples in calls_for(rank, world):
             "seconds": time.perf_counter() - start,
             "local_batches": rm.last_stats.num_batches,
             "global": {
-                "num_samples": rm.global_stats.num_samples,
-                "num_errors": rm.global_stats.num_errors,
-                "num_batches": rm.global_stats.num_batches,
+                "num_samples": rm.engine.global_stats.num_samples,
+                "num_errors": rm.engine.global_stats.num_errors,
+                "num_batches": rm.engine.global_stats.num_batches,
             },
         }
     )
-report["dummy_calls"] = rm.dummy_calls
-report["memory_after_calls"] = rm.memory().resident  # everything resharded between calls
+report["dummy_calls"] = rm.engine.dummy_calls
+report["memory_after_calls"] = rm.engine.memory().resident  # everything resharded between calls
 (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
 dist.destroy_process_group()

@@ -144,13 +144,93 @@ def test_package_and_cli_help_import_neither_torch_nor_transformers() -> None:
 
 
 def test_engine_names_have_one_source_and_each_registered_engine_loads() -> None:
-    """The engine names a config accepts are the transformers engine plus the registry's, and
-    every registry entry imports to a RewardModel subclass."""
+    """The engine names a config accepts are exactly the registry's, and every registry entry
+    imports to a class with the engine seam's ``load`` and every member of its protocol, with
+    the protocol's parameter names."""
+    import inspect
     import typing
 
     from worldpm_reward.config import EngineName
-    from worldpm_reward.scoring import ENGINES, RewardModel, engine_class
+    from worldpm_reward.engines import ENGINES, engine_class
+    from worldpm_reward.engines.base import Engine
 
-    assert set(typing.get_args(EngineName)) == {"transformers", *ENGINES}
+    assert set(typing.get_args(EngineName)) == set(ENGINES)
+    members = {n for n in vars(Engine) if not n.startswith("_") and n not in vars(typing.Protocol)} | set(
+        Engine.__annotations__
+    )
+    assert {"score_encoded", "forward_ids", "device", "close", "model"} <= members  # the walk saw them
     for name in ENGINES:
-        assert issubclass(engine_class(name), RewardModel)
+        cls = engine_class(name)
+        assert callable(getattr(cls, "load", None)), name
+        assert list(inspect.signature(cls.load).parameters) == ["name_or_path", "config"], name
+        for member in members - set(Engine.__annotations__):
+            assert hasattr(cls, member), f"engine {name!r} lacks {member}"
+            want, got = getattr(Engine, member), getattr(cls, member)
+            if inspect.isfunction(want):
+                assert list(inspect.signature(got).parameters) == list(inspect.signature(want).parameters), (
+                    f"engine {name!r}: {member} does not take the protocol's parameters"
+                )
+            else:
+                assert isinstance(got, property), f"engine {name!r}: {member} is not a property"
+
+
+def test_engines_are_peers_not_subclasses_of_the_front() -> None:
+    """RewardModel holds an engine; no engine class is (or derives from) the front."""
+    import importlib
+    import inspect
+
+    from worldpm_reward.engines import ENGINES
+    from worldpm_reward.scoring import RewardModel
+
+    modules = [m for m in _modules() if m.startswith("worldpm_reward.engines.")]
+    assert {t.partition(":")[0] for t in ENGINES.values()} <= set(modules)
+    for module in modules:
+        for _, cls in inspect.getmembers(importlib.import_module(module), inspect.isclass):
+            assert not issubclass(cls, RewardModel), f"{module}.{cls.__name__} subclasses RewardModel"
+    assert not hasattr(RewardModel, "__getattr__")  # nothing forwarded by magic either
+
+
+def test_family_names_have_one_source() -> None:
+    """The family names a config accepts are "auto" plus exactly the registry's, and an
+    unknown family is a ConfigError (a WorldPMRewardError and a ValueError)."""
+    import typing
+
+    import pytest
+
+    from worldpm_reward.config import FamilyName
+    from worldpm_reward.errors import ConfigError
+    from worldpm_reward.families import FAMILIES, get_family
+
+    assert set(typing.get_args(FamilyName)) == {"auto", *FAMILIES}
+    for name, family in FAMILIES.items():
+        assert family.name == name and get_family(name) is family
+    with pytest.raises(ConfigError, match="family"):
+        get_family("llama")
+
+
+def test_user_mistakes_raise_worldpm_reward_errors() -> None:
+    """A wrong option, dtype, batching setting or missing extra is a WorldPMRewardError, and
+    still the built-in class callers caught before (TypeError, ValueError, ImportError)."""
+    import pytest
+
+    from worldpm_reward.batching import plan_batches
+    from worldpm_reward.checkpoints import resolve_dtype
+    from worldpm_reward.config import ModelConfig
+    from worldpm_reward.errors import (
+        ConfigError,
+        ConfigTypeError,
+        MissingExtraError,
+        WorldPMRewardError,
+        require_extra,
+    )
+
+    with pytest.raises(ConfigTypeError, match="max_batch_tokenz") as unknown:
+        ModelConfig.from_kwargs(max_batch_tokenz=1)
+    assert isinstance(unknown.value, TypeError) and isinstance(unknown.value, WorldPMRewardError)
+    with pytest.raises(ConfigError, match="dtype"):
+        resolve_dtype("fp7", "cpu")
+    with pytest.raises(ConfigError, match="max_batch_tokens"):
+        plan_batches([3, 2], 0, None, 0.0)
+    with pytest.raises(MissingExtraError, match=r"worldpm-reward\[nope\]") as missing:
+        require_extra("worldpm_reward_no_such_module", "nope")
+    assert isinstance(missing.value, ImportError)

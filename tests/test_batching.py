@@ -54,7 +54,7 @@ def test_batches_really_mix_lengths_and_pack(tiny_worldpm, convs) -> None:
 
 def test_pad_id_equal_to_scored_token_does_not_shift_pooling(reward_model, convs) -> None:
     """The tiny tokenizer pads with <|endoftext|>, like Qwen's: the classic pitfall setup."""
-    assert reward_model.pad_token_id == 151643 == reward_model.encoder.final_token_id
+    assert reward_model.engine.pad_token_id == 151643 == reward_model.encoder.final_token_id
     sample = [convs[0], convs[5]]
     ours = reward_model.score(sample)
     # The stock "last non-pad token" pooling lands on the token before <|endoftext|>.

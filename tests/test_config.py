@@ -73,5 +73,5 @@ def test_config_object_and_keywords_load_the_same_model(tiny_worldpm: Path) -> N
     a = RewardModel.from_pretrained(tiny_worldpm, cfg)
     b = RewardModel.from_pretrained(tiny_worldpm, **dataclasses.asdict(cfg))
     c = RewardModel.from_pretrained(tiny_worldpm, cfg, max_length=200)  # keywords override the object
-    assert a.config == b.config == cfg and (a.max_batch_tokens, a.max_length) == (512, 300)
-    assert c.max_length == 200 and c.max_batch_tokens == 512
+    assert a.config == b.config == cfg and (a.engine.max_batch_tokens, a.max_length) == (512, 300)
+    assert c.max_length == 200 and c.engine.max_batch_tokens == 512

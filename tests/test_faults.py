@@ -261,18 +261,18 @@ def test_3_a_non_finite_score_is_that_samples_error_and_never_poisons_normalizat
 
 def test_3_every_python_surface_guards_non_finite_scores(reward_model: Any) -> None:
     """The source (RewardModel.score_detailed), the shaper and the statistics."""
-    original = reward_model._score_encoded
+    original = reward_model.engine.score_encoded
 
     def overflow(ready: Any, results: Any, *args: Any, **kw: Any) -> Any:
         out = original(ready, results, *args, **kw)
         results[1].score = math.inf
         return out
 
-    reward_model._score_encoded = overflow
+    reward_model.engine.score_encoded = overflow
     try:
         got = reward_model.score_detailed([conv("one"), conv("two"), conv("three")], start_index=10)
     finally:
-        del reward_model._score_encoded
+        del reward_model.engine.score_encoded
     assert got[1].score is None and got[1].error.startswith("sample 11: ") and "non-finite" in got[1].error
     assert got[0].ok and got[2].ok
     shaper = RewardShaper(ShapingConfig(normalize="running"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from worldpm_reward import RewardModel, SampleError, parse_sample
-from worldpm_reward.formatting import ChatTemplateEncoder
+from worldpm_reward.encoder import ChatTemplateEncoder
 from worldpm_reward.testing import QWEN2_CHAT_TEMPLATE, QWEN2_CHAT_TEMPLATE_WITH_EOS, qwen_tokenizer
 
 CONV = [

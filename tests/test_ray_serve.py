@@ -97,13 +97,18 @@ def test_deployment_http_and_handle_give_the_same_scores(cluster: str, tiny_worl
         del os.environ["WORLDPM_REWARD_RAY_APP"]
     assert out["rewards"] == r_handle["rewards"]
 
-    # bad items (the default fallback reward, issue 21): 200 with the fallback and an error naming
-    # the item, over HTTP and through the handle alike
+    # a bad item (no reply): OpenRLHF's default fallback (-10, flagged, the error naming the
+    # item) over HTTP and through the handle alike; its batch-mate keeps its real reward
+    from worldpm_reward.serving.protocol import DEFAULT_FALLBACK_REWARD
+
     bad = "<|im_start|>user\nhi<|im_end|>\n"
-    over_http = httpx.post(f"{cluster}/get_reward", json={"query": [bad]}, timeout=60)
-    assert over_http.status_code == 200
-    for answer in (over_http.json(), handle.get_reward.remote([bad], None, None).result()):
-        assert answer["rewards"] == [-10.0] and answer["errors"][0]["index"] == 0, answer
+    via_http = httpx.post(f"{cluster}/get_reward", json={"query": [bad, query]}, timeout=60)
+    assert via_http.status_code == 200, via_http.text
+    for out in (via_http.json(), handle.get_reward.remote([bad, query], None, None).result()):
+        assert out["rewards"][0] == DEFAULT_FALLBACK_REWARD
+        assert abs(out["rewards"][1] - direct) <= 1e-4
+        assert out["extra_logs"]["worldpm_failed"] == [1.0, 0.0]
+        assert [e["index"] for e in out["errors"]] == [0] and out["errors"][0]["error"]
     health = httpx.get(f"{cluster}/health", timeout=30)
     # Ray Serve batches with @serve.batch: no batcher of the server's own is built or reported
     assert health.status_code == 200 and "queued_samples" not in health.json()

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -230,8 +231,13 @@ def test_openrlhf_script_reward_endpoints_work(
     OpenRLHF's own client against a live server."""
     text = SCRIPT.read_text()
     assert 'REMOTE="$RM_URL/get_reward"' in text and 'REMOTE="$(worldpm-reward openrlhf-file)"' in text
+    # the console script of the environment running the tests (also when it is not activated)
+    script = shutil.which(
+        "worldpm-reward", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
+    assert script, "the worldpm-reward console script is not installed"
     reward_file = subprocess.run(
-        ["worldpm-reward", "openrlhf-file"], capture_output=True, text=True, check=True
+        [script, "openrlhf-file"], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert Path(reward_file).is_file()
     sys.path.insert(0, str(pip_target("openrlhf==0.11.2")))

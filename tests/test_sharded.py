@@ -188,7 +188,7 @@ def test_trl_grpo_with_two_processes_shares_one_sharded_reward_model(
     layer = sum(p.numel() for p in full.model.model.layers[0].parameters())
     checked = 0
     for r in reports:
-        assert r["engine"] == "ShardedRewardModel" and r["world"] == 2
+        assert r["engine"] == "ShardedEngine" and r["world"] == 2
         assert r["memory"]["total"] == total and r["memory"]["resident"] <= total / 2 + layer
         assert len(r["calls"]) >= 3
         for prompts, completions, returned in r["calls"]:

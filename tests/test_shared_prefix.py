@@ -86,7 +86,7 @@ def test_bad_samples_and_out_of_memory_fall_back(tiny_worldpm: Path, monkeypatch
     assert results[6].error is not None and "response" in results[6].error
     assert _max_diff([r.score for r in results if r.ok], want) <= 1e-4
 
-    import worldpm_reward.scoring as scoring
+    import worldpm_reward.engines.transformers as scoring
 
     real = scoring.score_packed
 
@@ -138,7 +138,7 @@ def test_polar_groups_share_their_prefix(tmp_path: Path) -> None:
 
 def test_group_size_threshold(tiny_worldpm: Path) -> None:
     rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32, min_shared_group=7)
-    assert rm.min_shared_group == 7
+    assert rm.engine.min_shared_group == 7
     got = rm.score(GROUPS)  # groups of 6: below the threshold, nothing shared
     assert rm.last_stats.shared_groups == 0
     assert (
@@ -148,7 +148,8 @@ def test_group_size_threshold(tiny_worldpm: Path) -> None:
         <= 1e-4
     )
     assert (
-        RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32).min_shared_group == 2
+        RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32).engine.min_shared_group
+        == 2
     )  # CPU default
 
 
@@ -193,7 +194,7 @@ def test_sharing_is_on_only_where_it_pays() -> None:
     gets one no prefix reaches, because each token it skips saves less than a forward call costs."""
     from transformers import Qwen2Config, Qwen2Model
 
-    from worldpm_reward.scoring import auto_min_shared_prefix
+    from worldpm_reward.engines.transformers import auto_min_shared_prefix
     from worldpm_reward.testing import QWEN2_DIMENSIONS
 
     tiny = Qwen2Model(Qwen2Config(vocab_size=64, **QWEN2_DIMENSIONS["tiny"]))

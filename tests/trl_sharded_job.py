@@ -55,8 +55,8 @@ rank = trainer.accelerator.process_index
 report = {
     "rank": rank,
     "world": trainer.accelerator.num_processes,
-    "engine": type(scorer).__name__,
-    "memory": scorer.memory().__dict__ if hasattr(scorer, "memory") else None,
+    "engine": type(scorer.engine).__name__,
+    "memory": scorer.engine.memory().__dict__ if hasattr(scorer.engine, "memory") else None,
     "calls": reward.calls,
     "log_history": trainer.state.log_history,
 }

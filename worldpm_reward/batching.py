@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+from worldpm_reward.errors import ConfigError
+
 
 def plan_batches(
     lengths: Sequence[int],
@@ -33,11 +35,11 @@ def plan_batches(
         batch the first index is the longest sample.
     """
     if max_batch_tokens < 1:
-        raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
+        raise ConfigError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
     if max_batch_size is not None and max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+        raise ConfigError(f"max_batch_size must be positive, got {max_batch_size}")
     if not 0.0 <= max_padding_fraction <= 1.0:
-        raise ValueError(f"max_padding_fraction must be within [0, 1], got {max_padding_fraction}")
+        raise ConfigError(f"max_padding_fraction must be within [0, 1], got {max_padding_fraction}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
@@ -93,7 +95,7 @@ def plan_shared_prefixes(
         sequences sharing at least ``min_prefix`` tokens; indices in no group are absent.
     """
     if min_prefix < 1 or min_group < 2:
-        raise ValueError(f"min_prefix must be >= 1 and min_group >= 2; got {min_prefix}, {min_group}")
+        raise ConfigError(f"min_prefix must be >= 1 and min_group >= 2; got {min_prefix}, {min_group}")
     order = sorted(range(len(sequences)), key=lambda i: (list(sequences[i]), i))
     lcp = [_common_prefix(sequences[a], sequences[b]) for a, b in itertools.pairwise(order)]
 
@@ -144,11 +146,11 @@ def plan_packed(
         longest.
     """
     if max_batch_tokens < 1 or row_tokens < 1:
-        raise ValueError(
+        raise ConfigError(
             f"max_batch_tokens and row_tokens must be positive, got {max_batch_tokens}, {row_tokens}"
         )
     if max_batch_size is not None and max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+        raise ConfigError(f"max_batch_size must be positive, got {max_batch_size}")
     counts = counts if counts is not None else [1] * len(lengths)
     # 1. rows: best-fit decreasing over all items (a row opened by an item longer than
     #    row_tokens is that long), at most max_batch_size sequences per row

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worldpm_reward.errors import CheckpointError
+from worldpm_reward.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
         on_gpu = device is not None and str(device).startswith("cuda")
         return torch.bfloat16 if on_gpu else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto'; got {dtype!r}")
+        raise ConfigError(f"dtype: expected one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
     return DTYPES[dtype]
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from worldpm_reward.errors import ConfigError
+from worldpm_reward.errors import ConfigError, ConfigTypeError
 
 T = TypeVar("T")
 
@@ -199,7 +199,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise TypeError(f"unknown reward-model option(s) {unknown}; known options: {sorted(known)}")
+            raise ConfigTypeError(f"unknown reward-model option(s) {unknown}; known options: {sorted(known)}")
         dtype = values.get("dtype")
         if type(dtype).__module__ == "torch" and type(dtype).__name__ == "dtype":  # torch.bfloat16 etc.
             values["dtype"] = str(dtype).removeprefix("torch.")
@@ -290,7 +290,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         values.update(loaded)
     values.update(dict(_parse_override(o) for o in overrides))
     if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"{cls!r} is not a dataclass")
+        raise ConfigTypeError(f"{cls!r} is not a dataclass")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:

@@ -45,6 +45,11 @@ class ConfigError(WorldPMRewardError, ValueError):
     """A config key or value is not what its dataclass field expects (the message quotes both)."""
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """An option the API does not take (an unknown keyword option, a config class that is not
+    a dataclass); also a TypeError, as Python's own for an unknown keyword argument."""
+
+
 class CheckpointError(WorldPMRewardError):
     """A checkpoint cannot be loaded faithfully (missing, unexpected or misshaped weights, wrong head)."""
 
@@ -102,12 +107,17 @@ class RemoteScoringError(WorldPMRewardError):
     """Every reward server failed for a request after all retries, or answered nonsense."""
 
 
+class MissingExtraError(WorldPMRewardError, ImportError):
+    """An optional dependency is not installed; the message names the extra that provides it."""
+
+
 def require_extra(module: str, extra: str) -> ModuleType:
-    """Import an optional dependency, or raise an ImportError naming the extra that provides it."""
+    """Import an optional dependency, or raise a MissingExtraError (an ImportError) naming the
+    extra that provides it."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(
+        raise MissingExtraError(
             f"'{module}' is needed for this feature but is not installed. "
             f"Install it with: pip install 'worldpm-reward[{extra}]'"
         ) from exc

@@ -5,7 +5,7 @@ reply to be scored. Agentic rollouts add tool turns: an assistant message may ca
 ``tool_calls`` (OpenAI/TRL layout ``[{"type": "function", "function": {"name", "arguments"}}]``
 or ``[{"name", "arguments"}]``) and a ``tool`` message holds one tool's result; they are
 kept as their own turns (normalized: ``tool_calls`` becomes ``[{"name", "arguments"}]``) and
-each family's encoder renders them in its format (:func:`worldpm_reward.formatting.plain_turns`).
+each family's encoder renders them in its format (:func:`worldpm_reward.encoder.plain_turns`).
 The scored reply is always the final assistant turn; everything before it is context. Callers may also give a *prompt* (a string, taken as one user turn, or
 a list of messages) plus a *response* string. This module turns either form into a
 validated :class:`Sample`, or raises :class:`SampleError` naming the sample and field.

@@ -40,7 +40,7 @@ def run_selftest(rm: Any, model: str, tolerance: float = 0.05) -> SelftestReport
     if rm.model is None:  # engine="vllm": vLLM holds the weights
         dtype = None
         report.lines.append(
-            f"loaded {model} as family={rm.family} on engine=vllm ({type(rm.backend).__name__})"
+            f"loaded {model} as family={rm.family} on engine=vllm ({type(rm.engine.backend).__name__})"
         )
     else:
         dtype = next(rm.model.parameters()).dtype

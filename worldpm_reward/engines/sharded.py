@@ -49,9 +49,9 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -65,15 +65,16 @@ from worldpm_reward.checkpoints import (
     tensor_shapes,
 )
 from worldpm_reward.config import ModelConfig
-from worldpm_reward.errors import CheckpointError, ConfigError
+from worldpm_reward.encoder import Encoded
+from worldpm_reward.engines.base import BatchStats, Engine, EngineClass, LoadedEngine, Progress
+from worldpm_reward.engines.transformers import default_pad_id, right_padded
+from worldpm_reward.errors import CheckpointError, ConfigError, EngineError
 from worldpm_reward.families import RewardFamily, detect_family, get_family
-from worldpm_reward.formatting import Encoded
 from worldpm_reward.samples import ScoreResult
-from worldpm_reward.scoring import BatchStats, RewardModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ShardMemory", "ShardedRewardModel", "shard_rows"]
+__all__ = ["ShardMemory", "ShardedEngine", "shard_rows"]
 
 
 def shard_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -286,31 +287,29 @@ def load_sharded(
     return model, [model, embedding, *layers], family, tokenizer, reader.elements_read
 
 
-class ShardedRewardModel(RewardModel):
-    """A :class:`RewardModel` sharded over the torch.distributed ranks (see the module
-    docstring). Build it on EVERY rank with ``RewardModel.from_pretrained(path,
-    engine="fsdp")``; every rank then calls :meth:`score_detailed` (or :meth:`score`) the
-    same number of times, each with its own samples (any number, zero included).
+class ShardedEngine:
+    """The reward model sharded over the torch.distributed ranks (see the module docstring).
+    Build it on EVERY rank with ``RewardModel.from_pretrained(path, engine="fsdp")``; every
+    rank then calls ``score_detailed`` (or ``score``) the same number of times, each with its
+    own samples (any number, zero included). Its own operations are reached through the
+    front: ``rm.engine.memory()``, ``rm.engine.offload()``, ``rm.engine.rank``.
 
-    ``last_stats`` are this rank's counters of the last call; ``global_stats`` the same
-    counters summed over all ranks.
+    ``rm.last_stats`` are this rank's counters of the last call; ``global_stats`` here the
+    same counters summed over all ranks.
     """
 
     def __init__(
         self,
         model: nn.Module,
         units: list[nn.Module],
-        tokenizer: Any,
         *,
-        family: RewardFamily,
         config: ModelConfig,
         device: torch.device,
-        name: str = "",
+        pad_token_id: int,
         elements_read: int = 0,
     ) -> None:
-        # Not RewardModel.__init__: the forward path (collective) and its batching are this class's own.
         self.model: Any = model
-        self._init_front(tokenizer, family, model.config, config, name)
+        self.config = config
         self._device = device
         self._units = units  # [root, vocab-sharded embedding, *decoder layers]: forward order
         self.elements_read = elements_read  # checkpoint elements this rank read while loading
@@ -322,8 +321,7 @@ class ShardedRewardModel(RewardModel):
             if config.max_padding_fraction is not None
             else (0.3 if on_gpu else 0.05)
         )
-        pad = tokenizer.pad_token_id
-        self.pad_token_id = int(pad if pad is not None else (self.encoder.final_token_id or 0))
+        self.pad_token_id = pad_token_id
         self.global_stats = BatchStats()
         self.dummy_calls = 0  # forward calls this rank made only to keep the others company
         self.offloaded = False
@@ -337,25 +335,22 @@ class ShardedRewardModel(RewardModel):
             self.offload()
 
     @classmethod
-    def from_pretrained(  # type: ignore[override]
-        cls, name_or_path: str | os.PathLike[str], config: ModelConfig | None = None, **options: Any
-    ) -> ShardedRewardModel:
+    def load(cls, name_or_path: str | os.PathLike[str], config: ModelConfig) -> LoadedEngine:
         """Load this rank's shard (collective: every rank calls it with the same arguments)."""
-        cfg = (config or ModelConfig()).replace(engine="fsdp", **options)
+        cfg = config
         if cfg.device_map is not None:
             raise ConfigError("device_map: not used with engine='fsdp' (the ranks' devices hold the shards)")
         device = _default_device(cfg)
         if cfg.fsdp_offload and device.type != "cuda":
             logger.info("fsdp_offload: the shards already live in CPU memory on device %s", device)
         model, units, family, tokenizer, read = load_sharded(name_or_path, cfg, device)
+        encoder = family.encoder(tokenizer, model.config, cfg)
         out = cls(
             model,
             units,
-            tokenizer,
-            family=family,
             config=cfg,
             device=device,
-            name=str(name_or_path),
+            pad_token_id=default_pad_id(tokenizer, encoder),
             elements_read=read,
         )
         mem = out.memory()
@@ -368,7 +363,7 @@ class ShardedRewardModel(RewardModel):
             mem.full_copy_bytes / 1e9,
             mem.world_size,
         )
-        return out
+        return LoadedEngine(out, tokenizer, family, encoder)
 
     @property
     def device(self) -> torch.device:
@@ -381,6 +376,13 @@ class ShardedRewardModel(RewardModel):
     @property
     def world_size(self) -> int:
         return int(_distributed().get_world_size())
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Nothing to release: the shard is this process's."""
 
     # -- memory ---------------------------------------------------------------------
     def memory(self) -> ShardMemory:
@@ -421,37 +423,41 @@ class ShardedRewardModel(RewardModel):
         self.offloaded = False
 
     # -- collective scoring ---------------------------------------------------------
-    def score_detailed(
-        self,
-        samples: Sequence[Any],
-        *,
-        progress: Callable[[int], None] | None = None,
-        start_index: int = 0,
-    ) -> list[ScoreResult]:
-        """As :meth:`RewardModel.score_detailed`, collectively: every rank calls it."""
-        self.onload()
-        try:
-            results = super().score_detailed(samples, progress=progress, start_index=start_index)
-        finally:
-            if self.config.fsdp_offload:
-                self.offload()
-        self.global_stats = self._summed(self.last_stats)
-        return results
+    def end_call(self, stats: BatchStats) -> None:
+        """Sum this call's counters over the ranks into ``global_stats`` (collective)."""
+        self.global_stats = self._summed(stats)
 
     def forward_ids(self, batch_ids: Sequence[Sequence[int]]) -> list[float]:
         """Raw scores of already-encoded sequences, as one collective forward call (every rank
         calls it; an empty list takes part without scoring anything)."""
         out = self._collective_forward(batch_ids or None)
         if isinstance(out, str):
-            raise RuntimeError(f"the sharded forward failed on rank {self.rank}: {out}")
+            raise EngineError(f"the sharded forward failed on rank {self.rank}: {out}")
         return out[: len(batch_ids)]
 
-    def _score_encoded(
+    def score_encoded(
         self,
         ready: list[tuple[int, Encoded]],
         results: list[ScoreResult],
         stats: BatchStats,
-        progress: Callable[[int], None] | None,
+        progress: Progress | None,
+        start_index: int,
+    ) -> None:
+        """Score this rank's samples in forward calls collective with the other ranks (the
+        shard onloaded for the call where ``fsdp_offload`` is set)."""
+        self.onload()
+        try:
+            self._score_collectively(ready, results, stats, progress, start_index)
+        finally:
+            if self.config.fsdp_offload:
+                self.offload()
+
+    def _score_collectively(
+        self,
+        ready: list[tuple[int, Encoded]],
+        results: list[ScoreResult],
+        stats: BatchStats,
+        progress: Progress | None,
         start_index: int,
     ) -> None:
         lengths = [len(e.input_ids) for _, e in ready]
@@ -492,7 +498,7 @@ class ShardedRewardModel(RewardModel):
 
         ``None`` runs a one-token dummy. On a failure this rank still all-gathers every unit it
         did not reach, so the other ranks' forward calls complete."""
-        ids, mask = self._padded(batch_ids or [[self.pad_token_id]])
+        ids, mask = right_padded(batch_ids or [[self.pad_token_id]], self.pad_token_id)
         self._gathered.clear()
         for unit in self._units:
             if isinstance(unit, VocabShardedEmbedding):
@@ -540,3 +546,8 @@ class ShardedRewardModel(RewardModel):
         """Where the default process group takes tensors (NCCL: this rank's GPU)."""
         backend = str(_distributed().get_backend()).lower()
         return self._device if "nccl" in backend else torch.device("cpu")
+
+
+if TYPE_CHECKING:  # mypy checks the class against the seam
+    _engine: type[Engine] = ShardedEngine
+    _loads: EngineClass = ShardedEngine

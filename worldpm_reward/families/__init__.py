@@ -24,6 +24,7 @@ from torch import nn
 
 from worldpm_reward.checkpoints import LoadRequest, default_device, read_config_dict, resolve_dtype
 from worldpm_reward.config import ModelConfig
+from worldpm_reward.errors import ConfigError
 from worldpm_reward.families import generic, polar, worldpm
 from worldpm_reward.families.base import ForwardFn, KnownAnswer, RewardFamily
 
@@ -44,7 +45,7 @@ def detect_family(config_dict: dict[str, Any]) -> str:
 
 def get_family(name: str) -> RewardFamily:
     if name not in FAMILIES:
-        raise ValueError(f"family must be 'auto' or one of {sorted(FAMILIES)}; got {name!r}")
+        raise ConfigError(f"family: expected 'auto' or one of {sorted(FAMILIES)}, got {name!r}")
     return FAMILIES[name]
 
 

@@ -20,7 +20,7 @@ from worldpm_reward.samples import Conversation
 
 if TYPE_CHECKING:
     from worldpm_reward.config import ModelConfig
-    from worldpm_reward.formatting import Encoder
+    from worldpm_reward.encoder import Encoder
 
 #: (input_ids (B, T), attention_mask (B, T)) -> raw scores (B,), read at each row's last real token.
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

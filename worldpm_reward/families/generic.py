@@ -22,10 +22,10 @@ from worldpm_reward.checkpoints import (
     skeleton_shapes,
 )
 from worldpm_reward.config import ModelConfig
+from worldpm_reward.encoder import ChatTemplateEncoder, Encoder
 from worldpm_reward.errors import CheckpointError
 from worldpm_reward.families.base import ForwardFn, RewardFamily
 from worldpm_reward.families.worldpm import SLEEP_BAD, SLEEP_GOOD
-from worldpm_reward.formatting import ChatTemplateEncoder, Encoder
 from worldpm_reward.pooling import score_last_token
 
 

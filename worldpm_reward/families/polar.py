@@ -38,9 +38,9 @@ from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrained
 
 from worldpm_reward.checkpoints import LoadRequest, check_weight_names, local_checkpoint_dir, place
 from worldpm_reward.config import ModelConfig
+from worldpm_reward.encoder import Encoded, Encoder, plain_turns
 from worldpm_reward.errors import CheckpointError, SampleError
 from worldpm_reward.families.base import KnownAnswer, RewardFamily
-from worldpm_reward.formatting import Encoded, Encoder, plain_turns
 from worldpm_reward.pooling import score_last_token
 from worldpm_reward.samples import Conversation, Sample
 

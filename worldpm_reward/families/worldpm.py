@@ -31,8 +31,8 @@ from worldpm_reward.checkpoints import (
     skeleton_shapes,
 )
 from worldpm_reward.config import ModelConfig
+from worldpm_reward.encoder import ChatTemplateEncoder, Encoder
 from worldpm_reward.families.base import KnownAnswer, RewardFamily
-from worldpm_reward.formatting import ChatTemplateEncoder, Encoder
 from worldpm_reward.pooling import score_last_token
 from worldpm_reward.samples import Conversation
 

@@ -222,7 +222,7 @@ def random_worldpm(
     model = WorldPMForRewardModel(tiny_qwen2_config(**config_overrides))
     init_weights(model, seed)
     model.eval().requires_grad_(False).to(device)
-    return RewardModel(model, qwen_tokenizer(), family="worldpm", max_length=max_length)
+    return RewardModel.from_model(model, qwen_tokenizer(), family="worldpm", max_length=max_length)
 
 
 def demo_checkpoint() -> Path:

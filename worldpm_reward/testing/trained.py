@@ -116,7 +116,7 @@ def _train_number_preference(rm: object, steps: int, seed: int, with_reference: 
             ]
         ids = [rm.encoder.encode(parse_sample(s)).input_ids for s in batch]  # type: ignore[attr-defined]
         longest = max(map(len, ids))
-        input_ids = torch.full((len(ids), longest), rm.pad_token_id)  # type: ignore[attr-defined]
+        input_ids = torch.full((len(ids), longest), rm.engine.pad_token_id)  # type: ignore[attr-defined]
         mask = torch.zeros((len(ids), longest), dtype=torch.long)
         for r, x in enumerate(ids):
             input_ids[r, : len(x)], mask[r, : len(x)] = torch.tensor(x), 1

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from worldpm_reward.config import Overflow
-from worldpm_reward.errors import CheckpointError, SampleError
+from worldpm_reward.errors import CheckpointError, ConfigError, SampleError
 from worldpm_reward.samples import Conversation, Sample
 
 
@@ -141,10 +141,10 @@ class ChatTemplateEncoder(Encoder):
         tool_turns: str = "plain",
     ) -> None:
         if tool_turns not in ("plain", "template"):
-            raise ValueError(f"tool_turns must be 'plain' or 'template', got {tool_turns!r}")
+            raise ConfigError(f"tool_turns must be 'plain' or 'template', got {tool_turns!r}")
         self.tool_turns = tool_turns
         if special_tokens_in_content not in ("text", "literal"):
-            raise ValueError(
+            raise ConfigError(
                 f"special_tokens_in_content must be 'text' or 'literal', got {special_tokens_in_content!r}"
             )
         self.content_as_text = special_tokens_in_content == "text"
@@ -154,9 +154,9 @@ class ChatTemplateEncoder(Encoder):
             key=len,
         )
         if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
+            raise ConfigError(f"max_length must be at least 2, got {max_length}")
         if overflow not in ("truncate", "error"):
-            raise ValueError(f"overflow must be 'truncate' or 'error', got {overflow!r}")
+            raise ConfigError(f"overflow must be 'truncate' or 'error', got {overflow!r}")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.ensure_system = ensure_system
@@ -261,7 +261,7 @@ class ChatTemplateEncoder(Encoder):
                 continue
             at = text.find(content, cursor)
             if at < 0:
-                raise ValueError("the chat template altered a message's content; cannot encode it as text")
+                raise SampleError("the chat template altered a message's content; cannot encode it as text")
             spans.append((at, at + len(content)))
             cursor = at + len(content)
         ids: list[int] = []

@@ -53,7 +53,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -64,11 +64,11 @@ from worldpm_reward.checkpoints import (
     tensor_shapes,
 )
 from worldpm_reward.config import ModelConfig
+from worldpm_reward.encoder import Encoded
+from worldpm_reward.engines.base import BatchStats, Engine, EngineClass, LoadedEngine, Progress
 from worldpm_reward.errors import CheckpointError, ConfigError, EngineError
-from worldpm_reward.families import RewardFamily, detect_family, get_family
-from worldpm_reward.formatting import Encoded, Encoder
+from worldpm_reward.families import detect_family, get_family
 from worldpm_reward.samples import ScoreResult
-from worldpm_reward.scoring import BatchStats, RewardModel
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ __all__ = [
     "InProcessVLLM",
     "LaunchedVLLM",
     "PoolingEndpoint",
-    "VLLMRewardModel",
+    "VLLMEngine",
     "checkpoint_view",
     "engine_kwargs_from_flags",
     "serve_command",
@@ -500,35 +500,24 @@ def _calls(ready: list[tuple[int, Encoded]]) -> Iterator[list[tuple[int, Encoded
 # -- the scorer ---------------------------------------------------------------------------------
 
 
-class VLLMRewardModel(RewardModel):
-    """A :class:`RewardModel` whose forward pass runs in vLLM. The encoding, truncation,
-    per-sample errors, scores' order and ``score`` / ``score_detailed`` are the transformers
-    engine's; build it with ``RewardModel.from_pretrained(path, engine="vllm", ...)``."""
+class VLLMEngine:
+    """vLLM runs the forward pass (see the module docstring): the front's encoded ids go to a
+    :class:`PoolingBackend` (a running server, one launched here, or ``vllm.LLM`` in this
+    process) in calls of at most MAX_CALL_SAMPLES samples. Build it with
+    ``RewardModel.from_pretrained(path, engine="vllm", ...)``; ``rm.engine.backend`` is where
+    vLLM runs."""
 
-    def __init__(
-        self,
-        backend: PoolingBackend,
-        tokenizer: Any,
-        *,
-        family: RewardFamily,
-        hf_config: Any,
-        config: ModelConfig,
-        name: str = "",
-        encoder: Encoder | None = None,
-    ) -> None:
-        # Not RewardModel.__init__: there is no torch module here, only the engine-neutral front.
-        self.model = None
+    model: Any = None  # vLLM holds the weights, in its own process
+
+    def __init__(self, backend: PoolingBackend) -> None:
         self.backend = backend
-        self._init_front(tokenizer, family, hf_config, config, name, encoder)
 
     @classmethod
-    def from_pretrained(  # type: ignore[override]
-        cls, name_or_path: str | os.PathLike[str], config: ModelConfig | None = None, **options: Any
-    ) -> VLLMRewardModel:
+    def load(cls, name_or_path: str | os.PathLike[str], config: ModelConfig) -> LoadedEngine:
         """Check the checkpoint, load its tokenizer, then start (or reach) vLLM."""
         from transformers import AutoTokenizer
 
-        cfg = (config or ModelConfig()).replace(engine="vllm", **options)
+        cfg = config
         hub = cfg.hub_kwargs
         where = f"checkpoint {str(name_or_path)!r}"
         config_dict = read_config_dict(name_or_path, **hub)
@@ -601,15 +590,7 @@ class VLLMRewardModel(RewardModel):
                     max_model_len=encoder.max_length,
                     flags=cfg.vllm_args,
                 )
-        return cls(
-            backend,
-            tokenizer,
-            family=family,
-            hf_config=hf_config,
-            config=cfg,
-            name=str(name_or_path),
-            encoder=encoder,
-        )
+        return LoadedEngine(cls(backend), tokenizer, family, encoder)
 
     @property
     def device(self) -> torch.device:
@@ -623,12 +604,19 @@ class VLLMRewardModel(RewardModel):
     def close(self) -> None:
         self.backend.close()
 
-    def _score_encoded(
+    def end_call(self, stats: BatchStats) -> None:
+        """Nothing to do at the end of a call."""
+
+    def forward_ids(self, batch_ids: Sequence[Sequence[int]]) -> list[float]:
+        """Raw scores of already-encoded sequences, in one vLLM call (raises EngineError)."""
+        return self.backend.last_token_scores(batch_ids) if batch_ids else []
+
+    def score_encoded(
         self,
         ready: list[tuple[int, Encoded]],
         results: list[ScoreResult],
         stats: BatchStats,
-        progress: Callable[[int], None] | None,
+        progress: Progress | None,
         start_index: int,
     ) -> None:
         for call in _calls(ready):
@@ -661,3 +649,8 @@ class VLLMRewardModel(RewardModel):
         stats.padded_tokens += n  # vLLM packs sequences: no padding
         for (i, _), score in zip(call, scores):
             results[i].score = score
+
+
+if TYPE_CHECKING:  # mypy checks the class against the seam
+    _engine: type[Engine] = VLLMEngine
+    _loads: EngineClass = VLLMEngine

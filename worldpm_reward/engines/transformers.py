@@ -1,0 +1,352 @@
+"""engine="transformers" (the default): the reward model in this process, run by torch.
+
+The encoded samples are sorted by length into token-budgeted micro-batches and run under
+``torch.inference_mode``; each score is read at the sequence's true last token (from
+lengths, never from the pad id). Where the backbone allows it
+(:func:`worldpm_reward.packing.packing_support`: Qwen2/Llama-style decoders with sdpa or
+eager attention) micro-batches are packed rows, several sequences per row under a
+block-diagonal causal mask and no padding between them; samples that start with the same
+long run of token ids (a GRPO group's prompt) put that prefix once in a row with their
+suffixes after it. Other models run right-padded micro-batches with little padding. A
+micro-batch that runs out of device memory is retried in halves, down to one sample, which
+then carries the error. A sample scores the same alone as in any batch (within float
+rounding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from worldpm_reward.batching import plan_batches, plan_packed, plan_shared_prefixes, split_group
+from worldpm_reward.config import ModelConfig
+from worldpm_reward.encoder import Encoded
+from worldpm_reward.engines.base import BatchStats, Engine, EngineClass, LoadedEngine, Progress
+from worldpm_reward.families import RewardFamily, load
+from worldpm_reward.packing import Block, pack, packing_support, score_packed
+from worldpm_reward.samples import ScoreResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TransformersEngine",
+    "auto_min_shared_prefix",
+    "auto_row_tokens",
+    "default_pad_id",
+    "right_padded",
+]
+
+
+#: What one extra forward call costs, in FLOPs of model compute it could have done instead
+#: (a CPU call's fixed cost is ~1-4 ms of Python and dispatch, a GPU call's ~1 ms of launches).
+FORWARD_CALL_OVERHEAD_FLOPS = {"cpu": 2e8, "gpu": 5e11}
+
+
+#: A shared-prefix group's rows may be this many times ``row_tokens`` long: the prefix then runs
+#: once for more of its suffixes, which saves more than the longer rows' attention costs.
+GROUP_ROW_FACTOR = 4
+
+
+def auto_row_tokens(model: Any) -> int:
+    """The width packed rows are filled to: where attention over a whole row (4 x width x hidden
+    FLOPs per token, masked blocks included) costs about 6% of the token's other work (2 FLOPs
+    per non-embedding parameter per layer); 512 at Qwen2-0.5B dimensions, 2048 at 7B. At
+    least 512, so that sequences of a few hundred tokens share rows."""
+    hf = model.config
+    layers = max(1, int(getattr(hf, "num_hidden_layers", 1) or 1))
+    hidden = int(getattr(hf, "hidden_size", 0) or 0)
+    params = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
+    if hidden <= 0:
+        return 512
+    width = 0.06 * 2 * params / layers / (4 * hidden)
+    return int(min(4096, max(512, 256 * round(width / 256))))
+
+
+def auto_min_shared_prefix(model: Any, on_gpu: bool) -> int:
+    """The shortest prefix worth sharing: 32 tokens, or as many as it takes for the skipped
+    compute (2 FLOPs per non-embedding parameter per token) to pay for a forward call's worth
+    of fixed cost (planning, longer rows' attention). Toy models (hidden 32) get a bound no
+    prefix reaches: their tokens cost less than that bookkeeping."""
+    params = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
+    overhead = FORWARD_CALL_OVERHEAD_FLOPS["gpu" if on_gpu else "cpu"]
+    return max(32, math.ceil(overhead / max(2 * params, 1)))
+
+
+def right_padded(batch_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) ids and attention mask (1 = real token)."""
+    longest = max(len(ids) for ids in batch_ids)
+    input_ids = torch.full((len(batch_ids), longest), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(batch_ids), longest), dtype=torch.long)
+    for row, ids in enumerate(batch_ids):
+        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        mask[row, : len(ids)] = 1
+    return input_ids, mask
+
+
+def default_pad_id(tokenizer: Any, encoder: Any) -> int:
+    """The id padding positions get: the tokenizer's pad token, else the scored final token."""
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else (encoder.final_token_id or 0))
+
+
+class TransformersEngine:
+    """A transformers ``PreTrainedModel`` in this process (see the module docstring). Built by
+    :meth:`load` (``RewardModel.from_pretrained(path)``), or around a model already in memory
+    by :meth:`wrap` (``RewardModel.from_model``). The batching fields are ``ModelConfig``'s,
+    with their device-dependent defaults filled in."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        family: RewardFamily,
+        config: ModelConfig,
+        *,
+        max_length: int,
+        pad_token_id: int,
+    ) -> None:
+        self.model: Any = model  # a transformers PreTrainedModel
+        self.family_spec = family
+        self.config = config
+        self.max_length = max_length
+        on_gpu = self.device.type == "cuda"
+        cfg = config
+        self.max_batch_tokens = int(cfg.max_batch_tokens or (32768 if on_gpu else 4096))
+        self.max_batch_size = cfg.max_batch_size
+        self.min_shared_group = int(cfg.min_shared_group or (8 if on_gpu else 2))
+        self.min_shared_prefix = int(cfg.min_shared_prefix or auto_min_shared_prefix(model, on_gpu))
+        self.max_padding_fraction = float(
+            cfg.max_padding_fraction if cfg.max_padding_fraction is not None else (0.3 if on_gpu else 0.05)
+        )
+        self._forward = family.forward_fn(model)
+        self._packed_parts = self._packable()
+        self.row_tokens = auto_row_tokens(model)
+        self.share_prefixes = self._packed_parts is not None and bool(cfg.shared_prefix)
+        self.pad_token_id = pad_token_id
+
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike[str], config: ModelConfig) -> LoadedEngine:
+        """Load the checkpoint with the family's strict weight checks, and its tokenizer."""
+        loaded = load(name_or_path, config)
+        return cls.wrap(loaded.model, loaded.tokenizer, loaded.family, config)
+
+    @classmethod
+    def wrap(
+        cls, model: nn.Module, tokenizer: Any, family: RewardFamily, config: ModelConfig
+    ) -> LoadedEngine:
+        """The engine around a reward model already in memory, with the family's encoder."""
+        encoder = family.encoder(tokenizer, model.config, config)
+        engine = cls(
+            model,
+            family,
+            config,
+            max_length=encoder.max_length,
+            pad_token_id=default_pad_id(tokenizer, encoder),
+        )
+        return LoadedEngine(engine, tokenizer, family, encoder)
+
+    @property
+    def device(self) -> torch.device:
+        """Where input ids go (the embedding's device, also under device_map sharding)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Nothing to release: the model is this process's."""
+
+    def end_call(self, stats: BatchStats) -> None:
+        """Nothing to do at the end of a call."""
+
+    def _packable(self) -> tuple[nn.Module, nn.Module] | None:
+        """(backbone, head) when micro-batches can be packed rows (:mod:`worldpm_reward.packing`),
+        which is also what shared-prefix scoring runs on; None for padded micro-batches."""
+        parts = self.family_spec.parts(self.model)
+        why = "the family has no backbone/head seam" if parts is None else packing_support(parts[0])
+        hf = self.model.config
+        rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+        limit = getattr(hf, "max_position_embeddings", None) or 0
+        if why is None and rope.get("rope_type", rope.get("type")) == "dynamic" and self.max_length > limit:
+            # dynamic RoPE rescales with the longest position in a forward call once it passes the
+            # trained context: only a sequence alone computes exactly what it computes alone
+            why = f"dynamic RoPE past max_position_embeddings={limit}"
+        if why is not None:
+            logger.info("padded micro-batches, no shared-prefix scoring: %s", why)
+            return None
+        return parts
+
+    # -- scoring ---------------------------------------------------------------------
+    def score_encoded(
+        self,
+        ready: list[tuple[int, Encoded]],
+        results: list[ScoreResult],
+        stats: BatchStats,
+        progress: Progress | None,
+        start_index: int,
+    ) -> None:
+        """Fill ``results[i].score`` for every encoded sample (see :class:`~worldpm_reward.engines.base.Engine`)."""
+        if self._packed_parts is None:
+            lengths = [len(e.input_ids) for _, e in ready]
+            for batch in plan_batches(
+                lengths, self.max_batch_tokens, self.max_batch_size, self.max_padding_fraction
+            ):
+                self._run_batch([ready[j] for j in batch], results, stats, start_index)
+                if progress is not None:
+                    progress(len(batch))
+            return
+        blocks = self._blocks(ready, stats)
+        plan = plan_packed(
+            [b.length for b in blocks],
+            self.max_batch_tokens,
+            self.row_tokens,
+            self.max_batch_size,
+            [len(b.suffixes) for b in blocks],
+        )
+        for rows in plan:
+            self._run_packed([[blocks[k] for k in row] for row in rows], results, stats, start_index)
+            if progress is not None:
+                progress(sum(len(blocks[k].suffixes) for row in rows for k in row))
+
+    def _blocks(self, ready: list[tuple[int, Encoded]], stats: BatchStats) -> list[Block]:
+        """What rows will hold: each shared-prefix group as blocks of one prefix and the suffixes
+        that fit a row after it, every other sample as a block of its own."""
+        grouped: set[int] = set()
+        blocks: list[Block] = []
+        if self.share_prefixes and len(ready) > 1:
+            plan = plan_shared_prefixes(
+                [e.input_ids for _, e in ready], self.min_shared_prefix, self.min_shared_group
+            )
+            for shared, members in plan:
+                grouped.update(members)
+                prefix = ready[members[0]][1].input_ids[:shared]
+                suffixes = [(ready[j][0], ready[j][1].input_ids[shared:]) for j in members]
+                longest = shared + max(len(x) for _, x in suffixes)
+                capacity = max(longest, min(self.max_batch_tokens, GROUP_ROW_FACTOR * self.row_tokens))
+                for chunk in split_group(
+                    shared, [len(x) for _, x in suffixes], capacity, self.max_batch_size
+                ):
+                    blocks.append(Block(prefix, [suffixes[j] for j in chunk]))
+                stats.shared_groups += 1
+        blocks += [Block((), [(i, e.input_ids)]) for j, (i, e) in enumerate(ready) if j not in grouped]
+        return blocks
+
+    def _run_packed(
+        self,
+        rows: list[list[Block]],
+        results: list[ScoreResult],
+        stats: BatchStats,
+        start_index: int,
+    ) -> None:
+        """One packed micro-batch. Out of device memory, it is retried in halves (its rows, a row's
+        blocks, a block's suffixes), down to each sample alone and unshared."""
+        assert self._packed_parts is not None
+        batch = pack(rows, self.pad_token_id)
+        scores: list[float] | None = None
+        # An OOM is retried below, OUTSIDE the handler: while it is being handled the exception's
+        # traceback pins the failed attempt's activations (the PyTorch FAQ pitfall).
+        with contextlib.suppress(torch.OutOfMemoryError), torch.inference_mode():
+            scores = score_packed(*self._packed_parts, batch, self.device).float().cpu().tolist()
+        if scores is None:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(rows) > 1:
+                parts = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+            elif len(rows[0]) > 1:
+                parts = [[rows[0][: len(rows[0]) // 2]], [rows[0][len(rows[0]) // 2 :]]]
+            elif len(rows[0][0].suffixes) > 1:
+                block, half = rows[0][0], len(rows[0][0].suffixes) // 2
+                parts = [
+                    [[Block(block.prefix, block.suffixes[:half])]],
+                    [[Block(block.prefix, block.suffixes[half:])]],
+                ]
+            elif rows[0][0].prefix:  # one suffix after its prefix: the sample alone, unshared
+                block = rows[0][0]
+                parts = [[[Block((), [(i, [*block.prefix, *ids])])]] for i, ids in block.suffixes]
+            else:
+                ((i, ids),) = rows[0][0].suffixes
+                results[
+                    i
+                ].error = (
+                    f"sample {start_index + i}: out of device memory at {len(ids)} tokens; lower max_length"
+                )
+                return
+            logger.warning(
+                "out of memory on a packed batch of %d tokens; retrying in parts", batch.computed_tokens
+            )
+            for part in parts:
+                self._run_packed(part, results, stats, start_index)
+            return
+        stats.num_batches += 1
+        stats.num_rows += len(rows)
+        stats.real_tokens += batch.real_tokens
+        stats.padded_tokens += batch.computed_tokens
+        stats.shared_prefix_tokens += sum(
+            len(b.prefix) * (len(b.suffixes) - 1) for row in rows for b in row if b.prefix
+        )
+        for i, s in zip(batch.keys, scores):
+            results[i].score = s
+
+    def _run_batch(
+        self,
+        batch: list[tuple[int, Encoded]],
+        results: list[ScoreResult],
+        stats: BatchStats,
+        start_index: int,
+    ) -> None:
+        scores: list[float] | None = None
+        # An OOM is retried below, OUTSIDE the handler: while it is being handled the exception's
+        # traceback pins the failed attempt's activations (the PyTorch FAQ pitfall).
+        with contextlib.suppress(torch.OutOfMemoryError):
+            scores = self.forward_ids([e.input_ids for _, e in batch])
+        if scores is None:
+            if len(batch) == 1:
+                i, enc = batch[0]
+                results[i].error = (
+                    f"sample {start_index + i}: out of device memory at {len(enc.input_ids)} tokens; "
+                    "lower max_length"
+                )
+                return
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            logger.warning("out of memory on a batch of %d; retrying in halves", len(batch))
+            self._run_batch(batch[:half], results, stats, start_index)
+            self._run_batch(batch[half:], results, stats, start_index)
+            return
+        stats.num_batches += 1
+        stats.real_tokens += sum(len(e.input_ids) for _, e in batch)
+        stats.padded_tokens += len(batch) * max(len(e.input_ids) for _, e in batch)
+        for (i, _), s in zip(batch, scores):
+            results[i].score = s
+
+    @torch.inference_mode()
+    def forward_ids(self, batch_ids: Sequence[Sequence[int]]) -> list[float]:
+        """Raw scores of already-encoded sequences (each read at its own last token), in one
+        forward call: packed rows where the model allows it, else one right-padded tensor
+        (then pass similar lengths for speed)."""
+        if not batch_ids:
+            return []
+        if self._packed_parts is not None:
+            blocks = [Block((), [(k, ids)]) for k, ids in enumerate(batch_ids)]
+            (rows,) = plan_packed([len(ids) for ids in batch_ids], 1 << 62, self.row_tokens)
+            batch = pack([[blocks[k] for k in row] for row in rows], self.pad_token_id)
+            packed = score_packed(*self._packed_parts, batch, self.device).float().cpu().tolist()
+            by_key = dict(zip(batch.keys, packed))
+            return [by_key[k] for k in range(len(batch_ids))]
+        input_ids, mask = right_padded(batch_ids, self.pad_token_id)
+        device = self.device
+        scores = self._forward(input_ids.to(device), mask.to(device))
+        return scores.float().cpu().tolist()
+
+
+if TYPE_CHECKING:  # mypy checks the class against the seam
+    _engine: type[Engine] = TransformersEngine
+    _loads: EngineClass = TransformersEngine
