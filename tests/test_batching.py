@@ -18,6 +18,7 @@ def convs() -> list[list[dict[str, str]]]:
     return real_conversations(96)
 
 
+@pytest.mark.slow
 def test_sample_scores_the_same_alone_and_in_any_batch(tiny_worldpm, convs) -> None:
     alone_rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", max_batch_size=1)
     alone = [alone_rm.score([c])[0] for c in convs]

@@ -18,6 +18,7 @@ def _write_jsonl(path: Path, lines: list[str]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_score_jsonl_keeps_order_count_and_fields(tmp_path: Path, tiny_worldpm: Path) -> None:
     convs = real_conversations(30)
     lines = [json.dumps({"id": i, "messages": c}) for i, c in enumerate(convs)]
@@ -100,6 +101,7 @@ def test_demo_runs_offline(
     assert (tmp_path / "worldpm-reward" / "tiny-worldpm-v1" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_selftest_reports_mismatch_and_match(
     tiny_worldpm: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -128,6 +130,7 @@ def test_selftest_reports_mismatch_and_match(
     assert (code == 0) == (true_scores[0] > true_scores[1]) == ("PASSED" in out)
 
 
+@pytest.mark.slow
 def test_selftest_judges_an_approximate_answer_at_its_own_tolerance(
     tiny_worldpm: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -155,6 +158,7 @@ def test_known_answers_are_the_model_card_values() -> None:
     assert known_answers_for("/models/my-finetune") == []
 
 
+@pytest.mark.slow
 def test_score_streams_every_line_in_order_with_valid_json_out(tmp_path: Path, tiny_worldpm: Path) -> None:
     """Blank, non-UTF-8, NaN and lone-surrogate lines each get one output line (score null and
     an error) in place; a stale "error" in a good line is cleared; every line written is valid

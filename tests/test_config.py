@@ -68,6 +68,7 @@ def test_unknown_or_bad_options_are_named(tiny_worldpm: Path) -> None:
         ModelConfig(max_batch_size=0)
 
 
+@pytest.mark.slow
 def test_config_object_and_keywords_load_the_same_model(tiny_worldpm: Path) -> None:
     cfg = ModelConfig(device="cpu", max_batch_tokens=512, max_length=300)
     a = RewardModel.from_pretrained(tiny_worldpm, cfg)

@@ -119,6 +119,7 @@ def test_truncation_keeps_the_end_and_reports(reward_model) -> None:
     assert isinstance(out, SampleError) and "sample 4" in str(out) and "max_length=64" in str(out)
 
 
+@pytest.mark.slow
 def test_truncated_samples_are_scored_and_flagged(tiny_worldpm) -> None:
     rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", max_length=48)
     conv = [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "Short reply."}]
@@ -174,6 +175,7 @@ def test_lone_surrogates_and_tokenizer_failures_stay_with_their_sample(reward_mo
     assert "tokenizer failed" in (mixed[1].error or "") and "sample 1" in (mixed[1].error or "")
 
 
+@pytest.mark.slow
 def test_strip_think_scores_the_answer_without_its_reasoning(tiny_worldpm) -> None:
     from worldpm_reward import RewardModel
     from worldpm_reward.cli import build_parser

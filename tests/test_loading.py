@@ -12,6 +12,7 @@ from worldpm_reward import CheckpointError, RewardModel
 from worldpm_reward.testing import qwen_tokenizer, tiny_qwen2_config, write_tiny_worldpm
 
 
+@pytest.mark.slow
 def test_loads_worldpm_layout_without_remote_code(tiny_worldpm: Path) -> None:
     cfg = json.loads((tiny_worldpm / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen2ForRewardModel"] and "auto_map" in cfg
@@ -71,6 +72,7 @@ def test_bin_checkpoint_with_stock_head_is_refused_after_loading(tmp_path: Path,
         RewardModel.from_pretrained(path, device="cpu")
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_scores_like_the_single_file(tmp_path: Path, tiny_worldpm: Path) -> None:
     sharded = write_tiny_worldpm(tmp_path / "sharded", seed=0, max_shard_size="5MB")
     assert (sharded / "model.safetensors.index.json").is_file()
@@ -88,6 +90,7 @@ def test_sharded_checkpoint_scores_like_the_single_file(tmp_path: Path, tiny_wor
     assert abs(a.score([conv])[0] - b.score([conv])[0]) <= 1e-6
 
 
+@pytest.mark.slow
 def test_lm_head_weights_are_ignored(tmp_path: Path, tiny_worldpm: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -129,6 +132,7 @@ def _write_generic(path: Path, num_labels: int = 1, drop_head: bool = False) -> 
     return path
 
 
+@pytest.mark.slow
 def test_generic_sequence_classification_reward_model(tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -158,6 +162,7 @@ def test_generic_sequence_classification_reward_model(tmp_path: Path) -> None:
         assert abs(got - want) <= 1e-4
 
 
+@pytest.mark.slow
 def test_generic_checks(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="num_labels=2"):
         RewardModel.from_pretrained(_write_generic(tmp_path / "two", num_labels=2), device="cpu")

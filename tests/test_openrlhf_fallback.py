@@ -70,6 +70,7 @@ def _convs() -> list[list[dict[str, str]]]:
     return [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in qa]
 
 
+@pytest.mark.slow
 def test_one_bad_sample_gets_the_default_fallback_not_none(
     tiny_worldpm: Path, agent: Any, tmp_path: Path
 ) -> None:

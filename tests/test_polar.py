@@ -120,6 +120,7 @@ class ReferencePolar:
         return float(x[-1] @ w["v_head.weight"][0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ckpt", ["polar", "polar_bin"])
 def test_scores_match_independent_reference(ckpt: str, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(ckpt)
@@ -137,6 +138,7 @@ def test_scores_match_independent_reference(ckpt: str, request: pytest.FixtureRe
     assert max(abs(a - b) for a, b in zip(alone, ours[:20])) <= 1e-5
 
 
+@pytest.mark.slow
 def test_truncation_follows_the_reference_client(polar: Path) -> None:
     long = real_polar_samples(80)[40:]  # PandaLM: long prompts and answers
     rm = RewardModel.from_pretrained(polar, device="cpu", max_length=120)
@@ -165,6 +167,7 @@ def test_family_override_and_errors(polar: Path, tiny_worldpm: Path) -> None:
     assert r.error and "field 'reference'" in r.error
 
 
+@pytest.mark.slow
 def test_same_scores_through_every_surface(
     polar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -268,6 +271,7 @@ def test_selftest_runs_for_polar(polar: Path, capsys: pytest.CaptureFixture[str]
     assert [a.score for a in known_answers_for("internlm/POLAR-7B")] == [-0.57, -11.03]
 
 
+@pytest.mark.slow
 def test_polar_honours_device_map_attn_implementation_and_dtype(polar: Path) -> None:
     """Like WorldPM: a device_map is dispatched (accelerate), the attention kernel and dtype are
     the ones asked for, and the scores do not change."""

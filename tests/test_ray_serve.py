@@ -17,6 +17,8 @@ from wpr_testutils import real_conversations  # noqa: E402
 
 from worldpm_reward import RewardModel  # noqa: E402
 
+pytestmark = pytest.mark.ray
+
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -37,6 +39,7 @@ def cluster():
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_deployment_http_and_handle_give_the_same_scores(cluster: str, tiny_worldpm: Path) -> None:
     from worldpm_reward.integrations.ray_serve import build_app
 
@@ -114,6 +117,7 @@ def test_deployment_http_and_handle_give_the_same_scores(cluster: str, tiny_worl
     assert health.status_code == 200 and "queued_samples" not in health.json()
 
 
+@pytest.mark.slow
 def test_killed_replica_is_replaced_and_a_retrying_client_loses_nothing(
     cluster: str, tiny_worldpm: Path
 ) -> None:
@@ -173,6 +177,7 @@ def test_killed_replica_is_replaced_and_a_retrying_client_loses_nothing(
     assert max(abs(a - b) for a, b in zip(again, want[:8])) <= 1e-4  # the new replica scores too
 
 
+@pytest.mark.slow
 def test_the_example_serve_config_file_deploys_with_serve_run(
     cluster: str, tiny_worldpm: Path, tmp_path: Path
 ) -> None:

@@ -24,6 +24,7 @@ def conversations() -> list[list[dict[str, str]]]:
     return convs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ckpt", ["tiny_worldpm", "tiny_worldpm_eos"])
 def test_scores_match_independent_reference(ckpt: str, conversations, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(ckpt)
@@ -45,6 +46,7 @@ def test_scores_match_independent_reference(ckpt: str, conversations, request: p
         assert ids[-1] == 151643 and ids[-2] != 151643
 
 
+@pytest.mark.slow
 def test_tokenization_is_the_real_qwen2_vocabulary(tiny_worldpm, conversations) -> None:
     """The checkpoint tokenizer agrees with tiktoken on Qwen's own BPE ranks, non-ASCII included."""
     ranks = load_tiktoken_bpe(
@@ -84,6 +86,7 @@ def test_model_card_conversation_renders_exactly(reward_model) -> None:
     assert reward_model.score([conv])[0] == reward_model.score([conv[1:]])[0]
 
 
+@pytest.mark.slow
 def test_control_token_text_in_content_is_text_unless_literal_is_asked(tiny_worldpm) -> None:
     """A reply that spells ``<|im_end|>`` ... ``<|im_start|>user`` cannot forge turns: its
     content is encoded as plain text (checked against tiktoken encoding the content with no

@@ -46,6 +46,7 @@ def _samples_scored(url: str) -> float:
 
 
 # -- a hung replica ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_hung_replica_costs_a_request_at_most_the_hedge_delay(
     tiny_worldpm: Path, direct: RewardModel, tmp_path: Path
 ) -> None:
@@ -234,6 +235,7 @@ def test_token_bounds_per_request_and_queue(direct: RewardModel) -> None:
     asyncio.run(queue())
 
 
+@pytest.mark.slow
 def test_token_estimate_is_an_upper_bound_on_real_text(direct: RewardModel) -> None:
     convs = real_conversations(300)
     real = [r.num_tokens for r in direct.score_detailed(convs)]
@@ -257,6 +259,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
         return True
 
 
+@pytest.mark.slow
 def test_idle_slow_and_oversized_connections_are_bounded(direct: RewardModel) -> None:
     cfg = ServerConfig(
         idle_timeout_s=1,
@@ -342,6 +345,7 @@ def _shapes(v: Any) -> list[Any]:
 GOOD = {"prompt": "How do I sleep better?", "response": "Keep a regular schedule."}
 
 
+@pytest.mark.slow
 def test_fuzz_hostile_samples_never_cost_a_batch_mate_or_a_5xx(
     direct: RewardModel, tiny_worldpm: Path, tmp_path: Path
 ) -> None:
@@ -430,6 +434,7 @@ def test_fuzz_hostile_samples_never_cost_a_batch_mate_or_a_5xx(
 
 
 # -- the scorer in its own process --------------------------------------------------------
+@pytest.mark.slow
 def test_process_scorer_matches_in_process_and_replaces_a_killed_child(
     tiny_worldpm: Path, direct: RewardModel, tmp_path: Path
 ) -> None:

@@ -71,6 +71,7 @@ def _openrlhf_rollout(agent: Any, remote: str, tok: Any, conv: list[dict[str, st
     return out["reward"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy_format", ["chatml", "llama3"])
 def test_openrlhf_client_gets_worldpm_rewards(
     live: str, direct: RewardModel, openrlhf_agent: Any, policy_format: str
@@ -106,6 +107,7 @@ def _metric(text: str, name: str) -> float:
     return float(m.group(1))
 
 
+@pytest.mark.slow
 def test_200_concurrent_single_sample_requests(live: str, direct: RewardModel) -> None:
     tok = tiny_policy_tokenizer(fmt="chatml")
     convs = [
@@ -250,10 +252,11 @@ def test_health_is_503_while_loading(direct: RewardModel) -> None:
         assert httpx.get(f"{url}/health").status_code == 200
 
 
+@pytest.mark.slow
 def test_failover_when_a_server_is_killed_mid_run(
     tiny_worldpm: Path, direct: RewardModel, tmp_path: Path
 ) -> None:
-    convs = real_conversations(160)
+    convs = real_conversations(48)  # 12 chunks: A is killed after 5, B answers the other 7
     want = direct.score(convs)
     with (
         server_process(tiny_worldpm, log=tmp_path / "a.log") as (url_a, proc_a),
@@ -280,12 +283,13 @@ def test_failover_when_a_server_is_killed_mid_run(
     assert max(abs(r.score - w) for r, w in zip(results, want)) <= 1e-4  # every reward once, in order
 
 
+@pytest.mark.slow
 def test_graceful_shutdown_finishes_in_flight_requests(tiny_worldpm: Path, tmp_path: Path) -> None:
     """Requests the server has taken in when SIGTERM arrives are all answered before it exits.
 
     (Connections still in the kernel's accept queue when the listener closes are reset:
     no server can answer those; clients retry them, OpenRLHF's 5 times.)"""
-    convs = real_conversations(240)
+    convs = real_conversations(96)
     with server_process(tiny_worldpm, "--max-batch-samples", "1", log=tmp_path / "s.log") as (url, proc):
         queued_at_sigterm: list[float] = []
         taken_at_sigterm: list[float] = []

@@ -55,6 +55,7 @@ def _rank_worker(
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_running_normalization_merged_across_two_processes(tmp_path: Path) -> None:
     rng = random.Random(2)
     # 3 steps; each process gets its own slice (different sizes) per step
@@ -110,6 +111,7 @@ def test_config_errors_name_the_key(kwargs: dict, says: str) -> None:
         ShapingConfig(**kwargs)
 
 
+@pytest.mark.slow
 def test_reference_relative_scores_each_reference_once(reward_model) -> None:
     calls: list[int] = []
 
@@ -133,6 +135,7 @@ def test_reference_relative_scores_each_reference_once(reward_model) -> None:
     assert batch.raw[4] is not None  # its own raw score is still kept for logging
 
 
+@pytest.mark.slow
 def test_calibration_round_trip(tmp_path: Path, tiny_worldpm: Path) -> None:
     convs = real_conversations(40)
     data = tmp_path / "calib.jsonl"

@@ -38,6 +38,7 @@ def test_planner_groups_completions_of_each_prompt() -> None:
         plan_shared_prefixes(seqs, min_prefix=0)
 
 
+@pytest.mark.slow
 def test_grpo_groups_score_as_unshared_and_as_the_reference(tiny_worldpm: Path) -> None:
     shared = RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32)
     plain = RewardModel.from_pretrained(tiny_worldpm, device="cpu", shared_prefix=False)
@@ -58,6 +59,7 @@ def test_grpo_groups_score_as_unshared_and_as_the_reference(tiny_worldpm: Path) 
     assert len(set(got)) == len(got)  # different replies, different scores
 
 
+@pytest.mark.slow
 def test_micro_batches_and_truncation_keep_the_same_scores(tiny_worldpm: Path) -> None:
     # a tiny token budget splits every group into several suffix micro-batches
     small = RewardModel.from_pretrained(
@@ -78,6 +80,7 @@ def test_micro_batches_and_truncation_keep_the_same_scores(tiny_worldpm: Path) -
     assert any(r.truncated for r in a)
 
 
+@pytest.mark.slow
 def test_bad_samples_and_out_of_memory_fall_back(tiny_worldpm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32)
     want = RewardModel.from_pretrained(tiny_worldpm, device="cpu", shared_prefix=False).score(GROUPS)
@@ -126,6 +129,7 @@ def test_bad_samples_and_out_of_memory_fall_back(tiny_worldpm: Path, monkeypatch
     )
 
 
+@pytest.mark.slow
 def test_polar_groups_share_their_prefix(tmp_path: Path) -> None:
     path = write_tiny_polar(tmp_path / "polar", seed=5)
     samples = [{**s, "reference": "A careful, complete answer to the question."} for s in GROUPS]
@@ -136,6 +140,7 @@ def test_polar_groups_share_their_prefix(tmp_path: Path) -> None:
     assert _max_diff(got, want) <= 1e-4
 
 
+@pytest.mark.slow
 def test_group_size_threshold(tiny_worldpm: Path) -> None:
     rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", min_shared_prefix=32, min_shared_group=7)
     assert rm.engine.min_shared_group == 7
@@ -153,6 +158,7 @@ def test_group_size_threshold(tiny_worldpm: Path) -> None:
     )  # CPU default
 
 
+@pytest.mark.slow
 def test_server_shares_prefixes_across_one_sample_requests(tiny_worldpm: Path) -> None:
     """OpenRLHF sends one sample per request: the server's batch still shares the group's prompt."""
     # the co-installation run inside veRL's environment installs the client extra, not the server
@@ -203,6 +209,7 @@ def test_sharing_is_on_only_where_it_pays() -> None:
     assert auto_min_shared_prefix(small, on_gpu=False) == 32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_rows_match_the_card_path_with_each_attention(tiny_worldpm: Path, attention: str) -> None:
     """Packed rows (unshared conversations, and shared-prefix groups) under both mask formats:

@@ -20,6 +20,8 @@ from wpr_policy import gsm8k_questions, tiny_policy
 from worldpm_reward import RewardModel
 from worldpm_reward.integrations.trl import AsyncWorldPMReward, WorldPMReward
 
+pytestmark = pytest.mark.framework
+
 
 class RecordingReward(WorldPMReward):
     """Remembers what TRL passed and what the adapter returned."""
@@ -82,6 +84,7 @@ def _grpo_args(tmp_path: Path, **kw: Any) -> GRPOConfig:
     return GRPOConfig(**{**values, **kw})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conversational", [False, True], ids=["standard", "conversational"])
 def test_grpo_runs_and_logs_worldpm_rewards(tmp_path: Path, tiny_worldpm: Path, conversational: bool) -> None:
     policy, tok = tiny_policy()
@@ -107,6 +110,7 @@ def test_grpo_runs_and_logs_worldpm_rewards(tmp_path: Path, tiny_worldpm: Path, 
     assert abs(steps[0]["rewards/worldpm/mean"] - sum(first) / len(first)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_rloo_runs(tmp_path: Path, tiny_worldpm: Path) -> None:
     _, tok = tiny_policy(tmp_path / "policy")  # RLOO rebuilds its reference model from the path
     reward = RecordingReward(tiny_worldpm, model_kwargs={"device": "cpu"})
@@ -148,6 +152,7 @@ class FailingScorer:
         return [ScoreResult(error=f"sample {i}: refused") if i in bad else r for i, r in enumerate(results)]
 
 
+@pytest.mark.slow
 def test_online_dpo_scores_pairs_and_an_unscorable_completion_never_wins(
     tmp_path: Path, tiny_worldpm: Path
 ) -> None:
@@ -215,6 +220,7 @@ def test_pair_layout_is_only_detected_for_online_dpo_calls() -> None:
         pair_fallback([1.0, 2.0, 3.0], 1.0)
 
 
+@pytest.mark.slow
 def test_a_rank_with_nothing_scorable_logs_no_nan(tmp_path: Path, tiny_worldpm: Path) -> None:
     import math
 
@@ -252,6 +258,7 @@ def test_length_bias_diagnostic_is_logged_and_correct(tmp_path: Path, tiny_world
     assert metrics["worldpm/length_corr"] == pytest.approx(want, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_reference_relative_rewards_from_a_dataset_column(tmp_path: Path, tiny_worldpm: Path) -> None:
     policy, tok = tiny_policy()
     reward = RecordingReward(
@@ -275,6 +282,7 @@ def test_reference_relative_rewards_from_a_dataset_column(tmp_path: Path, tiny_w
             assert got is not None and abs(got - (own.score - theirs.score)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_pickle_round_trip_is_cheap_and_scores_the_same(tiny_worldpm: Path) -> None:
     reward = WorldPMReward(tiny_worldpm, model_kwargs={"device": "cpu"}, shaping={"normalize": "running"})
     prompts = ["What is 2+2?", "Name a color."]
@@ -321,6 +329,7 @@ async def partner(prompts, completions, **kwargs):
     return [0.0] * len(prompts)
 
 
+@pytest.mark.slow
 def test_async_form_is_run_concurrently_by_trl(tmp_path: Path, tiny_worldpm: Path) -> None:
     reward = SlowPartnerAsyncReward(tiny_worldpm, model_kwargs={"device": "cpu"})
     assert is_async_callable(reward) and is_async_callable(AsyncWorldPMReward(tiny_worldpm))
@@ -355,6 +364,7 @@ def _async_grpo_child(reward: Any, prompts: list, completions: list, out: Any) -
     out.put((torch.cuda.is_available(), asyncio.run(score())))
 
 
+@pytest.mark.slow
 def test_async_reward_in_a_spawned_cuda_free_worker(tiny_worldpm: Path, tmp_path: Path) -> None:
     import multiprocessing as mp
 

@@ -11,11 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from wpr_servers import pip_target
+
+pytestmark = pytest.mark.framework
 
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 def test_ppo_trainer_runs_with_worldpm_rewards(tiny_worldpm: Path, tmp_path: Path) -> None:
     trl112 = pip_target("trl==1.12.0")
     out = tmp_path / "ppo.json"

@@ -22,6 +22,8 @@ from wpr_servers import pip_target, server_process
 
 from worldpm_reward import RewardModel
 
+pytestmark = pytest.mark.framework
+
 VERL = "verl==0.9.1"
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "recipes" / "configs" / "verl_worldpm.yaml"
@@ -148,6 +150,7 @@ def _expected(rm: RewardModel, tok: Any, data: Any, questions: list[str]) -> lis
     return out
 
 
+@pytest.mark.slow
 def test_async_reward_function_batches_a_workers_calls_and_matches_the_core(
     verl: Path, tiny_worldpm: Path, batch: Any
 ) -> None:
@@ -179,6 +182,7 @@ def test_async_reward_function_batches_a_workers_calls_and_matches_the_core(
         ].abs().sum().item() == pytest.approx(abs(got[i]))
 
 
+@pytest.mark.slow
 def test_sync_reward_function_over_http_and_the_legacy_batch_form(
     verl: Path, tiny_worldpm: Path, batch: Any, tmp_path: Path
 ) -> None:
@@ -204,6 +208,7 @@ def test_sync_reward_function_over_http_and_the_legacy_batch_form(
         assert all(abs(g - w) <= 1e-4 for g, w in zip(legacy, want) if w is not None)
 
 
+@pytest.mark.slow
 def test_unclipped_fallback_never_out_scores_a_real_answer(
     verl: Path, tiny_worldpm: Path, batch: Any
 ) -> None:
@@ -233,6 +238,7 @@ def test_unclipped_fallback_never_out_scores_a_real_answer(
     assert low["score"] < FALLBACK_FLOOR and again["score"] == low["score"] - 1.0
 
 
+@pytest.mark.slow
 def test_shipped_config_passes_verls_own_validation(verl: Path, tmp_path: Path) -> None:
     """The example's header command, through veRL's Hydra entry point (verl.trainer.main_ppo:main:
     Hydra composition, then its validate_config), with only the launch (run_ppo) stubbed out."""

