@@ -308,3 +308,22 @@ def test_server_down_from_the_start_is_loud_and_low_never_a_quiet_zero(
     assert summary and "3 samples, 3 failed (100.0%)" in summary[-1]
     after = failure_stats()
     assert after["failed"] - before["failed"] == 3 and after["samples"] - before["samples"] == 3
+
+    # the async path (the one the module recommends) raises the same alarm through its batcher
+    import asyncio
+
+    from worldpm_reward.integrations.verl import compute_score_async
+
+    caplog.clear()
+
+    async def three() -> list[float]:
+        calls = [
+            compute_score_async("x", s, "", {"prompt": "q"}, **{**kwargs, "url": "http://127.0.0.1:9/"})
+            for s in "abc"
+        ]
+        return [r["score"] if isinstance(r, dict) else r for r in await asyncio.gather(*calls)]
+
+    with caplog.at_level("INFO", logger="worldpm_reward.integrations.verl"):
+        assert asyncio.run(three()) == [-5.0, -5.0, -5.0]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("ALL" in e and "reachable" in e for e in errors), errors

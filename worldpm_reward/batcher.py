@@ -69,10 +69,15 @@ class _Piece:
 
 @dataclass
 class BatchReport:
-    """What one model call did (for metrics): its samples and seconds."""
+    """What one model call did (for metrics): its samples, seconds and tokens through the model."""
 
     samples: int
     seconds: float
+    tokens: int = 0
+    #: samples of the call that came back with an error (all of them when the call itself failed)
+    failed: int = 0
+    #: the first of those errors
+    first_error: str | None = None
 
 
 class DynamicBatcher:
@@ -338,4 +343,6 @@ class DynamicBatcher:
                         request.future.set_result(request.results)  # type: ignore[arg-type]
             offset += len(p.samples)
         if self.on_batch is not None:
-            self.on_batch(BatchReport(len(flat), seconds))
+            tokens = sum(int(getattr(r, "num_tokens", 0) or 0) for r in results)
+            errors = [str(error)] * len(flat) if error is not None else [r.error for r in results if r.error]
+            self.on_batch(BatchReport(len(flat), seconds, tokens, len(errors), errors[0] if errors else None))

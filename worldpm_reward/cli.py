@@ -313,7 +313,12 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         choices = meta.get("choices") or (
             typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
         )
-        g.add_argument(flag, dest=f.name, type=kind, default=default, choices=choices, help=help_text)
+        metavar = (
+            None if choices else flag[2:].replace("-", "_").upper()
+        )  # the flag's unit (MB), not the field's
+        g.add_argument(
+            flag, dest=f.name, type=kind, default=default, choices=choices, metavar=metavar, help=help_text
+        )
 
 
 def _number_or_none(value: str) -> float | None:

@@ -24,8 +24,11 @@ class ServeBatchScorer:
         self, scorer: Scorer, max_batch_size: int = 256, batch_wait_timeout_s: float = 0.005
     ) -> None:
         self.scorer = scorer
-        self._batched.set_max_batch_size(max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # one @serve.batch queue per instance: decorating the method on the class would share one
+        # queue among every instance in the process (Ray runs a batch with its first caller's self)
+        self._batched = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)(
+            self._score_batch
+        )
         self.batch_calls = 0
         self.batched_samples = 0
         self.fatal: str | None = None
@@ -34,8 +37,7 @@ class ServeBatchScorer:
     def alive(self) -> bool:
         return getattr(self.scorer, "alive", True)
 
-    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005)
-    async def _batched(self, samples: list[Any]) -> list[ScoreResult]:
+    async def _score_batch(self, samples: list[Any]) -> list[ScoreResult]:
         self.batch_calls += 1
         self.batched_samples += len(samples)
         try:
@@ -46,6 +48,12 @@ class ServeBatchScorer:
 
     async def ascore_detailed(self, samples: Sequence[Any]) -> list[ScoreResult]:
         return list(await asyncio.gather(*(self._batched(s) for s in samples)))
+
+    def close(self) -> None:
+        """Release the scorer's own resources (e.g. the vLLM a RewardModel launched)."""
+        close = getattr(self.scorer, "close", None)
+        if close is not None:
+            close()
 
 
 __all__ = ["ServeBatchScorer"]

@@ -259,6 +259,9 @@ class _Backend:
         with self.lock:
             self.batches += 1
             self.samples += report.samples
+        # the sync path's alarm: a model call whose every sample failed (the server down or unreachable)
+        if report.samples and report.failed == report.samples and self.fallback != "raise":
+            self._all_failed(report.samples, report.first_error)
 
     async def submit(self, sample: Any, max_batch: int, wait_s: float) -> RewardResult:
         """Score one sample together with this event loop's other concurrent calls (the

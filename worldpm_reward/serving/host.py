@@ -46,7 +46,20 @@ class ServiceHost:
         pass
 
     async def stop(self, timeout_s: Callable[[float], float | None]) -> None:
+        """Not ready from now on; the scorer's own resources (a launched vLLM) are released."""
         self.closing = True
+        await _close(self.scorer, timeout_s)
+
+
+async def _close(scorer: Any, timeout_s: Callable[[float], float | None]) -> None:
+    close = getattr(scorer, "close", None)
+    if close is None:
+        return
+    timeout = timeout_s(1.0)
+    if timeout is not None and "timeout_s" in inspect.signature(close).parameters:
+        await asyncio.to_thread(close, timeout_s=timeout)  # e.g. a ProcessScorer's child process
+    else:
+        await asyncio.to_thread(close)
 
 
 class _Loading:
@@ -115,8 +128,9 @@ class LocalHost(ServiceHost):
     def _load(self) -> None:
         assert self.factory is not None
         try:
-            self.loaded = self.factory()
-            self.queue.scorer = self.loaded
+            loaded = self.factory()
+            self.queue.scorer = loaded  # before `loaded`: a request admitted as ready finds the model
+            self.loaded = loaded
             logger.info("reward model loaded; serving")
         except Exception as exc:  # reported by /health
             logger.exception("loading the reward model failed")
@@ -137,13 +151,7 @@ class LocalHost(ServiceHost):
         except asyncio.TimeoutError:
             logger.error("drain timeout: %d queued samples not scored", self.queue.queued_samples)
             self.queue.abort(ServerClosingError("the reward server shut down before scoring this request"))
-        close = getattr(self.loaded, "close", None)
-        if close is not None:  # e.g. a ProcessScorer's child process
-            timeout = timeout_s(1.0)
-            if timeout is not None and "timeout_s" in inspect.signature(close).parameters:
-                await asyncio.to_thread(close, timeout_s=timeout)
-            else:
-                await asyncio.to_thread(close)
+        await _close(self.loaded, timeout_s)
 
 
 __all__ = ["LocalHost", "ServiceHost"]

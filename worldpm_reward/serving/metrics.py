@@ -43,7 +43,15 @@ class ServerMetrics:
             "worldpm_reward_request_seconds", "request latency", ["endpoint"], registry=registry
         )
         self.tokens = prom.Counter(
-            "worldpm_reward_tokens", "tokens scored (rate() = tokens/s)", registry=registry
+            "worldpm_reward_tokens",
+            "tokens of the requests' own samples scored (rate() = tokens/s served)",
+            registry=registry,
+        )
+        self.model_tokens = prom.Counter(
+            "worldpm_reward_model_tokens",
+            "tokens through the model, reference answers of reference-relative shaping included "
+            "(rate() = the model's throughput; worldpm-reward serve's batcher only)",
+            registry=registry,
         )
         self.samples = prom.Counter("worldpm_reward_samples", "samples scored", registry=registry)
         self.truncated = prom.Counter(
@@ -81,6 +89,7 @@ class ServerMetrics:
         """One model call of the batcher."""
         self.batch.observe(report.samples)
         self.batch_seconds.observe(report.seconds)
+        self.model_tokens.inc(report.tokens)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
