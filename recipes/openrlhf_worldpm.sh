@@ -13,7 +13,7 @@
 #   FP8 WorldPM (~72 GB) would fit on 1-2 GPUs and free the others for training.
 # Tested here: every train_ppo_ray flag below is checked against the installed OpenRLHF's
 # parser, and the reward URL and reward-function file are exercised against a live server
-# (tests/test_recipes.py).
+# (tests/recipes/test_recipes.py).
 #
 # Usage:
 #   ALGO=ppo          bash recipes/openrlhf_worldpm.sh   # PPO with a critic (GAE)
@@ -21,7 +21,7 @@
 #   ALGO=grpo         bash recipes/openrlhf_worldpm.sh   # GRPO (group-normalized advantages)
 #   REWARD_HOST=ray-serve ...                             # WorldPM as a Ray Serve app instead of the server
 #   REWARD_CALL=file ...                                  # through the reward-function file (bearer token)
-# CPU smoke (what CI checks): python -m pytest tests/test_recipes.py -k openrlhf
+# CPU smoke (what CI checks): python -m pytest tests/recipes/test_recipes.py -k openrlhf
 set -euo pipefail
 
 ALGO=${ALGO:-ppo}

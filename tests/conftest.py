@@ -26,3 +26,33 @@ def reward_model(tiny_worldpm: Path):
     from worldpm_reward import RewardModel
 
     return RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ray_serve_url():
+    """The test run's one local Ray cluster with Serve's HTTP proxy on a free loopback port
+    (started on first use, stopped at the end of the run). We stop only what we started:
+    ``ray.shutdown()``, never ``ray stop``. Tests delete the applications they deploy."""
+    import os
+    import sys
+
+    ray = pytest.importorskip("ray", reason="needs the 'ray' extra: pip install 'worldpm-reward[ray]'")
+    serve = pytest.importorskip(
+        "ray.serve", reason="needs the 'ray' extra: pip install 'worldpm-reward[ray]'"
+    )
+    from worldpm_reward.testing.servers import free_port
+
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        ignore_reinit_error=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -45,7 +45,7 @@ def test_sample_scores_the_same_alone_and_in_any_batch(tiny_worldpm, convs) -> N
 def test_batches_really_mix_lengths_and_pack(tiny_worldpm, convs) -> None:
     """Invariance above is only meaningful if batches hold several lengths, several sequences
     per packed row. (Sharing off: hh-rlhf's chosen/rejected pairs share their prompt and would
-    otherwise run as shared-prefix groups, which tests/test_shared_prefix.py covers.)"""
+    otherwise run as shared-prefix groups, which tests/engines/test_shared_prefix.py covers.)"""
     rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu", shared_prefix=False)
     rm.score(convs)
     assert rm.last_stats.num_batches < len(convs) // 4

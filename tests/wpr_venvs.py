@@ -59,11 +59,11 @@ VERL_ENV = FrameworkEnv(
     extras=("testing", "test", "client", "serve"),  # serve: veRL's tests also start a reward server
     no_deps=("verl==0.9.1",),
     tests=(
-        "tests/test_reference.py",
-        "tests/test_polar.py",
-        "tests/test_shared_prefix.py",
-        "tests/test_loading.py",
-        "tests/test_verl.py",
+        "tests/test_scoring_reference.py",
+        "tests/families/test_polar.py",
+        "tests/engines/test_shared_prefix.py",
+        "tests/test_checkpoints.py",
+        "tests/integrations/test_verl.py",
     ),
 )
 
@@ -75,12 +75,12 @@ OPENRLHF_ENV = FrameworkEnv(
     extras=("testing", "test", "client", "serve", "ray"),
     no_deps=("openrlhf==0.11.2",),
     tests=(
-        "tests/test_reference.py",
-        "tests/test_polar.py",
-        "tests/test_shared_prefix.py",
-        "tests/test_loading.py",
-        "tests/test_serving.py",
-        "tests/test_openrlhf_fallback.py",
+        "tests/test_scoring_reference.py",
+        "tests/families/test_polar.py",
+        "tests/engines/test_shared_prefix.py",
+        "tests/test_checkpoints.py",
+        "tests/serving/test_app.py",
+        "tests/integrations/test_openrlhf.py",
     ),
 )
 

@@ -154,7 +154,7 @@ def _end_forward(unit: nn.Module) -> None:
     inside it: idle and resharded. FSDP2 only reshards an idle unit (and never the root after
     a forward), and takes a unit stuck "in forward" as already gathered, which would skip its
     all-gather in the next call and put this rank out of step with the others. (FSDP2
-    internals, torch 2.13; the failure test in tests/test_sharded.py catches a change.)"""
+    internals, torch 2.13; the failure test in tests/engines/test_sharded.py catches a change.)"""
     from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
 
     state = unit._get_fsdp_state()  # type: ignore[operator]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the wpr_* helpers
 from wpr_sharded import calls_for, marker_ids
 
 from worldpm_reward import CheckpointError, RewardModel

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.framework
 
 @pytest.fixture(scope="module")
 def agent() -> Any:
-    try:  # OpenRLHF's own environment (tests/test_coinstall.py): the installed package
+    try:  # OpenRLHF's own environment (tests/integrations/test_coinstall.py): the installed package
         from openrlhf.utils import agent as installed
 
         return installed

@@ -25,14 +25,14 @@ from worldpm_reward import RewardModel
 pytestmark = pytest.mark.framework
 
 VERL = "verl==0.9.1"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "recipes" / "configs" / "verl_worldpm.yaml"
 OURS = "pkg://worldpm_reward.integrations.verl"
 
 
 @pytest.fixture(scope="module")
 def verl() -> Iterator[Path]:
-    try:  # veRL's own environment (tests/test_coinstall.py): the installed veRL
+    try:  # veRL's own environment (tests/integrations/test_coinstall.py): the installed veRL
         from importlib.metadata import version
 
         if version("verl") == VERL.split("==")[1]:

@@ -12,7 +12,6 @@ import pytest
 ray = pytest.importorskip("ray", reason="needs the 'ray' extra: pip install 'worldpm-reward[ray]'")
 serve = pytest.importorskip("ray.serve", reason="needs the 'ray' extra: pip install 'worldpm-reward[ray]'")
 
-from wpr_servers import free_port  # noqa: E402
 from wpr_testutils import real_conversations  # noqa: E402
 
 from worldpm_reward import RewardModel  # noqa: E402
@@ -21,22 +20,13 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """Our own local cluster; we stop only what we started (never `ray stop`)."""
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        ignore_reinit_error=False,
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+def cluster(ray_serve_url: str):
+    """The run's shared Ray cluster (conftest); this module's applications are deleted after it."""
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield ray_serve_url
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        for name in ("worldpm", "worldpm-two"):
+            serve.delete(name)
 
 
 @pytest.mark.slow
@@ -193,7 +183,7 @@ def test_the_example_serve_config_file_deploys_with_serve_run(
 
     import yaml
 
-    example = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "ray_serve_worldpm.yaml"
+    example = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "ray_serve_worldpm.yaml"
     config = yaml.safe_load(example.read_text())
     (app,) = config["applications"]
     assert app["import_path"] == "worldpm_reward.integrations.ray_serve:build_app"

@@ -1,6 +1,6 @@
 """engine="fsdp": one reward model sharded across torch.distributed ranks (FSDP2, gloo on CPU).
 
-Each multi-process test launches tests/sharded_job.py under torchrun, the way a training job
+Each multi-process test launches tests/engines/sharded_job.py under torchrun, the way a training job
 runs, and checks every rank's results against the UNSHARDED model scoring the same samples in
 this process: scores within 1e-5 (fp32), the same per-sample errors, merged counters, and
 each rank's resident share of the parameters. A deadlock would show as the launch timing out.
@@ -25,6 +25,8 @@ from worldpm_reward.samples import parse_sample
 from worldpm_reward.testing import write_tiny_worldpm
 
 HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent  # the wpr_* helpers
+ROOT = TESTS.parent
 TOLERANCE = 1e-5
 
 
@@ -57,7 +59,11 @@ def test_fsdp_engine_outside_a_distributed_job_says_how_to_launch(tiny_worldpm: 
 
 def run_job(world: int, ckpt: Path, broken: Path, out: Path) -> list[dict]:
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), str(HERE)]),
+    }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
     proc = subprocess.run(
         [*cmd, str(HERE / "sharded_job.py"), str(ckpt), str(broken), str(out)],
@@ -169,7 +175,7 @@ def test_trl_grpo_with_two_processes_shares_one_sharded_reward_model(
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), str(HERE)]),
         "WORLDPM_SHARED_DATA": str(DATA),
     }
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
@@ -228,7 +234,7 @@ RELEASED = {
         tie_word_embeddings=False,
     ),
 }
-SHARDED_RECIPE = HERE.parent / "recipes" / "configs" / "grpo_worldpm72b_sharded.yaml"
+SHARDED_RECIPE = ROOT / "recipes" / "configs" / "grpo_worldpm72b_sharded.yaml"
 
 
 def test_sharded_recipe_memory_arithmetic_follows_from_the_config() -> None:

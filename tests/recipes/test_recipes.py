@@ -21,7 +21,7 @@ from wpr_servers import pip_target, server_process
 
 from worldpm_reward.config import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 RECIPE_OF = {
     "grpo": "grpo_worldpm",

@@ -22,22 +22,22 @@ from wpr_testutils import real_conversations
 from worldpm_reward import RewardModel
 from worldpm_reward.serving import ServerConfig, create_app
 from worldpm_reward.serving.client import RemoteScorer
+from worldpm_reward.serving.limits import uvicorn_options
 
 
 @pytest.fixture(scope="module")
-def live(tiny_worldpm: Path, tmp_path_factory: pytest.TempPathFactory):
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    # --fallback-reward none: these tests check the 422 naming a bad item (the default answers -10)
-    with server_process(tiny_worldpm, "--max-wait-ms", "20", "--fallback-reward", "none", log=log) as (
-        url,
-        _proc,
-    ):
+def live(direct: RewardModel):
+    """The server in this process (routes, batcher and limits as `worldpm-reward serve` runs
+    them); the scorer-process tests below start real `serve` processes."""
+    # fallback_reward=None: these tests check the 422 naming a bad item (the default answers -10)
+    cfg = ServerConfig(max_wait_ms=20, fallback_reward=None)
+    with server_thread(create_app(direct, cfg), **uvicorn_options(cfg)) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
-def direct(tiny_worldpm: Path) -> RewardModel:
-    return RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+def direct(reward_model: RewardModel) -> RewardModel:
+    return reward_model
 
 
 @pytest.fixture(scope="module")

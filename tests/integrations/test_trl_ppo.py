@@ -25,7 +25,9 @@ def test_ppo_trainer_runs_with_worldpm_rewards(tiny_worldpm: Path, tmp_path: Pat
     out = tmp_path / "ppo.json"
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(trl112), str(HERE), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(trl112), str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]
+        ),
     }
     proc = subprocess.run(
         [sys.executable, str(HERE / "ppo_trl112_job.py"), str(tiny_worldpm), str(out)],

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from wpr_servers import VLLM_SPEC, free_port, server_process, vllm_venv_python
+from wpr_servers import VLLM_SPEC, server_process, vllm_venv_python
 from wpr_testutils import ROOT, ReferenceWorldPM, real_conversations
 
 from worldpm_reward import RewardModel
@@ -468,22 +468,19 @@ def test_a_launched_engine_dies_with_its_parent(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_ray_serve_deployment_on_the_vllm_engine(worldpm_vllm: RewardModel, worldpm_dir: Path) -> None:
-    """The Ray deployment takes the engine through model_kwargs like every other option."""
-    ray = pytest.importorskip("ray", reason="needs the 'ray' extra: pip install 'worldpm-reward[ray]'")
-    serve = pytest.importorskip("ray.serve", reason="needs the 'ray' extra")
+@pytest.mark.ray
+def test_the_ray_serve_deployment_on_the_vllm_engine(
+    worldpm_vllm: RewardModel, worldpm_dir: Path, ray_serve_url: str
+) -> None:
+    """The Ray deployment takes the engine through model_kwargs like every other option, on
+    the run's shared Ray cluster (conftest)."""
+    from ray import serve
+
     from worldpm_reward.integrations.ray_serve import build_app
 
     samples = _worldpm_samples()[:12]
     expected = worldpm_vllm.score_detailed(samples)
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
-    )
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         app = build_app(
             {
                 "model": str(worldpm_dir),
@@ -497,11 +494,10 @@ def test_the_ray_serve_deployment_on_the_vllm_engine(worldpm_vllm: RewardModel, 
                 },
             }
         )
-        handle = serve.run(app, name="worldpm-vllm", route_prefix="/")
+        handle = serve.run(app, name="worldpm-vllm", route_prefix="/vllm")
         got = handle.score.remote(samples).result()["results"]
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete("worldpm-vllm")
     for i, (want, r) in enumerate(zip(expected, got)):
         if want.error is None:
             assert abs(r["score"] - want.score) <= 1e-6, i

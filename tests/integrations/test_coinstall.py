@@ -151,7 +151,7 @@ def _parity(full_list: Sequence[str]) -> list[str]:
         return list(full_list)
     # the parity tests against independent references (their own transformers version's
     # model code); WPR_COINSTALL_FULL=1 adds shared prefixes, loading and POLAR
-    return ["tests/test_reference.py"]
+    return ["tests/test_scoring_reference.py"]
 
 
 @pytest.mark.slow
@@ -164,7 +164,7 @@ def test_inside_verls_environment() -> None:
     _run_inside(
         VERL_ENV,
         {"verl": "0.9.1", "transformers": "5.9.0"},
-        [*parity, "tests/test_verl.py", "tests/test_tool_turns.py"],
+        [*parity, "tests/integrations/test_verl.py", "tests/test_tool_turns.py"],
     )
 
 
@@ -177,5 +177,5 @@ def test_inside_openrlhfs_environment() -> None:
     _run_inside(
         OPENRLHF_ENV,
         {"openrlhf": "0.11.2", "transformers": "5.15.0", "ray": "2.55.0"},
-        [*parity, "tests/test_openrlhf_fallback.py"],
+        [*parity, "tests/integrations/test_openrlhf.py"],
     )
