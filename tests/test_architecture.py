@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "worldpm_reward"
 
@@ -36,6 +38,7 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
+@pytest.mark.slow
 def test_core_imports_no_framework() -> None:
     """Every module outside integrations/ (the adapters) imports cleanly with no framework,
     no logging handler and no CUDA initialisation."""

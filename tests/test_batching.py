@@ -42,6 +42,7 @@ def test_sample_scores_the_same_alone_and_in_any_batch(tiny_worldpm, convs) -> N
         assert rm.last_stats.num_batches > 1
 
 
+@pytest.mark.slow
 def test_batches_really_mix_lengths_and_pack(tiny_worldpm, convs) -> None:
     """Invariance above is only meaningful if batches hold several lengths, several sequences
     per packed row. (Sharing off: hh-rlhf's chosen/rejected pairs share their prompt and would
@@ -75,6 +76,7 @@ def test_pad_id_equal_to_scored_token_does_not_shift_pooling(reward_model, convs
     assert all(abs(a - b) > 1e-3 for a, b in zip(ours, stock))
 
 
+@pytest.mark.slow
 def test_order_preserved_and_bad_samples_do_not_cost_others(reward_model, convs) -> None:
     good = convs[:10]
     expected = reward_model.score(good)

@@ -91,6 +91,7 @@ def test_score_missing_model_is_a_clean_error(tmp_path: Path, capsys: pytest.Cap
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_runs_offline(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

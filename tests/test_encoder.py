@@ -77,6 +77,7 @@ def test_user_system_message_is_kept(reward_model) -> None:
     assert text.count("<|im_start|>system") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", [QWEN2_CHAT_TEMPLATE, QWEN2_CHAT_TEMPLATE_WITH_EOS])
 def test_endoftext_exactly_once(template: str) -> None:
     enc = ChatTemplateEncoder(
@@ -86,6 +87,7 @@ def test_endoftext_exactly_once(template: str) -> None:
     assert ids.count(151643) == 1 and ids[-1] == 151643 and ids[-2] == 198  # "\n" after <|im_end|>
 
 
+@pytest.mark.slow
 def test_missing_final_token_is_refused() -> None:
     from worldpm_reward import CheckpointError
 

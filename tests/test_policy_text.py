@@ -40,10 +40,16 @@ CONV = [
 REPLY = "Then they arrive together — café au lait for everyone."
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """One real-vocabulary tokenizer for the module (building one takes seconds); each test
+    sets the special tokens its template reads."""
+    return qwen_tokenizer()
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_round_trip_through_real_templates(case: str) -> None:
+def test_round_trip_through_real_templates(case: str, tok) -> None:
     template, end, bos, eos = CASES[case]
-    tok = qwen_tokenizer()
     tok.bos_token, tok.eos_token = (bos or None), (eos or "<|im_end|>")
     prompt = tok.apply_chat_template(CONV, chat_template=template, tokenize=False, add_generation_prompt=True)
     if case == "mistral":

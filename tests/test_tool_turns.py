@@ -123,6 +123,7 @@ def test_trl_tool_calling_completions_get_rewards(reward_model: RewardModel, ref
     assert all(o is not None and abs(o - w) <= 1e-5 for o, w in zip(out, want)), (out, want)
 
 
+@pytest.mark.slow
 def test_verl_multi_turn_response_layout_scores_as_the_trajectory(
     tiny_worldpm: Path, ref: ReferenceWorldPM
 ) -> None:
@@ -158,6 +159,7 @@ def test_verl_multi_turn_response_layout_scores_as_the_trajectory(
     assert split_tool_turns("The answer is 391.") is None
 
 
+@pytest.mark.slow
 def test_polar_gets_tool_turns_as_its_own_turns(tmp_path: Path) -> None:
     from worldpm_reward.families.polar import PolarEncoder
     from worldpm_reward.testing import polar_tokenizer

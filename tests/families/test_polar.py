@@ -150,6 +150,7 @@ def test_truncation_follows_the_reference_client(polar: Path) -> None:
     assert any(r.truncated for r in results) and all(r.num_tokens <= 124 for r in results)
 
 
+@pytest.mark.slow
 def test_missing_and_misshaped_weights_are_refused(tmp_path: Path) -> None:
     path = write_tiny_polar(
         tmp_path / "broken", drop=("v_head.weight", "model.layers.1.attention.wqkv.weight")
@@ -159,6 +160,7 @@ def test_missing_and_misshaped_weights_are_refused(tmp_path: Path) -> None:
     assert "v_head.weight" in str(info.value) and "model.layers.1.attention.wqkv.weight" in str(info.value)
 
 
+@pytest.mark.slow
 def test_family_override_and_errors(polar: Path, tiny_worldpm: Path) -> None:
     with pytest.raises(CheckpointError):
         RewardModel.from_pretrained(tiny_worldpm, device="cpu", family="polar")
@@ -262,6 +264,7 @@ def test_same_scores_through_every_surface(
         assert httpx.post(f"{url}/get_reward", json=body, timeout=60).json()["rewards"] == rewards
 
 
+@pytest.mark.slow
 def test_selftest_runs_for_polar(polar: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["selftest", "--model", str(polar), "--device", "cpu"])
     out = capsys.readouterr().out

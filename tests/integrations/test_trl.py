@@ -241,6 +241,7 @@ def test_a_rank_with_nothing_scorable_logs_no_nan(tmp_path: Path, tiny_worldpm: 
     assert not any(isinstance(v, float) and math.isnan(v) for k, v in logged[0].items() if "worldpm" in k)
 
 
+@pytest.mark.slow
 def test_length_bias_diagnostic_is_logged_and_correct(tmp_path: Path, tiny_worldpm: Path) -> None:
     from worldpm_reward.integrations.trl import length_correlation
 
@@ -297,6 +298,7 @@ def test_pickle_round_trip_is_cheap_and_scores_the_same(tiny_worldpm: Path) -> N
     assert first[0] is not None
 
 
+@pytest.mark.slow
 def test_unscorable_completion_is_none_not_a_number(tiny_worldpm: Path) -> None:
     reward = WorldPMReward(tiny_worldpm, model_kwargs={"device": "cpu"})
     metrics: dict[str, float] = {}

@@ -231,6 +231,7 @@ def test_openrlhf_script_serve_command_parses_and_ray_gets_only_training_gpus() 
     assert not set(defaults["RM_GPUS"].split(",")) & set(defaults["TRAIN_GPUS"].split(","))
 
 
+@pytest.mark.slow
 def test_openrlhf_script_reward_endpoints_work(
     tiny_worldpm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -198,6 +198,7 @@ class SlowScorer:
         return self.inner.score_detailed(samples)
 
 
+@pytest.mark.slow
 def test_auth_body_limit_and_backpressure(direct: RewardModel) -> None:
     cfg = ServerConfig(token="s3cret", max_body_bytes=4096, max_queue=4, max_batch_samples=2, max_wait_ms=1)
     app = create_app(SlowScorer(direct, 0.3), cfg)
@@ -581,6 +582,7 @@ def test_hostile_bodies_and_headers_get_clear_4xx_never_5xx(direct: RewardModel)
         assert ok.status_code == 200 and ok.json()["results"][0]["error"] is None
 
 
+@pytest.mark.slow
 def test_abandoned_requests_are_dropped_before_scoring(direct: RewardModel) -> None:
     slow = SlowScorer(direct, 2.0)
     app = create_app(slow, ServerConfig(max_batch_samples=1, max_wait_ms=1))
@@ -602,6 +604,7 @@ def test_abandoned_requests_are_dropped_before_scoring(direct: RewardModel) -> N
         assert waited < 3.5  # its own 2 s, not 10 more seconds of scoring for nobody
 
 
+@pytest.mark.slow
 def test_sigterm_drain_finishes_every_accepted_request(
     direct: RewardModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:

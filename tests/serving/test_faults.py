@@ -110,6 +110,7 @@ def test_1_a_call_past_its_deadline_kills_the_child() -> None:
     assert scorer.deadline_s([conv("x" * 3000)] * 10) > scorer.deadline_s([conv("x")]) + 10  # size counts
 
 
+@pytest.mark.slow
 def test_1_server_answers_503_with_reason_and_health_follows_the_child(tmp_path: Path) -> None:
     """Over HTTP: while the child is stopped, requests get 503 + Retry-After naming the
     reason within the heartbeat bound, /health says 503 (not 200), then recovers."""
@@ -137,6 +138,7 @@ def test_1_server_answers_503_with_reason_and_health_follows_the_child(tmp_path:
         assert unavailable and float(unavailable.group(1)) >= 1
 
 
+@pytest.mark.slow
 def test_1_shutdown_finishes_within_the_drain_timeout_whatever_the_child_does() -> None:
     """A stopped child with generous timeouts and a request in flight: shutdown still ends
     within drain_timeout_s (the child is killed), and the caller gets an answer, not a hang."""
@@ -413,6 +415,7 @@ class _Gate:
         return FaultyScorer().score_detailed(samples)
 
 
+@pytest.mark.slow
 def test_2_a_replica_that_hangs_behind_a_healthy_health_check_costs_at_most_a_hedge() -> None:
     """One of two replicas never answers but its /health says 200 (the issue's stuck scorer):
     200 consecutive calls each return well within 1 s with the right scores, the client's
@@ -652,6 +655,7 @@ def test_12_cli_refuses_destructive_or_empty_runs_with_one_error_line(tmp_path: 
     assert json.loads(src.read_text())["messages"][1]["content"] == "a"  # the input is intact
 
 
+@pytest.mark.slow
 def test_12_errors_name_the_input_line(tmp_path: Path, tiny_worldpm: Path) -> None:
     from worldpm_reward.cli import main
 

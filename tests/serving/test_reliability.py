@@ -36,8 +36,8 @@ from worldpm_reward.shaping import RewardShaper, RunningStats, ShapingConfig
 
 
 @pytest.fixture(scope="module")
-def direct(tiny_worldpm: Path) -> RewardModel:
-    return RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+def direct(reward_model: RewardModel) -> RewardModel:
+    return reward_model
 
 
 def _samples_scored(url: str) -> float:

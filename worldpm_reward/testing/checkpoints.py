@@ -16,6 +16,7 @@ import copy
 import functools
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -207,8 +208,22 @@ def write_tiny_worldpm(
     _mark_worldpm_config(out)
 
     template = QWEN2_CHAT_TEMPLATE_WITH_EOS if template_appends_eos else QWEN2_CHAT_TEMPLATE
-    qwen_tokenizer(template).save_pretrained(out)
+    for f in _saved_qwen_tokenizer(template).iterdir():
+        shutil.copyfile(f, out / f.name)
     return out
+
+
+@functools.cache
+def _saved_qwen_tokenizer(chat_template: str) -> Path:
+    """``qwen_tokenizer(chat_template).save_pretrained`` once per process (building the tokenizer
+    takes seconds); checkpoints copy its files."""
+    import atexit
+    import tempfile
+
+    where = Path(tempfile.mkdtemp(prefix="worldpm-tokenizer-"))
+    atexit.register(shutil.rmtree, where, True)
+    qwen_tokenizer(chat_template).save_pretrained(where)
+    return where
 
 
 def random_worldpm(
@@ -233,8 +248,6 @@ def demo_checkpoint() -> Path:
         / "tiny-worldpm-v1"
     )
     if not (cache / "tokenizer.json").is_file():  # written last: its presence means complete
-        import shutil
-
         tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
         write_tiny_worldpm(tmp)
         shutil.rmtree(cache, ignore_errors=True)
