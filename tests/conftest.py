@@ -28,11 +28,30 @@ def reward_model(tiny_worldpm: Path):
     return RewardModel.from_pretrained(tiny_worldpm, device="cpu")
 
 
+#: the run's Ray cluster: the nodeid of the last selected test that uses it, and how to stop it
+_RAY: dict = {"last": None, "stop": None}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    users = [item for item in items if "ray_serve_url" in getattr(item, "fixturenames", ())]
+    _RAY["last"] = users[-1].nodeid if users else None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Stop the Ray cluster after the last test that uses it: its idle processes would
+    otherwise take CPU from every later test."""
+    if item.nodeid == _RAY["last"] and _RAY["stop"] is not None:
+        _RAY["stop"]()
+
+
 @pytest.fixture(scope="session")
 def ray_serve_url():
-    """The test run's one local Ray cluster with Serve's HTTP proxy on a free loopback port
-    (started on first use, stopped at the end of the run). We stop only what we started:
-    ``ray.shutdown()``, never ``ray stop``. Tests delete the applications they deploy."""
+    """The test run's one local Ray cluster with Serve's HTTP proxy on a free loopback port,
+    started on first use and stopped after the last test that uses it (or at the end of the
+    run). We stop only what we started: ``ray.shutdown()``, never ``ray stop``. Tests delete
+    the applications they deploy."""
     import os
     import sys
 
@@ -51,8 +70,15 @@ def ray_serve_url():
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    def stop() -> None:
+        _RAY["stop"] = None
+        serve.shutdown()
+        ray.shutdown()
+
+    _RAY["stop"] = stop
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if _RAY["stop"] is not None:
+            stop()
