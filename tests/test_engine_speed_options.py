@@ -31,10 +31,18 @@ def test_compile_is_a_cli_flag_and_a_config_key(tmp_path: Path) -> None:
     parser = build_parser()
     score = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["score"]
     assert "--compile" in score.format_help()
-    assert _model_config(parser.parse_args(["score", "in.jsonl", "-o", "out.jsonl", "--model", "m", "--compile"])).compile is True
-    assert _model_config(parser.parse_args(["score", "in.jsonl", "-o", "out.jsonl", "--model", "m"])).compile is False
+    assert (
+        _model_config(
+            parser.parse_args(["score", "in.jsonl", "-o", "out.jsonl", "--model", "m", "--compile"])
+        ).compile
+        is True
+    )
+    assert (
+        _model_config(parser.parse_args(["score", "in.jsonl", "-o", "out.jsonl", "--model", "m"])).compile
+        is False
+    )
     assert load_config(ModelConfig, overrides=["compile=true"]).compile is True
-    with pytest.raises(ConfigError, match="compile.*engine='transformers'"):
+    with pytest.raises(ConfigError, match=r"compile.*engine='transformers'"):
         ModelConfig(compile=True, engine="vllm")
 
 
@@ -74,7 +82,10 @@ def test_compile_failure_falls_back_to_eager_naming_the_reason(
         got = compiled.score(samples)
     reason = compiled.engine.compile_error
     assert reason is not None and "no C++ compiler found (test)" in reason
-    assert any("running the backbone eagerly" in r.getMessage() and "no C++" in r.getMessage() for r in caplog.records)
+    assert any(
+        "running the backbone eagerly" in r.getMessage() and "no C++" in r.getMessage()
+        for r in caplog.records
+    )
     assert compiled.engine._compiled is None
     assert all(r.error is None for r in compiled.score_detailed(samples))
     assert _max_diff(got, eager.score(samples)) <= 1e-6

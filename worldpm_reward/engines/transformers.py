@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -87,7 +87,7 @@ def compile_backbone(backbone: nn.Module, device: torch.device) -> Any:
     On CPU inductor's weight freezing folds the weights into the graph as constants and
     prepacks the GEMM weights: faster, but the weights must not change after the first call.
     Lazy: compiling happens at the first call."""
-    options = {"freezing": True} if device.type == "cpu" else {}
+    options: dict[str, str | int | bool | Callable[..., Any]] = {"freezing": device.type == "cpu"}
     return torch.compile(backbone, dynamic=True, options=options)
 
 
@@ -271,7 +271,7 @@ class TransformersEngine:
                 scores = score_packed(*self._packed_parts, batch, self.device, forward=self._compiled)
             except torch.OutOfMemoryError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any compile failure falls back to eager
+            except Exception as exc:  # any compile failure falls back to eager
                 reason = (str(exc).strip().splitlines() or [""])[0][:300]
                 self.compile_error = f"torch.compile failed ({type(exc).__name__}: {reason})"
                 logger.warning("compile: %s; running the backbone eagerly from now on", self.compile_error)
