@@ -231,6 +231,7 @@ class TransformersEngine:
             self.row_tokens,
             self.max_batch_size,
             [len(b.suffixes) for b in blocks],
+            self.max_padding_fraction,
         )
         for rows in plan:
             self._run_packed([[blocks[k] for k in row] for row in rows], results, stats, start_index)
