@@ -273,7 +273,7 @@ class TransformersEngine:
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # any compile failure falls back to eager
-                reason = (str(exc).strip().splitlines() or [""])[0][:300]
+                reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:300]
                 self.compile_error = f"torch.compile failed ({type(exc).__name__}: {reason})"
                 logger.warning("compile: %s; running the backbone eagerly from now on", self.compile_error)
                 self._compiled = None
