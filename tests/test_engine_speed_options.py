@@ -63,6 +63,7 @@ def test_compiled_backbone_scores_as_eager_and_as_the_reference(tiny_worldpm: Pa
     assert len(set(got)) == len(got)
 
 
+@pytest.mark.slow
 def test_compile_failure_falls_back_to_eager_naming_the_reason(
     tiny_worldpm: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
