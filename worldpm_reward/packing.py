@@ -17,7 +17,7 @@ decoders whose layers all use full attention (:func:`packing_support`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,12 +149,19 @@ def packing_support(backbone: Any) -> str | None:
     return None
 
 
-def score_packed(backbone: Any, head: nn.Module, batch: PackedBatch, device: torch.device) -> torch.Tensor:
-    """Raw scores (N,) of the packed sequences, in the order of ``batch.keys``, in the head's dtype."""
+def score_packed(
+    backbone: Any,
+    head: nn.Module,
+    batch: PackedBatch,
+    device: torch.device,
+    forward: Callable[..., Any] | None = None,
+) -> torch.Tensor:
+    """Raw scores (N,) of the packed sequences, in the order of ``batch.keys``, in the head's dtype.
+    ``forward``: what runs the backbone (e.g. its ``torch.compile``'d form), else the backbone."""
     kind = "sdpa" if backbone.config._attn_implementation == "sdpa" else "eager"
     segments = batch.segments.to(device)
     mask = block_mask(segments, batch.parents.to(device), kind, backbone.dtype)
-    hidden = backbone(
+    hidden = (backbone if forward is None else forward)(
         input_ids=batch.input_ids.to(device),
         attention_mask=mask,
         position_ids=batch.position_ids.to(device),

@@ -19,7 +19,8 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,7 +31,7 @@ from worldpm_reward.config import ModelConfig
 from worldpm_reward.encoder import Encoded
 from worldpm_reward.engines.base import BatchStats, Engine, EngineClass, LoadedEngine, Progress
 from worldpm_reward.families import RewardFamily, load
-from worldpm_reward.packing import Block, pack, packing_support, score_packed
+from worldpm_reward.packing import Block, PackedBatch, pack, packing_support, score_packed
 from worldpm_reward.samples import ScoreResult
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ __all__ = [
     "TransformersEngine",
     "auto_min_shared_prefix",
     "auto_row_tokens",
+    "compile_backbone",
     "default_pad_id",
     "right_padded",
 ]
@@ -77,6 +79,16 @@ def auto_min_shared_prefix(model: Any, on_gpu: bool) -> int:
     params = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
     overhead = FORWARD_CALL_OVERHEAD_FLOPS["gpu" if on_gpu else "cpu"]
     return max(32, math.ceil(overhead / max(2 * params, 1)))
+
+
+def compile_backbone(backbone: nn.Module, device: torch.device) -> Any:
+    """``torch.compile`` of a packed backbone (inductor, dynamic shapes: rows x width change
+    with every micro-batch, so one graph serves them all, plus one for single-row batches).
+    On CPU inductor's weight freezing folds the weights into the graph as constants and
+    prepacks the GEMM weights: faster, but the weights must not change after the first call.
+    Lazy: compiling happens at the first call."""
+    options: dict[str, str | int | bool | Callable[..., Any]] = {"freezing": device.type == "cpu"}
+    return torch.compile(backbone, dynamic=True, options=options)
 
 
 def right_padded(batch_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +141,16 @@ class TransformersEngine:
         self.row_tokens = auto_row_tokens(model)
         self.share_prefixes = self._packed_parts is not None and bool(cfg.shared_prefix)
         self.pad_token_id = pad_token_id
+        #: the backbone under torch.compile (config.compile), built lazily; None: eager
+        self._compiled: Any = None
+        #: why config.compile is not in effect (compiling failed, or padded micro-batches), else None
+        self.compile_error: str | None = None
+        if cfg.compile:
+            if self._packed_parts is None:
+                self.compile_error = "compile applies to packed backbones only; this model runs eagerly"
+                logger.warning("compile: %s", self.compile_error)
+            else:
+                self._compiled = compile_backbone(self._packed_parts[0], self.device)
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike[str], config: ModelConfig) -> LoadedEngine:
@@ -209,6 +231,7 @@ class TransformersEngine:
             self.row_tokens,
             self.max_batch_size,
             [len(b.suffixes) for b in blocks],
+            self.max_padding_fraction,
         )
         for rows in plan:
             self._run_packed([[blocks[k] for k in row] for row in rows], results, stats, start_index)
@@ -238,6 +261,29 @@ class TransformersEngine:
         blocks += [Block((), [(i, e.input_ids)]) for j, (i, e) in enumerate(ready) if j not in grouped]
         return blocks
 
+    def _score_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """score_packed through the compiled backbone when there is one. A failure to compile
+        (no C++ compiler, an unsupported operation) is logged with its reason, and this and
+        every later batch run eagerly; running out of memory is the caller's to handle."""
+        assert self._packed_parts is not None
+        if self._compiled is not None:
+            started = time.perf_counter()
+            try:
+                scores = score_packed(*self._packed_parts, batch, self.device, forward=self._compiled)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # any compile failure falls back to eager
+                reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:300]
+                self.compile_error = f"torch.compile failed ({type(exc).__name__}: {reason})"
+                logger.warning("compile: %s; running the backbone eagerly from now on", self.compile_error)
+                self._compiled = None
+            else:
+                seconds = time.perf_counter() - started
+                if seconds > 10.0:
+                    logger.info("compiled forward call took %.1f s (compiling included)", seconds)
+                return scores
+        return score_packed(*self._packed_parts, batch, self.device)
+
     def _run_packed(
         self,
         rows: list[list[Block]],
@@ -253,7 +299,7 @@ class TransformersEngine:
         # An OOM is retried below, OUTSIDE the handler: while it is being handled the exception's
         # traceback pins the failed attempt's activations (the PyTorch FAQ pitfall).
         with contextlib.suppress(torch.OutOfMemoryError), torch.inference_mode():
-            scores = score_packed(*self._packed_parts, batch, self.device).float().cpu().tolist()
+            scores = self._score_packed(batch).float().cpu().tolist()
         if scores is None:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -338,7 +384,7 @@ class TransformersEngine:
             blocks = [Block((), [(k, ids)]) for k, ids in enumerate(batch_ids)]
             (rows,) = plan_packed([len(ids) for ids in batch_ids], 1 << 62, self.row_tokens)
             batch = pack([[blocks[k] for k in row] for row in rows], self.pad_token_id)
-            packed = score_packed(*self._packed_parts, batch, self.device).float().cpu().tolist()
+            packed = self._score_packed(batch).float().cpu().tolist()
             by_key = dict(zip(batch.keys, packed))
             return [by_key[k] for k in range(len(batch_ids))]
         input_ids, mask = right_padded(batch_ids, self.pad_token_id)
