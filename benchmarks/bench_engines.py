@@ -11,7 +11,9 @@ vocabulary, written to a temporary directory. Throughput counts each sample's fu
 count. Both engines are loaded at once and timed in alternation (``--rounds``), so a change
 in the machine's load hits both; the load average is recorded with the figures.
 ``--padded`` adds the transformers engine with packing turned off (the padded micro-batches
-it ran before packing). ``--compile`` adds the transformers engine with ``compile=True`` (the
+it ran before packing). ``--masked`` adds it as it ran before per-segment attention: whole
+rows of 512 under a block mask, 4096-token micro-batches on CPU (a model handed to
+``from_model`` keeps its sdpa attention), as a "masked" column. ``--compile`` adds the transformers engine with ``compile=True`` (the
 packed backbone under torch.compile) as a "compiled" column; its first call on each workload
 (compiling included) is timed apart as ``compiled_warmup_s``, and its scores are compared
 with the eager engine's.
@@ -70,6 +72,9 @@ def main() -> None:
     p.add_argument("--workloads", nargs="+", default=["conversations", "held-out", "grpo-8"])
     p.add_argument("--padded", action="store_true", help="also time the transformers engine unpacked")
     p.add_argument("--compile", action="store_true", help="also time the engine with compile=True")
+    p.add_argument(
+        "--masked", action="store_true", help="also time whole-row masked attention, 4096-token batches"
+    )
     p.add_argument("--samples", type=int, default=32, help="conversations in the unshared workloads")
     args = p.parse_args()
 
@@ -94,6 +99,14 @@ def main() -> None:
                 False,
             )  # the pre-packing micro-batches
             engines["padded"] = padded
+        if args.masked:
+            from worldpm_reward.config import ModelConfig
+            from worldpm_reward.families import load
+
+            loaded = load(path, ModelConfig(device=args.device, **options))
+            engines["masked"] = RewardModel.from_model(
+                loaded.model, loaded.tokenizer, family=loaded.family, max_batch_tokens=4096, **options
+            )
         if args.compile:
             engines["compiled"] = RewardModel.from_pretrained(
                 path, device=args.device, compile=True, **options
@@ -126,6 +139,7 @@ def main() -> None:
         f"{'workload':>14} {'tokens':>7} {'transformers tok/s':>19} {'vLLM tok/s':>11} "
         f"{'transformers/vLLM':>18} {'max|diff|':>9}"
         + (f" {'padded tok/s':>13} {'packed/padded':>14}" if args.padded else "")
+        + (f" {'masked tok/s':>13} {'segments/masked':>16}" if args.masked else "")
         + (
             f" {'compiled tok/s':>15} {'compiled/vLLM':>14} {'compiled/eager':>15} {'max|c-e|':>9}"
             if args.compile
@@ -150,6 +164,13 @@ def main() -> None:
             row["padded_tokens_per_s"] = round(tokens[name] / median["padded"], 1)
             row["packed_over_padded"] = round(median["padded"] / median["transformers"], 3)
             extra = f" {row['padded_tokens_per_s']:>13.0f} {row['packed_over_padded']:>13.2f}x"
+        if args.masked:
+            row["masked_tokens_per_s"] = round(tokens[name] / median["masked"], 1)
+            row["segments_over_masked"] = round(median["masked"] / median["transformers"], 3)
+            row["per_round_segments_over_masked"] = [
+                round(m / t, 3) for t, m in zip(times[name, "transformers"], times[name, "masked"])
+            ]
+            extra += f" {row['masked_tokens_per_s']:>13.0f} {row['segments_over_masked']:>15.2f}x"
         if args.compile:
             row["compiled_tokens_per_s"] = round(tokens[name] / median["compiled"], 1)
             row["compiled_over_vllm"] = round(median["vllm"] / median["compiled"], 3)

@@ -104,7 +104,10 @@ class ModelConfig:
     )
     max_batch_tokens: int | None = field(
         default=None,
-        metadata=_opt("padded-token budget per micro-batch (default 32768 on GPU, 4096 on CPU)"),
+        metadata=_opt(
+            "padded-token budget per micro-batch (default 32768 on GPU; on CPU sized to the model, "
+            "1024 at 0.5B dimensions in fp32, at most 4096)"
+        ),
     )
     max_batch_size: int = field(default=64, metadata=_opt("most sequences per micro-batch"))
     max_padding_fraction: float | None = field(

@@ -12,6 +12,7 @@ from wpr_testutils import ReferenceWorldPM
 
 from worldpm_reward import RewardModel
 from worldpm_reward.batching import plan_shared_prefixes
+from worldpm_reward.config import ModelConfig
 from worldpm_reward.testing import grpo_groups, write_tiny_polar
 
 GROUPS = grpo_groups(n_prompts=3, group_size=6)
@@ -210,16 +211,32 @@ def test_sharing_is_on_only_where_it_pays() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["segments", "sdpa", "eager"])
 def test_packed_rows_match_the_card_path_with_each_attention(tiny_worldpm: Path, attention: str) -> None:
-    """Packed rows (unshared conversations, and shared-prefix groups) under both mask formats:
-    the boolean mask sdpa takes, the additive one eager attention adds."""
+    """Packed rows (unshared conversations, and shared-prefix groups) under each attention the
+    engine runs them with: per-segment sdpa (an sdpa model the engine loads on CPU), and the
+    whole row under a block mask, boolean for sdpa (a model handed to from_model keeps its
+    attention) or additive for eager attention."""
     from wpr_testutils import real_conversations
 
-    rm = RewardModel.from_pretrained(
-        tiny_worldpm, device="cpu", attn_implementation=attention, min_shared_prefix=32
-    )
-    assert rm.model.config._attn_implementation == attention
+    from worldpm_reward.families import load
+    from worldpm_reward.packing import SEGMENT_ATTENTION
+
+    if attention == "sdpa":
+        loaded = load(tiny_worldpm, ModelConfig(device="cpu"))
+        rm = RewardModel.from_model(
+            loaded.model, loaded.tokenizer, family=loaded.family, min_shared_prefix=32
+        )
+    else:
+        rm = RewardModel.from_pretrained(
+            tiny_worldpm,
+            device="cpu",
+            attn_implementation="sdpa" if attention == "segments" else attention,
+            min_shared_prefix=32,
+        )
+    expected = SEGMENT_ATTENTION if attention == "segments" else attention
+    assert rm.model.config._attn_implementation == expected
+    assert rm.engine.segment_attention == (attention == "segments")
     ref = ReferenceWorldPM(tiny_worldpm)
     convs = real_conversations(24)
     got = rm.score(convs)

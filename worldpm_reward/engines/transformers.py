@@ -31,13 +31,21 @@ from worldpm_reward.config import ModelConfig
 from worldpm_reward.encoder import Encoded
 from worldpm_reward.engines.base import BatchStats, Engine, EngineClass, LoadedEngine, Progress
 from worldpm_reward.families import RewardFamily, load
-from worldpm_reward.packing import Block, PackedBatch, pack, packing_support, score_packed
+from worldpm_reward.packing import (
+    Block,
+    PackedBatch,
+    pack,
+    packing_support,
+    register_segment_attention,
+    score_packed,
+)
 from worldpm_reward.samples import ScoreResult
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "TransformersEngine",
+    "auto_cpu_batch_tokens",
     "auto_min_shared_prefix",
     "auto_row_tokens",
     "compile_backbone",
@@ -69,6 +77,27 @@ def auto_row_tokens(model: Any) -> int:
         return 512
     width = 0.06 * 2 * params / layers / (4 * hidden)
     return int(min(4096, max(512, 256 * round(width / 256))))
+
+
+#: A CPU micro-batch keeps its widest activation (the MLP's intermediate one) about this size.
+CPU_ACTIVATION_BYTES = 20 << 20
+
+
+def auto_cpu_batch_tokens(model: Any) -> int:
+    """The CPU token budget per micro-batch: the largest power of two (256 to 4096) whose MLP
+    intermediate activation (tokens x intermediate_size x dtype bytes) stays within ~20 MiB;
+    1024 at Qwen2-0.5B dimensions in fp32. Larger micro-batches are slower per token on CPU:
+    their activations leave the caches, and blocks over glibc's largest mmap threshold
+    (32 MiB) are mapped and page-faulted afresh at every step. Measured at 0.5B dimensions:
+    1024 tokens 1.3x as fast as 4096 (benchmarks/README.md)."""
+    hf = model.config
+    hidden = int(getattr(hf, "hidden_size", 0) or 0)
+    width = int(getattr(hf, "intermediate_size", 0) or 4 * hidden)
+    itemsize = next((p.element_size() for p in model.parameters()), 4)
+    if width <= 0:
+        return 4096
+    tokens = CPU_ACTIVATION_BYTES // (width * itemsize)
+    return int(min(4096, max(256, 1 << max(0, tokens.bit_length() - 1))))
 
 
 def auto_min_shared_prefix(model: Any, on_gpu: bool) -> int:
@@ -122,6 +151,7 @@ class TransformersEngine:
         *,
         max_length: int,
         pad_token_id: int,
+        owns_model: bool = False,
     ) -> None:
         self.model: Any = model  # a transformers PreTrainedModel
         self.family_spec = family
@@ -129,7 +159,9 @@ class TransformersEngine:
         self.max_length = max_length
         on_gpu = self.device.type == "cuda"
         cfg = config
-        self.max_batch_tokens = int(cfg.max_batch_tokens or (32768 if on_gpu else 4096))
+        self.max_batch_tokens = int(
+            cfg.max_batch_tokens or (32768 if on_gpu else auto_cpu_batch_tokens(model))
+        )
         self.max_batch_size = cfg.max_batch_size
         self.min_shared_group = int(cfg.min_shared_group or (8 if on_gpu else 2))
         self.min_shared_prefix = int(cfg.min_shared_prefix or auto_min_shared_prefix(model, on_gpu))
@@ -139,6 +171,20 @@ class TransformersEngine:
         self._forward = family.forward_fn(model)
         self._packed_parts = self._packable()
         self.row_tokens = auto_row_tokens(model)
+        #: packed rows run packing.SEGMENT_ATTENTION (each segment's own attention blocks only):
+        #: on CPU, eagerly, for an sdpa model this engine loaded itself (a model handed to
+        #: RewardModel.from_model keeps its attention); a micro-batch is then one unpadded row
+        backbone_config: Any = None if self._packed_parts is None else self._packed_parts[0].config
+        self.segment_attention = (
+            backbone_config is not None
+            and owns_model
+            and not on_gpu
+            and not cfg.compile
+            and backbone_config._attn_implementation == "sdpa"
+        )
+        if self.segment_attention:
+            backbone_config._attn_implementation = register_segment_attention()
+            self.row_tokens = self.max_batch_tokens
         self.share_prefixes = self._packed_parts is not None and bool(cfg.shared_prefix)
         self.pad_token_id = pad_token_id
         #: the backbone under torch.compile (config.compile), built lazily; None: eager
@@ -156,13 +202,20 @@ class TransformersEngine:
     def load(cls, name_or_path: str | os.PathLike[str], config: ModelConfig) -> LoadedEngine:
         """Load the checkpoint with the family's strict weight checks, and its tokenizer."""
         loaded = load(name_or_path, config)
-        return cls.wrap(loaded.model, loaded.tokenizer, loaded.family, config)
+        return cls.wrap(loaded.model, loaded.tokenizer, loaded.family, config, owns_model=True)
 
     @classmethod
     def wrap(
-        cls, model: nn.Module, tokenizer: Any, family: RewardFamily, config: ModelConfig
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        family: RewardFamily,
+        config: ModelConfig,
+        *,
+        owns_model: bool = False,
     ) -> LoadedEngine:
-        """The engine around a reward model already in memory, with the family's encoder."""
+        """The engine around a reward model already in memory, with the family's encoder.
+        ``owns_model``: the engine loaded it, and may set its attention implementation."""
         encoder = family.encoder(tokenizer, model.config, config)
         engine = cls(
             model,
@@ -170,6 +223,7 @@ class TransformersEngine:
             config,
             max_length=encoder.max_length,
             pad_token_id=default_pad_id(tokenizer, encoder),
+            owns_model=owns_model,
         )
         return LoadedEngine(engine, tokenizer, family, encoder)
 
