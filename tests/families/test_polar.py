@@ -18,6 +18,7 @@ from wpr_testutils import DATA
 
 from worldpm_reward import CheckpointError, RewardModel
 from worldpm_reward.cli import main
+from worldpm_reward.packing import SEGMENT_ATTENTION
 from worldpm_reward.serving.client import RemoteScorer
 from worldpm_reward.testing import write_tiny_polar
 
@@ -281,7 +282,8 @@ def test_polar_honours_device_map_attn_implementation_and_dtype(polar: Path) -> 
     samples = real_polar_samples(8)
     base = RewardModel.from_pretrained(polar, device="cpu")
     want = base.score(samples)
-    assert base.model.config._attn_implementation == "sdpa"
+    assert base.model.config._attn_implementation == SEGMENT_ATTENTION  # sdpa, one segment at a time
+    assert base.engine.segment_attention
 
     mapped = RewardModel.from_pretrained(polar, device_map={"": "cpu"}, attn_implementation="eager")
     assert mapped.model.hf_device_map == {"": "cpu"}
