@@ -127,9 +127,13 @@ def main() -> None:
                         seconds, _ = timed(rm, samples)  # warm-up (compiling, for "compiled")
                         if engine == "compiled":
                             figures.setdefault("compiled_warmup_s", {})[name] = round(seconds, 1)
-            for _ in range(args.rounds):
+            order = list(engines.items())
+            for round_ in range(args.rounds):
+                # each round starts one engine later: whichever runs right after vLLM (whose idle
+                # threads may still hold the cores) changes from round to round
+                turn = order[round_ % len(order) :] + order[: round_ % len(order)]
                 for name, samples in workloads.items():
-                    for engine, rm in engines.items():
+                    for engine, rm in turn:
                         seconds, scores[name, engine] = timed(rm, samples)
                         times.setdefault((name, engine), []).append(seconds)
         finally:

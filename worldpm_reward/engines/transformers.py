@@ -182,6 +182,9 @@ class TransformersEngine:
             and not cfg.compile
             and backbone_config._attn_implementation == "sdpa"
         )
+        #: the most positions a shared-prefix group's row takes (its prefix once, then as many of
+        #: its suffixes as fit), unless one suffix alone needs more
+        self.group_row_tokens = min(self.max_batch_tokens, GROUP_ROW_FACTOR * self.row_tokens)
         if self.segment_attention:
             backbone_config._attn_implementation = register_segment_attention()
             self.row_tokens = self.max_batch_tokens
@@ -306,7 +309,7 @@ class TransformersEngine:
                 prefix = ready[members[0]][1].input_ids[:shared]
                 suffixes = [(ready[j][0], ready[j][1].input_ids[shared:]) for j in members]
                 longest = shared + max(len(x) for _, x in suffixes)
-                capacity = max(longest, min(self.max_batch_tokens, GROUP_ROW_FACTOR * self.row_tokens))
+                capacity = max(longest, self.group_row_tokens)
                 for chunk in split_group(
                     shared, [len(x) for _, x in suffixes], capacity, self.max_batch_size
                 ):
