@@ -78,8 +78,8 @@ class PackedBatch:
     score_cols: torch.Tensor
     keys: list[int] = field(default_factory=list)
     real_tokens: int = 0
-    #: per row, each segment as (start, end, prefix start, prefix end) columns; the prefix is
-    #: empty (0, 0) for a prefix or a lone sequence (what :func:`segment_attention` runs)
+    #: per row, each segment as (start, end, prefix start, prefix end) columns; the prefix range
+    #: is empty for a prefix or a lone sequence (what :func:`segment_attention` runs)
     spans: list[list[tuple[int, int, int, int]]] = field(default_factory=list)
 
     @property
@@ -118,7 +118,7 @@ def pack(rows: Sequence[Sequence[Block]], pad_token_id: int) -> PackedBatch:
                 seg[r, col : col + s] = n
                 if p:
                     par[r, col : col + s] = prefix_seg
-                row_spans.append((col, col + s, prefix_col, prefix_col + p) if p else (col, col + s, 0, 0))
+                row_spans.append((col, col + s, prefix_col, prefix_col + p))
                 col, n = col + s, n + 1
                 keys.append(key)
                 where.append((r, col - 1))
