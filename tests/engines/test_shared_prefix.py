@@ -90,24 +90,23 @@ def test_bad_samples_and_out_of_memory_fall_back(tiny_worldpm: Path, monkeypatch
     assert results[6].error is not None and "response" in results[6].error
     assert _max_diff([r.score for r in results if r.ok], want) <= 1e-4
 
-    import worldpm_reward.engines.transformers as scoring
-
-    real = scoring.score_packed
+    engine = rm.engine
+    real = engine._score_packed  # every packed forward (fused, compiled or transformers') goes through it
 
     def oom_if(condition):  # a packed forward that runs out of memory when `condition(batch)`
-        def run(backbone, head, batch, device):
+        def run(batch):
             if condition(batch):
                 raise torch.OutOfMemoryError("simulated")
-            return real(backbone, head, batch, device)
+            return real(batch)
 
         return run
 
     # any row holding a shared prefix: every group ends up scored unshared, one sample at a time
-    monkeypatch.setattr(scoring, "score_packed", oom_if(lambda b: bool((b.parents >= 0).any())))
+    monkeypatch.setattr(engine, "_score_packed", oom_if(lambda b: bool((b.parents >= 0).any())))
     assert _max_diff(rm.score(GROUPS), want) <= 1e-4
     assert rm.last_stats.shared_prefix_tokens == 0
     # more than 3 sequences per micro-batch: halved until they fit, sharing kept where it fits
-    monkeypatch.setattr(scoring, "score_packed", oom_if(lambda b: len(b.keys) > 3))
+    monkeypatch.setattr(engine, "_score_packed", oom_if(lambda b: len(b.keys) > 3))
     assert _max_diff(rm.score(GROUPS), want) <= 1e-4
     assert rm.last_stats.shared_prefix_tokens > 0 and rm.last_stats.num_batches >= len(GROUPS) // 3
     # a sample that does not fit alone: its own error, the others scored
@@ -115,7 +114,7 @@ def test_bad_samples_and_out_of_memory_fall_back(tiny_worldpm: Path, monkeypatch
     longest = max(range(len(GROUPS)), key=lambda i: sizes[i])
     n = sizes[longest]
     assert sorted(sizes)[-2] < n
-    monkeypatch.setattr(scoring, "score_packed", oom_if(lambda b: int(b.input_ids.shape[1]) >= n))
+    monkeypatch.setattr(engine, "_score_packed", oom_if(lambda b: int(b.input_ids.shape[1]) >= n))
     results = rm.score_detailed(GROUPS)
     assert (
         "out of device memory" in (results[longest].error or "")
