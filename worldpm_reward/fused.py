@@ -20,8 +20,8 @@ fewer passes:
   last token reaches the head, so only its query needs the last layer's attention and MLP.
 
 It applies to float32 backbones of the ``qwen2``, ``llama``, ``mistral`` and ``qwen3`` types
-with SiLU MLPs (:func:`fused_support`); anything else keeps transformers' forward. Scores match
-transformers' own forward to float32 rounding (the tests hold them to 1e-5).
+with SiLU MLPs (:func:`fused_support`); anything else keeps transformers' forward. Hidden states
+match transformers' own forward to float32 rounding (tests/test_fused.py, each family).
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def fused_support(backbone: Any) -> str | None:
             or any(not isinstance(getattr(attn, p, None), nn.Linear) for p in parts)
         ):
             return "a decoder layer is not self_attn (q/k/v/o_proj) + mlp"
+        if not isinstance(getattr(attn, "head_dim", None), int) or getattr(attn, "scaling", None) is None:
+            return "a decoder layer's attention has no head_dim and scaling"
         if any(
             not isinstance(getattr(mlp, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj")
         ):
