@@ -1,7 +1,7 @@
 """From the in-process surfaces (RewardModel, TRL's reward function, the CLI's score and
 calibrate) down to the forward pass, a sample's path goes strictly down the package: recorded
-from the real call stack at the backbone's forward (a global forward pre-hook), no module
-entered twice. The serving surfaces are checked in tests/serving/test_paths.py."""
+from the real call stack at the backbone's token embedding (a global forward pre-hook; every
+forward, transformers' or the fused one, starts there), no module entered twice. The serving surfaces are checked in tests/serving/test_paths.py."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def forward_paths() -> Iterator[list[list[str]]]:
     paths: list[list[str]] = []
 
     def record(module: torch.nn.Module, args: object) -> None:
-        if type(module).__name__ == "Qwen2Model":  # the backbone, not its layers
+        if isinstance(module, torch.nn.Embedding):  # the backbone's first step, whoever runs it
             paths.append(_runs(inspect.stack()))
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
@@ -56,7 +56,10 @@ def _check(paths: list[list[str]], surface: str) -> list[str]:
 def test_reward_model_goes_down_to_the_forward(reward_model: RewardModel, forward_paths) -> None:
     reward_model.score(CONVS)
     path = _check(forward_paths, "worldpm_reward.scoring")
-    assert "worldpm_reward.packing" in path  # the packed rows run the backbone
+    # the packed rows run the backbone: fused on CPU in fp32, else through packing.score_packed
+    assert (
+        "worldpm_reward.fused" if reward_model.engine.fused is not None else "worldpm_reward.packing"
+    ) in path
 
 
 def test_trl_reward_function_goes_down_to_the_forward(reward_model: RewardModel, forward_paths) -> None:
