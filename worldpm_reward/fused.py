@@ -258,11 +258,9 @@ class FusedDecoder:
             (r * width + max((s[1] for s in row), default=0), (r + 1) * width)
             for r, row in enumerate(batch.spans)
         ]
-        # the scored positions, and the segment each belongs to
+        # the scored positions, and the segment each ends
         scored = (batch.score_rows * width + batch.score_cols).tolist()
-        owner = {}
-        for span in spans:
-            owner[span[1] - 1] = span
+        owner = {span[1] - 1: span for span in spans}
         for layer in self.layers[:-1]:
             q, k, v = self._qkv(layer, h, cos, sin)
             out = torch.empty(n, self.q_heads, self.head_dim, dtype=h.dtype, device=h.device)
