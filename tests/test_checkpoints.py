@@ -192,3 +192,24 @@ def test_bad_options_are_named(tiny_worldpm: Path) -> None:
         RewardModel.from_pretrained(tiny_worldpm, device="cpu", dtype="int3")
     with pytest.raises(ValueError, match="family"):
         RewardModel.from_pretrained(tiny_worldpm, device="cpu", family="llama")
+
+
+@pytest.mark.slow
+def test_a_saved_worldpm_model_loads_back_and_scores_the_same(tmp_path: Path, tiny_worldpm: Path) -> None:
+    """``save_pretrained`` of the loaded model names the saving class in ``architectures``
+    (WorldPMForRewardModel); that checkpoint is WorldPM's layout and loads back as WorldPM."""
+    from worldpm_reward.testing import real_conversations
+
+    rm = RewardModel.from_pretrained(tiny_worldpm, device="cpu")
+    saved = tmp_path / "saved"
+    rm.model.save_pretrained(saved)
+    rm.tokenizer.save_pretrained(saved)
+    assert json.loads((saved / "config.json").read_text())["architectures"] == ["WorldPMForRewardModel"]
+    back = RewardModel.from_pretrained(saved, device="cpu")
+    assert back.family == "worldpm"
+    sa, sb = rm.model.state_dict(), back.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    samples = [{"messages": c} for c in real_conversations(6)]
+    theirs, ours = back.score(samples), rm.score(samples)
+    assert len({round(s, 4) for s in ours}) == len(ours)  # distinct scores: a comparison that can fail
+    assert max(abs(a - b) for a, b in zip(theirs, ours)) <= 1e-6

@@ -297,3 +297,14 @@ def test_polar_honours_device_map_attn_implementation_and_dtype(polar: Path) -> 
     half = RewardModel.from_pretrained(polar, device="cpu", dtype="bf16")
     assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
     assert max(abs(a - b) for a, b in zip(half.score(samples), want)) <= 0.1 * max(map(abs, want)) + 0.1
+
+
+def test_a_saved_polar_model_is_refused_naming_the_original(polar: Path, tmp_path: Path) -> None:
+    """worldpm-reward runs POLAR's InternLM2 weights as a LlamaModel; what ``save_pretrained``
+    writes is that Llama layout, not POLAR's, so loading it back is refused with the reason."""
+    rm = RewardModel.from_pretrained(polar, device="cpu")
+    saved = tmp_path / "saved"
+    rm.model.save_pretrained(saved)
+    rm.tokenizer.save_pretrained(saved)
+    with pytest.raises(CheckpointError, match="original POLAR checkpoint"):
+        RewardModel.from_pretrained(saved, device="cpu")

@@ -43,6 +43,12 @@ class GenericFamily(RewardFamily):
         where, cfg = request.where, request.config_dict
         archs = cfg.get("architectures") or []
         is_classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+        if "PolarRewardModel" in archs:
+            raise CheckpointError(
+                f"{where} was written by save_pretrained of a POLAR model loaded by worldpm-reward: "
+                "its weights are in the Llama layout that worldpm-reward maps InternLM2 onto, not "
+                "POLAR's own. Load the original POLAR checkpoint (InternLM2ForRewardModel) instead."
+            )
         if not is_classifier and "id2label" not in cfg and "num_labels" not in cfg:
             raise CheckpointError(
                 f"{where} (architectures {archs}) is not a sequence-classification reward model: its config "

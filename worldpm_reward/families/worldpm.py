@@ -39,6 +39,9 @@ from worldpm_reward.samples import Conversation
 logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("Qwen2ForRewardModel",)
+#: What ``save_pretrained`` of the loaded model writes (transformers names the saving class): a
+#: WorldPM checkpoint in the same layout, detected as WorldPM too.
+SAVED_ARCHITECTURES = ("WorldPMForRewardModel",)
 FINAL_TOKEN = "<|endoftext|>"
 
 
@@ -109,7 +112,7 @@ def _sleep(reply: str) -> Conversation:
 
 class WorldPMFamily(RewardFamily):
     name = "worldpm"
-    architectures = ARCHITECTURES
+    architectures = ARCHITECTURES + SAVED_ARCHITECTURES
     #: WorldPM-72B (model card, bf16, one conversation at a time).
     known_answers: ClassVar[dict[str, list[KnownAnswer]]] = {
         "WorldPM-72B": [
