@@ -130,9 +130,13 @@ def test_the_engine_fuses_the_float32_models_it_loads(tiny_worldpm: Path) -> Non
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
 
 
-def test_a_reused_activation_doubles_the_cpu_budget() -> None:
-    model = SimpleNamespace(
-        config=SimpleNamespace(**QWEN2_DIMENSIONS["0.5b"]), parameters=lambda: iter([torch.zeros(1)])
-    )
-    assert auto_cpu_batch_tokens(model) == 1024
-    assert auto_cpu_batch_tokens(model, reused_activation=True) == 2048
+def test_a_reused_activation_sizes_the_cpu_budget_by_its_buffer() -> None:
+    def model(size: str) -> SimpleNamespace:
+        return SimpleNamespace(
+            config=SimpleNamespace(**QWEN2_DIMENSIONS[size]), parameters=lambda: iter([torch.zeros(1)])
+        )
+
+    assert auto_cpu_batch_tokens(model("0.5b")) == 1024  # 20 MiB of MLP activation
+    # the fused forward's gate/up buffer (tokens x 2 x intermediate x 4 bytes) within 512 MiB
+    assert auto_cpu_batch_tokens(model("0.5b"), reused_activation=True) == 4096
+    assert auto_cpu_batch_tokens(model("7b"), reused_activation=True) == 2048

@@ -106,7 +106,7 @@ class ModelConfig:
         default=None,
         metadata=_opt(
             "padded-token budget per micro-batch (default 32768 on GPU; on CPU sized to the model, "
-            "2048 at 0.5B dimensions in fp32 under the fused forward, else 1024; at most 4096)"
+            "4096 at 0.5B dimensions in fp32 under the fused forward, else 1024; at most 4096)"
         ),
     )
     max_batch_size: int = field(default=64, metadata=_opt("most sequences per micro-batch"))

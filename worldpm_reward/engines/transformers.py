@@ -82,26 +82,36 @@ def auto_row_tokens(model: Any) -> int:
 
 #: A CPU micro-batch keeps its widest activation (the MLP's intermediate one) about this size.
 CPU_ACTIVATION_BYTES = 20 << 20
+#: Under the fused forward the MLP's gate/up output (tokens x 2 x intermediate_size) lives in one
+#: buffer reused across layers and calls; a micro-batch keeps that buffer within this size.
+FUSED_BUFFER_BYTES = 512 << 20
 
 
 def auto_cpu_batch_tokens(model: Any, reused_activation: bool = False) -> int:
-    """The CPU token budget per micro-batch: the largest power of two (256 to 4096) whose MLP
-    intermediate activation (tokens x intermediate_size x dtype bytes) stays within ~20 MiB;
-    1024 at Qwen2-0.5B dimensions in fp32. Larger micro-batches are slower per token on CPU:
-    their activations leave the caches, and blocks over glibc's largest mmap threshold
-    (32 MiB) are mapped and page-faulted afresh at every step. Measured at 0.5B dimensions:
-    1024 tokens 1.3x as fast as 4096 (benchmarks/README.md).
+    """The CPU token budget per micro-batch, a power of two from 256 to 4096.
+
+    transformers' forward: the largest whose MLP intermediate activation (tokens x
+    intermediate_size x dtype bytes) stays within ~20 MiB; 1024 at Qwen2-0.5B dimensions in
+    fp32. Larger micro-batches are slower per token there: their activations leave the caches,
+    and blocks over glibc's largest mmap threshold (32 MiB) are mapped and page-faulted afresh
+    at every step. Measured at 0.5B dimensions: 1024 tokens 1.3x as fast as 4096
+    (benchmarks/README.md).
 
     ``reused_activation``: the forward keeps that activation in one buffer across layers and
-    calls (:class:`~worldpm_reward.fused.FusedDecoder`), so no page faults: twice the
-    budget (2048 at 0.5B fp32; measured 1.1-1.2x as fast as 1024, on par with 4096)."""
+    calls (:class:`~worldpm_reward.fused.FusedDecoder`), so no page faults, and larger GEMMs
+    run closer to the CPU's peak: the largest whose gate/up buffer stays within
+    ``FUSED_BUFFER_BYTES`` (4096 at 0.5B fp32, 2048 at 7B). Measured at 0.5B fp32: 2048
+    tokens 1.11x as fast as 1024, 4096 1.05x as fast as 2048."""
     hf = model.config
     hidden = int(getattr(hf, "hidden_size", 0) or 0)
     width = int(getattr(hf, "intermediate_size", 0) or 4 * hidden)
     itemsize = next((p.element_size() for p in model.parameters()), 4)
     if width <= 0:
         return 4096
-    tokens = CPU_ACTIVATION_BYTES * (2 if reused_activation else 1) // (width * itemsize)
+    if reused_activation:
+        tokens = FUSED_BUFFER_BYTES // (2 * width * itemsize)
+    else:
+        tokens = CPU_ACTIVATION_BYTES // (width * itemsize)
     return int(min(4096, max(256, 1 << max(0, tokens.bit_length() - 1))))
 
 
