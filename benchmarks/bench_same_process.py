@@ -86,9 +86,13 @@ def main() -> None:
             "vllm": RewardModel.from_pretrained(path, engine="vllm", **options),
         }
         try:
-            tokens = [sum(r.num_tokens for r in engines["transformers"].score_detailed(c)) for c in chunks]
-            first = {name: rm.score(samples) for name, rm in engines.items()}  # warm-up
-            figures["max_score_diff"] = max(abs(a - b) for a, b in zip(first["transformers"], first["vllm"]))
+            # warm-up: each engine once over every chunk (the transformers pass also counts tokens)
+            ours = [engines["transformers"].score_detailed(c) for c in chunks]
+            tokens = [sum(r.num_tokens for r in results) for results in ours]
+            theirs = engines["vllm"].score(samples)
+            figures["max_score_diff"] = max(
+                abs(r.score - b) for r, b in zip((r for results in ours for r in results), theirs)
+            )
             total = {name: 0.0 for name in engines}
             ratios: list[float] = []
             for round_ in range(args.rounds):
