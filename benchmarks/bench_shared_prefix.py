@@ -6,7 +6,10 @@ Workloads (real text from ../shared/data): ``grpo-G``: 4 Arena-Hard prompts of a
 tokens, G PandaLM replies each (about 80% of the tokens are prompt); ``no-shared``: real
 hh-rlhf / LLMBar / PandaLM conversations, nothing in common (sharing must not cost).
 Models: random weights with real dimensions (``QWEN2_DIMENSIONS``: "tiny", "0.5b", "7b"),
-real Qwen2 vocabulary. Throughput counts the tokens of the full sequences (what a caller
+real Qwen2 vocabulary, written to a temporary checkpoint and loaded with
+``RewardModel.from_pretrained`` (the engine as users get it: on CPU in fp32 that is the fused
+forward with per-segment attention; ``--from-model`` times a model handed to
+``RewardModel.from_model`` instead, which keeps the model's own attention). Throughput counts the tokens of the full sequences (what a caller
 asked to score), so sharing shows up as more tokens per second. (GPU MFU: bench_gpu.py.)
 
 Usage:
@@ -23,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -61,9 +66,16 @@ def card_loop(rm: Any, samples: list[Any], repeats: int, sync: Any) -> tuple[flo
 def main() -> None:
     import torch
 
+    from worldpm_reward import RewardModel
     from worldpm_reward.checkpoints import resolve_dtype
     from worldpm_reward.samples import parse_sample
-    from worldpm_reward.testing import QWEN2_DIMENSIONS, grpo_groups, random_worldpm, real_conversations
+    from worldpm_reward.testing import (
+        QWEN2_DIMENSIONS,
+        grpo_groups,
+        random_worldpm,
+        real_conversations,
+        write_tiny_worldpm,
+    )
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["0.5b"], choices=sorted(QWEN2_DIMENSIONS))
@@ -75,6 +87,11 @@ def main() -> None:
     p.add_argument("--prompt-chars", type=int, default=1200, help="length of the Arena-Hard prompts chosen")
     p.add_argument("--loop", action="store_true", help="also time the model card's batch-1 loop")
     p.add_argument("--no-unshared", action="store_true", help="skip the no-shared workload")
+    p.add_argument(
+        "--from-model",
+        action="store_true",
+        help="wrap an in-memory model with RewardModel.from_model (its own attention) instead of loading a checkpoint",
+    )
     args = p.parse_args()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
@@ -93,15 +110,23 @@ def main() -> None:
     print(
         f"{'model':>5} {'workload':>10} {'tokens':>7} {'shared':>7} {'unshared tok/s':>15} {'shared tok/s':>13} {'ratio':>6} {'max|diff|':>9}"
     )
+    tmp = tempfile.TemporaryDirectory(prefix="bench-shared-prefix-")
+    figures["loaded_with"] = "from_model" if args.from_model else "from_pretrained"
     for name in args.models:
-        rm = random_worldpm(seed=0, max_length=4096, device=args.device, **QWEN2_DIMENSIONS[name])
-        rm.model.to(dtype=resolve_dtype(args.dtype, args.device))
-        plain = type(rm).from_model(
-            rm.model,
-            rm.tokenizer,
-            family="worldpm",
-            config=rm.config.replace(shared_prefix=False, max_length=4096),
-        )
+        if args.from_model:
+            rm = random_worldpm(seed=0, max_length=4096, device=args.device, **QWEN2_DIMENSIONS[name])
+            rm.model.to(dtype=resolve_dtype(args.dtype, args.device))
+            plain = type(rm).from_model(
+                rm.model,
+                rm.tokenizer,
+                family="worldpm",
+                config=rm.config.replace(shared_prefix=False, max_length=4096),
+            )
+        else:
+            path = write_tiny_worldpm(Path(tmp.name) / name, seed=0, **QWEN2_DIMENSIONS[name])
+            options: dict[str, Any] = dict(device=args.device, dtype=args.dtype, max_length=4096)
+            rm = RewardModel.from_pretrained(path, **options)
+            plain = RewardModel.from_pretrained(path, shared_prefix=False, **options)
         for workload, samples in workloads.items():
             lengths = [len(rm.encoder.encode(parse_sample(s)).input_ids) for s in samples]
             t_plain, s_plain = timed(plain, samples, args.repeats, sync)
@@ -132,6 +157,7 @@ def main() -> None:
                 f"{row['unshared_tokens_per_s']:>15.0f} {row['shared_tokens_per_s']:>13.0f} {row['ratio']:>5.2f}x {diff:>9.1e}"
             )
     figures["load_average_end"] = os.getloadavg()
+    tmp.cleanup()
     print(json.dumps(figures))
 
 
