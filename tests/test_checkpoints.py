@@ -162,6 +162,72 @@ def test_generic_sequence_classification_reward_model(tmp_path: Path) -> None:
         assert abs(got - want) <= 1e-4
 
 
+@pytest.mark.parametrize(("window", "max_length", "packed"), [(8, None, False), (64, 64, True)])
+def test_a_sliding_window_is_honoured(
+    tmp_path: Path, window: int, max_length: int | None, packed: bool
+) -> None:
+    """A Mistral-style classifier with sliding_window set (no use_sliding_window flag): samples
+    longer than the window must not run packed rows (their block mask has no window; it scored
+    0.45 off before), and samples that fit in it may."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        MistralConfig,
+        MistralForSequenceClassification,
+    )
+
+    tok = qwen_tokenizer()
+    config = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=window,
+        max_position_embeddings=256,
+        num_labels=1,
+        pad_token_id=151643,
+    )
+    torch.manual_seed(3)
+    model = MistralForSequenceClassification(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    path = tmp_path / "mistral"
+    model.save_pretrained(path)
+    tok.chat_template = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    tok.save_pretrained(path)
+    convs = [
+        [
+            {"role": "user", "content": "Tell me about the history of Paris in a few words please."},
+            {
+                "role": "assistant",
+                "content": "It was founded by the Parisii, a Gallic tribe, in the third century BC.",
+            },
+        ],
+        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+        [
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue, like the sky."},
+        ],
+    ]
+    rm = RewardModel.from_pretrained(path, device="cpu", max_length=max_length)
+    ours = rm.score(convs)
+    assert rm.last_stats.num_rows == (1 if packed else 0)  # packed rows, or padded micro-batches
+    reference = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    lengths = []
+    for conv, got in zip(convs, ours):
+        ids = tok(
+            tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False, return_tensors="pt"
+        )
+        lengths.append(ids["input_ids"].shape[1])
+        with torch.no_grad():
+            want = reference(**ids).logits[0, 0].item()
+        assert abs(got - want) <= 1e-4
+    assert max(lengths) > window if not packed else max(lengths) <= window
+
+
 @pytest.mark.slow
 def test_generic_checks(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="num_labels=2"):

@@ -212,8 +212,9 @@ def block_mask(segments: torch.Tensor, parents: torch.Tensor, kind: str, dtype: 
     )
 
 
-def packing_support(backbone: Any) -> str | None:
-    """Why ``backbone`` cannot run packed rows (a sentence), or None when it can."""
+def packing_support(backbone: Any, max_length: int | None = None) -> str | None:
+    """Why ``backbone`` cannot run packed rows of sequences up to ``max_length`` tokens (a
+    sentence), or None when it can."""
     config = getattr(backbone, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in PACKABLE_MODEL_TYPES:
@@ -224,6 +225,16 @@ def packing_support(backbone: Any) -> str | None:
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     if any(t != "full_attention" for t in layer_types) or getattr(config, "use_sliding_window", False):
         return "some layers use sliding-window attention"
+    # Mistral-style configs have no use_sliding_window flag: a sliding_window set means every
+    # layer's query sees only its last sliding_window keys, which the block mask would not
+    # apply. A sequence no longer than the window is unaffected by it.
+    window = getattr(config, "sliding_window", None)
+    if (
+        window is not None
+        and getattr(config, "use_sliding_window", True) is not False
+        and (max_length is None or max_length > window)
+    ):
+        return f"sliding-window attention (sliding_window={window}) over samples of up to {max_length} tokens"
     return None
 
 

@@ -274,7 +274,11 @@ class TransformersEngine:
         """(backbone, head) when micro-batches can be packed rows (:mod:`worldpm_reward.packing`),
         which is also what shared-prefix scoring runs on; None for padded micro-batches."""
         parts = self.family_spec.parts(self.model)
-        why = "the family has no backbone/head seam" if parts is None else packing_support(parts[0])
+        why = (
+            "the family has no backbone/head seam"
+            if parts is None
+            else packing_support(parts[0], self.max_length)
+        )
         hf = self.model.config
         rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
         limit = getattr(hf, "max_position_embeddings", None) or 0
