@@ -126,6 +126,12 @@ class ChatTemplateEncoder(Encoder):
             reward-hacking door in RL); "literal": the model card's call, which turns such
             strings into control tokens. Content without such strings encodes identically
             either way.
+        scored_before: a token id that is never scored: trailing copies of it are dropped,
+            so the sequence is read at the last other token. transformers' decoder
+            ``*ForSequenceClassification`` classes read the last token that is not the pad
+            id, so a classifier whose template ends with its pad id (pad = eos) scores the
+            token before it; under causal attention, dropping the tokens after that position
+            changes nothing before it.
     """
 
     def __init__(
@@ -139,7 +145,9 @@ class ChatTemplateEncoder(Encoder):
         chat_template: str | None = None,
         special_tokens_in_content: str = "text",
         tool_turns: str = "plain",
+        scored_before: int | None = None,
     ) -> None:
+        self.scored_before = scored_before
         if tool_turns not in ("plain", "template"):
             raise ConfigError(f"tool_turns must be 'plain' or 'template', got {tool_turns!r}")
         self.tool_turns = tool_turns
@@ -287,6 +295,15 @@ class ChatTemplateEncoder(Encoder):
     def _finish(
         self, ids: list[int], offsets: Any, text: str, sample: Sample, index: int | None
     ) -> Encoded | SampleError:
+        if self.scored_before is not None:
+            while ids and ids[-1] == self.scored_before:
+                ids.pop()
+            if not ids:
+                return SampleError(
+                    f"the sample renders to pad tokens only (id {self.scored_before}); nothing to score",
+                    index=index,
+                    field="messages",
+                )
         if self.final_token_id is not None and (not ids or ids[-1] != self.final_token_id):
             ids.append(self.final_token_id)
         # Tokens before the reply: everything whose text starts before the reply's content.

@@ -225,13 +225,15 @@ def packing_support(backbone: Any, max_length: int | None = None) -> str | None:
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     if any(t != "full_attention" for t in layer_types) or getattr(config, "use_sliding_window", False):
         return "some layers use sliding-window attention"
-    # Mistral-style configs have no use_sliding_window flag: a sliding_window set means every
-    # layer's query sees only its last sliding_window keys, which the block mask would not
-    # apply. A sequence no longer than the window is unaffected by it.
+    # Mistral applies a set sliding_window in every layer (each query sees only its last
+    # sliding_window keys, which the block mask would not apply), whatever a stray
+    # use_sliding_window in its config says; Qwen2/Qwen3 apply it only where that flag is on
+    # (their layer_types, checked above). A sequence no longer than the window is unaffected.
     window = getattr(config, "sliding_window", None)
+    flag = getattr(config, "use_sliding_window", None)
     if (
         window is not None
-        and getattr(config, "use_sliding_window", True) is not False
+        and (model_type == "mistral" or flag is None or flag)
         and (max_length is None or max_length > window)
     ):
         return f"sliding-window attention (sliding_window={window}) over samples of up to {max_length} tokens"

@@ -152,6 +152,64 @@ def default_pad_id(tokenizer: Any, encoder: Any) -> int:
     return int(pad if pad is not None else (encoder.final_token_id or 0))
 
 
+def _rope_types(module: nn.Module) -> list[tuple[str | None, str]]:
+    """(layer_type, rope_type) of a transformers rotary-embedding module; [] for anything else."""
+    rope_type = getattr(module, "rope_type", None)
+    if isinstance(rope_type, dict):
+        return [(str(k), str(v)) for k, v in rope_type.items()]
+    return [(None, rope_type)] if isinstance(rope_type, str) else []
+
+
+def _rope_config(config: Any) -> dict[str, Any]:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope if isinstance(rope, dict) else {}
+
+
+def length_scaled_rope(model: nn.Module, max_length: int) -> tuple[str | None, list[nn.Module]]:
+    """Why ``model``'s sequences must each run alone, in a forward call of their own, to score
+    what they score alone (None when they need not), and the rotary modules to reset before each.
+
+    transformers scales two kinds of RoPE by the LONGEST position in a forward call, once a
+    call passes the trained context: ``dynamic`` (NTK) rescales its frequencies and keeps them
+    for later, shorter calls (``max_seq_len_cached``); ``longrope`` switches from its short to
+    its long factors. A batch of several sequences then rotates the shorter ones as the longest
+    needs, and a dynamic model's score depends on what it scored before. Samples of up to
+    ``max_length`` tokens that cannot pass the trained context are unaffected."""
+    config: Any = getattr(model, "config", None)
+    trained = int(getattr(config, "max_position_embeddings", 0) or 0)
+    reasons: list[str] = []
+    dynamic: list[nn.Module] = []
+    rotary = [m for m in model.modules() if _rope_types(m)]
+    for module in rotary:
+        for _, rope_type in _rope_types(module):
+            if "dynamic" in rope_type:
+                limit = int(getattr(module, "original_max_seq_len", 0) or trained)
+                if max_length > limit:
+                    reasons.append(f"dynamic RoPE past its trained {limit} positions")
+                    if module not in dynamic:
+                        dynamic.append(module)
+            elif rope_type == "longrope":
+                limit = int(_rope_config(config).get("original_max_position_embeddings") or trained)
+                if max_length > limit:
+                    reasons.append(f"LongRoPE past its trained {limit} positions")
+    if not rotary:  # no transformers rotary module to ask: read the config
+        kind = _rope_config(config).get("rope_type", _rope_config(config).get("type"))
+        if kind in ("dynamic", "longrope") and max_length > trained:
+            reasons.append(f"{kind} RoPE past its trained {trained} positions")
+    return (min(reasons) if reasons else None), dynamic
+
+
+def reset_rope(modules: Sequence[nn.Module], device: torch.device) -> None:
+    """Return dynamic-RoPE modules to their trained frequencies, as a freshly loaded model has
+    them: a call at position 0 is transformers' own reset (a call within the trained context)."""
+    x = torch.zeros(1, device=device)
+    position = torch.zeros(1, 1, dtype=torch.long, device=device)
+    for module in modules:
+        for layer_type, rope_type in _rope_types(module):
+            if "dynamic" in rope_type:
+                module(x, position, **({} if layer_type is None else {"layer_type": layer_type}))
+
+
 class TransformersEngine:
     """A transformers ``PreTrainedModel`` in this process (see the module docstring). Built by
     :meth:`load` (``RewardModel.from_pretrained(path)``), or around a model already in memory
@@ -181,6 +239,10 @@ class TransformersEngine:
             cfg.max_padding_fraction if cfg.max_padding_fraction is not None else (0.3 if on_gpu else 0.05)
         )
         self._forward = family.forward_fn(model)
+        #: why each sequence runs in a forward call of its own (RoPE scaled by the longest
+        #: position in a call), None when sequences may share one; and the dynamic-RoPE
+        #: modules reset before each call
+        self.one_at_a_time, self._dynamic_rope = length_scaled_rope(model, max_length)
         self._packed_parts = self._packable()
         self.row_tokens = auto_row_tokens(model)
         #: packed rows run packing.SEGMENT_ATTENTION (each segment's own attention blocks only):
@@ -279,13 +341,8 @@ class TransformersEngine:
             if parts is None
             else packing_support(parts[0], self.max_length)
         )
-        hf = self.model.config
-        rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
-        limit = getattr(hf, "max_position_embeddings", None) or 0
-        if why is None and rope.get("rope_type", rope.get("type")) == "dynamic" and self.max_length > limit:
-            # dynamic RoPE rescales with the longest position in a forward call once it passes the
-            # trained context: only a sequence alone computes exactly what it computes alone
-            why = f"dynamic RoPE past max_position_embeddings={limit}"
+        if why is None and self.one_at_a_time is not None:
+            why = f"{self.one_at_a_time}: each sample runs alone"
         if why is not None:
             logger.info("padded micro-batches, no shared-prefix scoring: %s", why)
             return None
@@ -303,9 +360,8 @@ class TransformersEngine:
         """Fill ``results[i].score`` for every encoded sample (see :class:`~worldpm_reward.engines.base.Engine`)."""
         if self._packed_parts is None:
             lengths = [len(e.input_ids) for _, e in ready]
-            for batch in plan_batches(
-                lengths, self.max_batch_tokens, self.max_batch_size, self.max_padding_fraction
-            ):
+            most = 1 if self.one_at_a_time is not None else self.max_batch_size
+            for batch in plan_batches(lengths, self.max_batch_tokens, most, self.max_padding_fraction):
                 self._run_batch([ready[j] for j in batch], results, stats, start_index)
                 if progress is not None:
                     progress(len(batch))
@@ -476,8 +532,12 @@ class TransformersEngine:
             packed = self._score_packed(batch).float().cpu().tolist()
             by_key = dict(zip(batch.keys, packed))
             return [by_key[k] for k in range(len(batch_ids))]
+        if self.one_at_a_time is not None and len(batch_ids) > 1:
+            return [score for ids in batch_ids for score in self.forward_ids([ids])]
         input_ids, mask = right_padded(batch_ids, self.pad_token_id)
         device = self.device
+        if self._dynamic_rope:
+            reset_rope(self._dynamic_rope, device)
         scores = self._forward(input_ids.to(device), mask.to(device))
         return scores.float().cpu().tolist()
 

@@ -33,6 +33,22 @@ def _conversation(reply: str) -> dict[str, Any]:
     return {"prompt": "Tips for better sleep?", "response": reply}
 
 
+def decoder_only(hf_config: Any) -> bool:
+    """Whether the config is a decoder-only language model's (Llama, Qwen2, Mistral, GPT-2, ...):
+    one transformers has a causal LM class for, and no masked-LM class or encoder-decoder."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(hf_config, "model_type", None)
+    return (
+        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        and not getattr(hf_config, "is_encoder_decoder", False)
+    )
+
+
 class GenericFamily(RewardFamily):
     name = "generic"
     sanity_pair = (_conversation(SLEEP_GOOD), _conversation(SLEEP_BAD))
@@ -77,6 +93,7 @@ class GenericFamily(RewardFamily):
         return model
 
     def encoder(self, tokenizer: Any, hf_config: Any, config: ModelConfig) -> Encoder:
+        pad = getattr(hf_config, "pad_token_id", None)
         return ChatTemplateEncoder(
             tokenizer,
             max_length=int(config.max_length or getattr(hf_config, "max_position_embeddings", None) or 4096),
@@ -84,6 +101,8 @@ class GenericFamily(RewardFamily):
             chat_template=config.chat_template,
             special_tokens_in_content=config.special_tokens_in_content,
             tool_turns="template",  # a classifier's own chat template decides how tools read
+            # as the model's own class reads a decoder classifier: at the last non-pad token
+            scored_before=int(pad) if pad is not None and decoder_only(hf_config) else None,
         )
 
     def parts(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
