@@ -110,6 +110,27 @@ def test_truncation_keeps_the_end_and_reports(reward_model) -> None:
     cut = enc.encode(parse_sample(long_reply))
     assert cut.input_ids[-1] == 151643 and cut.response_truncated
 
+    # a reply whose text also occurs in the markup after it ("e" in <|im_end|>): a cut that
+    # reaches past the prompt still reaches into the reply
+    for reply in ("e", "end", "The end"):
+        short = [
+            {"role": "user", "content": "Which option? d) four e) five"},
+            {"role": "assistant", "content": reply},
+        ]
+        ids = reward_model.encoder.encode(parse_sample(short)).input_ids
+        before = len(
+            reward_model.encoder.encode(
+                parse_sample([*short[:1], {"role": "assistant", "content": "x"}])
+            ).input_ids
+        )
+        cut_all = ChatTemplateEncoder(
+            reward_model.tokenizer,
+            max_length=len(ids) - (before - 3),
+            ensure_system=True,
+            final_token="<|endoftext|>",
+        ).encode(parse_sample(short))
+        assert cut_all.num_truncated_tokens == before - 3 and cut_all.response_truncated, reply
+
     strict = ChatTemplateEncoder(
         reward_model.tokenizer,
         max_length=64,

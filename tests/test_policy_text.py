@@ -101,3 +101,55 @@ def test_detect_format() -> None:
     assert detect_format("hello") == "plain"
     with pytest.raises(ValueError, match="chat format"):
         parse_rendered("x", "x", "vicuna")
+
+
+def test_the_format_is_the_markup_that_comes_first() -> None:
+    """A reply (or prompt) that quotes another format's markup must not switch the parser: a
+    Llama-3 text whose reply explains ChatML was parsed as the quoted ChatML fragment."""
+    quoted = (
+        "Each turn is wrapped: <|im_start|>user\nhi<|im_end|> then <|im_start|>assistant\nhello<|im_end|>."
+    )
+    q = (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHow does ChatML mark up a chat?<|eot_id|>"
+        f"<|start_header_id|>assistant<|end_header_id|>\n\n{quoted}<|eot_id|>"
+    )
+    parsed = parse_rendered(q)
+    assert parsed.format == "llama3"
+    assert parsed.messages == [
+        {"role": "user", "content": "How does ChatML mark up a chat?"},
+        {"role": "assistant", "content": quoted},
+    ]
+    assert detect_format("<s>[INST] What is <|user|>? [/INST] A Phi-3 tag.</s>") == "mistral"
+    assert detect_format("<|im_start|>user\nWhat is [INST]?<|im_end|>") == "chatml"
+
+
+@pytest.mark.parametrize(
+    ("query", "system"),
+    [
+        (  # Llama 3.1 puts its date header before the user's own system prompt
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+            "Today Date: 26 Jul 2024\n\nYou are a pirate.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+            "Hello<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nArr!<|eot_id|>",
+            "You are a pirate.",
+        ),
+        (  # ... and the header alone is no system message at all
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+            "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+            "Hello<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nArr!<|eot_id|>",
+            None,
+        ),
+        (  # SmolLM2-Instruct's template injects its own system prompt when there is none
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\nArr!<|im_end|>",
+            None,
+        ),
+        (  # Mistral v7 templates: the system prompt's own block
+            "<s>[SYSTEM_PROMPT]You are a pirate.[/SYSTEM_PROMPT][INST]Hello[/INST]Arr!</s>",
+            "You are a pirate.",
+        ),
+    ],
+)
+def test_a_templates_own_system_text_is_not_the_users(query: str, system: str | None) -> None:
+    tail = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Arr!"}]
+    want = ([{"role": "system", "content": system}] if system else []) + tail
+    assert parse_rendered(query).messages == want

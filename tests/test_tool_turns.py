@@ -157,6 +157,9 @@ def test_verl_multi_turn_response_layout_scores_as_the_trajectory(
     assert abs(out["score"] - _reference(ref, conv)) <= 1e-5
     # a plain single-turn response is unchanged
     assert split_tool_turns("The answer is 391.") is None
+    # a reply that quotes the markup, with no role header before it, is the reply's own text
+    quoted = "Wrap each result in <tool_response>\nX\n</tool_response> tags."
+    assert split_tool_turns(quoted) is None
 
 
 @pytest.mark.slow

@@ -28,6 +28,10 @@ from worldpm_reward.config import Overflow
 from worldpm_reward.errors import CheckpointError, ConfigError, SampleError
 from worldpm_reward.samples import Conversation, Sample
 
+#: Stands for the reply in a second rendering that finds where the reply starts (private-use
+#: characters: no reply or template markup contains them).
+_REPLY_MARK = "\ue000reply\ue000"
+
 
 def _tool_call_text(call: dict[str, Any]) -> str:
     """One call as Qwen2.5's template writes it (transformers' ``tojson``: ``json.dumps`` with
@@ -255,6 +259,20 @@ class ChatTemplateEncoder(Encoder):
                 out[i] = self._finish(ids, offsets, text, samples[i], indices[i])
         return out
 
+    def _reply_start(self, text: str, sample: Sample) -> int:
+        """Where the reply's content starts in ``text`` (its rendering), -1 if unknown. The
+        conversation is rendered once more with a marker for the reply: searching the text for
+        the reply itself can land in the markup around it (a reply "e" in ``<|im_end|>``)."""
+        reply = sample.response
+        marked = [*sample.messages[:-1], {**sample.messages[-1], "content": _REPLY_MARK}]
+        try:
+            at = self.render(replace(sample, messages=marked)).find(_REPLY_MARK)
+        except Exception:  # a template that refuses the marker: the reply's last occurrence
+            at = -1
+        if at >= 0 and text.startswith(reply, at):
+            return at
+        return text.rfind(reply)
+
     def _has_control_text(self, sample: Sample) -> bool:
         return any(c in m["content"] for m in sample.messages for c in self.control_strings)
 
@@ -306,15 +324,15 @@ class ChatTemplateEncoder(Encoder):
                 )
         if self.final_token_id is not None and (not ids or ids[-1] != self.final_token_id):
             ids.append(self.final_token_id)
+        excess = len(ids) - self.max_length
+        if excess <= 0:
+            return Encoded(ids)
         # Tokens before the reply: everything whose text starts before the reply's content.
-        reply_start = text.rfind(sample.response)
+        reply_start = self._reply_start(text, sample)
         if offsets is not None and reply_start >= 0:
             prefix_tokens = sum(1 for start, _ in offsets if start < reply_start)
         else:
             prefix_tokens = 0  # unknown: any cut counts as reaching into the reply
-        excess = len(ids) - self.max_length
-        if excess <= 0:
-            return Encoded(ids)
         if self.overflow == "error":
             return SampleError(
                 f"{len(ids)} tokens exceed max_length={self.max_length} (overflow='error'); "

@@ -46,8 +46,22 @@ END_TOKENS = (
 DEFAULT_SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
     "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face",  # SmolLM2-Instruct
 )
-_LLAMA31_DATE = re.compile(r"^Cutting Knowledge Date: [^\n]*\nToday Date: [^\n]*\s*$")
+#: The header Llama 3.1's template puts at the start of every system message (before the
+#: user's own system prompt, if any), after "Environment: ipython" when tools are on.
+_LLAMA31_HEADER = re.compile(
+    r"^(?:Environment: ipython\n)?Cutting Knowledge Date: [^\n]*\nToday Date: [^\n]*\n*"
+)
+#: Where each format's markup starts: the format of a text is the one whose markup comes
+#: FIRST (a reply that quotes another format's markup must not switch the parser).
+_MARKERS = (
+    ("chatml", re.compile(r"<\|im_start\|>")),
+    ("llama3", re.compile(r"<\|start_header_id\|>")),
+    ("gemma", re.compile(r"<start_of_turn>")),
+    ("mistral", re.compile(r"\[INST\]|\[SYSTEM_PROMPT\]")),
+    ("phi3", re.compile(r"<\|(?:user|assistant|system)\|>")),
+)
 
 
 @dataclass(frozen=True)
@@ -58,17 +72,9 @@ class Parsed:
 
 
 def detect_format(text: str) -> str:
-    if "<|im_start|>" in text:
-        return "chatml"
-    if "<|start_header_id|>" in text:
-        return "llama3"
-    if "<start_of_turn>" in text:
-        return "gemma"
-    if "[INST]" in text:
-        return "mistral"
-    if re.search(r"<\|(user|assistant|system)\|>", text):
-        return "phi3"
-    return "plain"
+    """The known format whose markup starts first in ``text``; "plain" when there is none."""
+    found = [(m.start(), name) for name, pattern in _MARKERS if (m := pattern.search(text))]
+    return min(found)[1] if found else "plain"
 
 
 def strip_end_tokens(text: str) -> str:
@@ -124,6 +130,10 @@ def _phi3(text: str) -> list[tuple[str, str, bool]]:
 
 def _mistral(text: str) -> list[tuple[str, str, bool]]:
     out: list[tuple[str, str, bool]] = []
+    system = re.search(r"\[SYSTEM_PROMPT\](.*?)\[/SYSTEM_PROMPT\]", text, flags=re.S)
+    if system is not None:  # v7 templates (Mistral-Small-3 and later): the system prompt's own block
+        out.append(("system", system.group(1).strip(), True))
+        text = text[system.end() :]
     for m in re.finditer(r"\[INST\](.*?)\[/INST\](.*?)(?=\[INST\]|$)", text, flags=re.S):
         out.append(("user", m.group(1).strip(), True))
         reply, closed, _ = m.group(2).partition("</s>")
@@ -171,10 +181,12 @@ def parse_rendered(
         )
     if not messages or messages[-1]["role"] != "assistant":
         raise SampleError(f"no assistant reply found in the {used} text", index=index, field="query")
-    if messages[0]["role"] == "system" and (
-        messages[0]["content"].strip() in DEFAULT_SYSTEM_PROMPTS
-        or _LLAMA31_DATE.match(messages[0]["content"])
-    ):
+    if messages[0]["role"] == "system" and used == "llama3":
+        # Llama 3.1's own header is the template's, not the user's: only what follows it is kept
+        own = _LLAMA31_HEADER.sub("", messages[0]["content"], count=1)
+        if own != messages[0]["content"]:
+            messages = messages[1:] if not own.strip() else [{**messages[0], "content": own}, *messages[1:]]
+    if messages[0]["role"] == "system" and messages[0]["content"].strip() in DEFAULT_SYSTEM_PROMPTS:
         messages = messages[1:]
     return Parsed(messages, used, True)
 

@@ -35,6 +35,12 @@ from worldpm_reward.shaping import RewardShaper, ShapingConfig
 _SAMPLE_NUMBER = re.compile(r"^sample \d+(?=[,:])")
 
 
+def renumbered(error: str, index: int) -> str:
+    """``error`` (a scorer's "sample N, ..." message) naming the caller's sample ``index``:
+    a scorer numbers the samples it was given, which may be fewer than the caller's."""
+    return _SAMPLE_NUMBER.sub(f"sample {index}", error, count=1)
+
+
 @dataclass
 class RewardBatch:
     """Rewards for one batch, in input order.
@@ -168,7 +174,7 @@ class RewardFunction:
         own = [next(scored) if isinstance(p, Sample) else ScoreResult(error=str(p)) for p in parsed]
         for i, r in enumerate(own):  # the scorer numbered what it was given: say the caller's number
             if r.error is not None and isinstance(parsed[i], Sample):
-                r.error = _SAMPLE_NUMBER.sub(f"sample {i}", r.error, count=1)
+                r.error = renumbered(r.error, i)
         n_scored = sum(isinstance(p, Sample) for p in parsed)
         raw = [r.score if r.error is None else None for r in own]
         reference_raw: list[float | None] | None = None

@@ -152,6 +152,22 @@ def test_truncation_follows_the_reference_client(polar: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_small_max_length_shrinks_the_answer_caps_to_fit_it(polar: Path) -> None:
+    """Under max_length <= 2 x 4096 + 4 the reference client's 4096-token caps overrun its own
+    budget (221 tokens for max_length=200 before): the caps shrink to (max_length - 4) // 4,
+    and the input is the client's with those caps."""
+    long = real_polar_samples(80)[40:52]  # PandaLM: long prompts and answers
+    rm = RewardModel.from_pretrained(polar, device="cpu", max_length=60)
+    assert rm.encoder.max_response_length == 4096
+    ref = ReferencePolar(polar, max_length=60, max_response_length=14)
+    results = rm.score_detailed(long)
+    for s, r in zip(long, results):
+        assert r.num_tokens <= 64  # re-tokenizing the decoded cuts may add a few, as in the client
+        assert abs(r.score - ref.score(s["prompt"], s["reference"], s["response"])) <= 1e-4
+    assert any(r.response_truncated for r in results)
+
+
+@pytest.mark.slow
 def test_missing_and_misshaped_weights_are_refused(tmp_path: Path) -> None:
     path = write_tiny_polar(
         tmp_path / "broken", drop=("v_head.weight", "model.layers.1.attention.wqkv.weight")

@@ -525,6 +525,8 @@ def test_openrlhf_fallback_reward_and_scores_for_dynamic_filtering(
         assert abs(body["rewards"][0] - want) <= 1e-4 and abs(body["rewards"][3] - body["rewards"][0]) <= 1e-6
         assert body["extra_logs"]["worldpm_failed"] == [0.0, 1.0, 1.0, 0.0]
         assert [e["index"] for e in body["errors"]] == [1, 2]
+        # each error names the request's item, not its place among the parsed ones
+        assert [e["error"].split(",")[0] for e in body["errors"]] == ["sample 1", "sample 2"]
         assert body["scores"] == pytest.approx([1 / (1 + math.exp(-x / 2.0)) for x in body["rewards"]])
         assert all(0 < s < 1 for s in body["scores"])
         # through OpenRLHF's own client: the reward, and the (0, 1) score its filter reads

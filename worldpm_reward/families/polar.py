@@ -19,7 +19,10 @@ and output are texts (message contents joined by "\\n", roles dropped); each is 
 tokenized with BOS, and its score is the head's value at the final reward token. Caps:
 reference and output at most ``max_response_length`` (4096) tokens each, keeping their
 END; the prompt at most ``(max_length - 4 - len(ref) - len(out)) // 2`` tokens, keeping its
-end (it appears twice).
+end (it appears twice). That is the client exactly where its caps leave the prompt a
+budget (``max_length`` > 8196; its default and this package's is 16384); under a smaller
+``max_length`` the reference and output caps shrink to ``(max_length - 4) // 4`` each (the
+client's default proportions), so the input fits ``max_length``.
 """
 
 from __future__ import annotations
@@ -273,12 +276,15 @@ class PolarEncoder(Encoder):
         sample = plain_turns(sample)  # tool calls and results: their own turns, as text
         p = "\n".join(m["content"] for m in sample.prompt_messages)
         p_ids = tok.encode(p, add_special_tokens=True)
-        r1_ids, cut1 = self._cap(
-            tok.encode(sample.reference, add_special_tokens=True), self.max_response_length
-        )
-        r2_ids, cut2 = self._cap(
-            tok.encode(sample.response, add_special_tokens=True), self.max_response_length
-        )
+        # The reference client's caps leave its prompt a budget (2 x 4096 + 4 < 16384). Where
+        # they would not, they shrink to a quarter of the budget each, the client's default
+        # proportions, so that the input still fits max_length (the client's own slicing keeps
+        # a prompt past its budget there).
+        cap = self.max_response_length
+        if 2 * cap + 4 >= self.max_length:
+            cap = max(1, (self.max_length - 4) // 4)
+        r1_ids, cut1 = self._cap(tok.encode(sample.reference, add_special_tokens=True), cap)
+        r2_ids, cut2 = self._cap(tok.encode(sample.response, add_special_tokens=True), cap)
         budget = max(0, (self.max_length - 4 - len(r1_ids) - len(r2_ids)) // 2)
         p_ids, cut_p = self._cap(p_ids, budget) if budget else ([], len(p_ids))
         p = tok.decode(p_ids, skip_special_tokens=True)

@@ -343,9 +343,17 @@ def _assistant_turn(text: str) -> dict[str, Any]:
 def split_tool_turns(response: str) -> list[dict[str, Any]] | None:
     """A veRL multi-turn response (tool results inside it, Hermes/Qwen markup, decoded with
     or without special tokens) as turns: ``[assistant, tool, ..., assistant]``; the last is
-    the reply to score. None when the response holds no ``<tool_response>`` block."""
+    the reply to score. None when the response holds no tool result.
+
+    A ``<tool_response>`` block is a tool result where the template put it: after a user (or
+    tool) role header, or right after another result. Anywhere else (a reply that quotes the
+    markup) it is the reply's own text."""
     text = response.replace("<|im_end|>", "").replace("<|im_start|>", "")
-    matches = list(_TOOL_RESPONSE.finditer(text))
+    matches: list[re.Match[str]] = []
+    for m in _TOOL_RESPONSE.finditer(text):
+        before = text[matches[-1].end() if matches else 0 : m.start()]
+        if (matches and not before.strip()) or _USER_HEADER.search(before):
+            matches.append(m)
     if not matches:
         return None
     turns: list[dict[str, Any]] = []

@@ -25,7 +25,7 @@ from typing import Any
 
 from worldpm_reward.errors import ConfigError, RequestError, SampleError
 from worldpm_reward.policy_text import FORMATS, parse_rendered
-from worldpm_reward.rewards import RewardFunction
+from worldpm_reward.rewards import RewardFunction, renumbered
 from worldpm_reward.samples import (
     AsyncScorer,
     Sample,
@@ -156,13 +156,14 @@ class RewardService:
             raise RequestError(422, bad)
         batch = await self.reward.acall(samples)
         self._report(batch.results)
-        errors = batch.errors
+        # each error names the request's item (the scorer numbered only the parsed ones)
+        errors = [(kept[i], renumbered(e, kept[i])) for i, e in batch.errors]
         if errors and self.fallback_reward is None:
             raise RequestError(422, [{"index": i, "field": "query", "error": e} for i, e in errors])
         # every item of the request, in order: scored, or (fallback mode) the fallback reward
         problems = {b["index"]: b for b in bad}
         for i, e in errors:
-            problems[kept[i]] = {"index": kept[i], "field": "query", "error": e}
+            problems[i] = {"index": i, "field": "query", "error": e}
         scored = dict(zip(kept, zip(batch.rewards, batch.raw, batch.results)))
         fallback = float(self.fallback_reward or 0.0)  # only reached in fallback mode
         rows = [
