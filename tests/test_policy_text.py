@@ -121,6 +121,12 @@ def test_the_format_is_the_markup_that_comes_first() -> None:
     ]
     assert detect_format("<s>[INST] What is <|user|>? [/INST] A Phi-3 tag.</s>") == "mistral"
     assert detect_format("<|im_start|>user\nWhat is [INST]?<|im_end|>") == "chatml"
+    # a Mistral reply quoting a system block is the reply's own text
+    quoting = "Write [SYSTEM_PROMPT]x[/SYSTEM_PROMPT] first."
+    assert parse_rendered(f"<s>[INST]How?[/INST]{quoting}</s>").messages == [
+        {"role": "user", "content": "How?"},
+        {"role": "assistant", "content": quoting},
+    ]
 
 
 @pytest.mark.parametrize(

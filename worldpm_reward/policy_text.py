@@ -130,8 +130,9 @@ def _phi3(text: str) -> list[tuple[str, str, bool]]:
 
 def _mistral(text: str) -> list[tuple[str, str, bool]]:
     out: list[tuple[str, str, bool]] = []
-    system = re.search(r"\[SYSTEM_PROMPT\](.*?)\[/SYSTEM_PROMPT\]", text, flags=re.S)
-    if system is not None:  # v7 templates (Mistral-Small-3 and later): the system prompt's own block
+    # v7 templates (Mistral-Small-3 and later): the system prompt's own block, first in the text
+    system = re.match(r"\s*(?:<s>)?\s*\[SYSTEM_PROMPT\](.*?)\[/SYSTEM_PROMPT\]", text, flags=re.S)
+    if system is not None:
         out.append(("system", system.group(1).strip(), True))
         text = text[system.end() :]
     for m in re.finditer(r"\[INST\](.*?)\[/INST\](.*?)(?=\[INST\]|$)", text, flags=re.S):
