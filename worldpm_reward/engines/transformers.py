@@ -177,6 +177,7 @@ def length_scaled_rope(model: nn.Module, max_length: int) -> tuple[str | None, l
     ``max_length`` tokens that cannot pass the trained context are unaffected."""
     config: Any = getattr(model, "config", None)
     trained = int(getattr(config, "max_position_embeddings", 0) or 0)
+    rope = _rope_config(config)
     reasons: list[str] = []
     dynamic: list[nn.Module] = []
     rotary = [m for m in model.modules() if _rope_types(m)]
@@ -189,14 +190,14 @@ def length_scaled_rope(model: nn.Module, max_length: int) -> tuple[str | None, l
                     if module not in dynamic:
                         dynamic.append(module)
             elif rope_type == "longrope":
-                limit = int(_rope_config(config).get("original_max_position_embeddings") or trained)
+                limit = int(rope.get("original_max_position_embeddings") or trained)
                 if max_length > limit:
                     reasons.append(f"LongRoPE past its trained {limit} positions")
     if not rotary:  # no transformers rotary module to ask: read the config
-        kind = _rope_config(config).get("rope_type", _rope_config(config).get("type"))
+        kind = rope.get("rope_type", rope.get("type"))
         if kind in ("dynamic", "longrope") and max_length > trained:
             reasons.append(f"{kind} RoPE past its trained {trained} positions")
-    return (min(reasons) if reasons else None), dynamic
+    return (reasons[0] if reasons else None), dynamic
 
 
 def reset_rope(modules: Sequence[nn.Module], device: torch.device) -> None:
