@@ -261,6 +261,25 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
         return True
 
 
+def _read_reply(sock: socket.socket, seconds: float, until: bytes) -> bytes:
+    """What the server sends within ``seconds``, until ``until`` arrives or it closes.
+
+    A reply may come in several TCP segments (the headers, then a chunked body), so one
+    ``recv`` can return only its head."""
+    deadline = time.monotonic() + seconds
+    data = b""
+    while until not in data and (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(4096)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 @pytest.mark.slow
 def test_idle_slow_and_oversized_connections_are_bounded(direct: RewardModel) -> None:
     cfg = ServerConfig(
@@ -289,7 +308,7 @@ def test_idle_slow_and_oversized_connections_are_bounded(direct: RewardModel) ->
             time.sleep(0.3)
             slow_headers.sendall(b"X")
         assert _closed_within(idle, 3) and _closed_within(slow_headers, 3)
-        reply = slow_body.recv(4096)
+        reply = _read_reply(slow_body, 3, until=b"did not arrive")
         assert b" 408 " in reply.split(b"\r\n")[0] and b"did not arrive" in reply
         assert time.monotonic() - start < 5
         # upload memory: two 100 kB bodies in flight at once exceed 150 kB -> the second gets 503
@@ -302,8 +321,7 @@ def test_idle_slow_and_oversized_connections_are_bounded(direct: RewardModel) ->
         assert second.status_code == 503 and second.headers.get("retry-after") and "uploads" in second.text
         first.sendall(body[90_000:])
         # scoring the 100 kB sample may take seconds on a loaded CPU: not the bound tested here
-        first.settimeout(60)
-        assert b" 200 " in first.recv(4096).split(b"\r\n")[0]
+        assert b" 200 " in _read_reply(first, 60, until=b"\r\n").split(b"\r\n")[0]
         # connection cap: beyond max_connections a request gets 503, and the server recovers
         held = [connect() for _ in range(16)]
         for s in held:
