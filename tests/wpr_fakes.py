@@ -58,6 +58,26 @@ def make_unless_marker(marker: str, slow_s: float = 2.0) -> FaultyScorer:
     return FaultyScorer(slow_s)
 
 
+class MortalScorer(FaultyScorer):
+    """A scorer with an engine that can die while idle, as a launched vLLM does: ``alive`` turns
+    False once the file ``{marker}.{pid}`` exists; ``close`` leaves ``{marker}.closed.{pid}``."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+
+    @property
+    def alive(self) -> bool:
+        return not Path(f"{self.marker}.{self.pid}").exists()
+
+    def close(self) -> None:
+        Path(f"{self.marker}.closed.{self.pid}").touch()
+
+
+def make_mortal(marker: str) -> MortalScorer:
+    return MortalScorer(marker)
+
+
 def conv(reply: str, prompt: str = "Say something.") -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
 

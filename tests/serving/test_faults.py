@@ -25,7 +25,15 @@ from typing import Any
 
 import httpx
 import pytest
-from wpr_fakes import FaultyScorer, FnScorer, conv, expected_score, make_faulty, make_unless_marker
+from wpr_fakes import (
+    FaultyScorer,
+    FnScorer,
+    conv,
+    expected_score,
+    make_faulty,
+    make_mortal,
+    make_unless_marker,
+)
 from wpr_servers import server_thread
 
 from worldpm_reward.errors import RemoteScoringError, StateFileError
@@ -87,6 +95,27 @@ def test_1_a_stopped_scorer_child_is_detected_killed_and_replaced() -> None:
         os.kill(second, signal.SIGSTOP)
         assert _wait(lambda: not scorer.alive, 5)
         assert _wait(lambda: scorer.alive and scorer.pid != second, 60), scorer.reason
+    finally:
+        scorer.close(timeout_s=5)
+
+
+@pytest.mark.slow
+def test_1_an_engine_that_dies_between_calls_is_replaced_before_the_next_call(tmp_path: Path) -> None:
+    """A launched vLLM killed while the server is idle: ``alive`` (/health) turns False within
+    a few beats, without a call; the child is stopped cleanly (its scorer closes the engine),
+    a new one is started, and the next call is scored rather than failed."""
+    marker = str(tmp_path / "engine-died")
+    scorer = _process_scorer(factory=functools.partial(make_mortal, marker))
+    try:
+        assert scorer.score_detailed([conv("abc")])[0].score == expected_score("abc")
+        first = scorer.pid
+        assert first is not None and scorer.alive
+        Path(f"{marker}.{first}").touch()  # its engine dies; no call is in flight
+        assert _wait(lambda: not scorer.alive, 5)
+        assert _wait(lambda: scorer.alive and scorer.pid != first, 60), scorer.reason
+        assert Path(f"{marker}.closed.{first}").exists()  # stopped through its scorer's close()
+        assert scorer.kills == 0 and scorer.restarts == 1
+        assert scorer.score_detailed([conv("abcd")])[0].score == expected_score("abcd")
     finally:
         scorer.close(timeout_s=5)
 

@@ -429,6 +429,8 @@ class LaunchedVLLM(PoolingEndpoint):
         except EngineInputError:
             raise
         except EngineError as exc:  # dying, or died between the poll and the call: name the log
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(2.0)  # a reset connection is usually a server still exiting
             code = self.process.poll()
             state = "is running" if code is None else f"exited with status {code}"
             raise EngineError(f"{exc}; the launched vLLM {state}; its log: {self.log_path}") from exc

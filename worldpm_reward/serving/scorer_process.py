@@ -22,7 +22,9 @@ The child can never hang the server:
   * ``alive`` is true only while a child is ready and beating (``/health`` reports it);
   * :meth:`ProcessScorer.close` returns within its timeout whatever the child does.
 A scorer whose ``alive`` turns False (the vLLM engine whose server died) makes its child
-exit after answering, and a new child is started at once.
+exit after answering, and a new child is started at once. The child also checks it with
+each heartbeat, so an engine that dies between calls takes ``alive`` down within a beat
+and is replaced before the next request instead of failing it.
 """
 
 from __future__ import annotations
@@ -50,10 +52,14 @@ class _Stuck(Exception):
     """The child did not answer in time, stopped beating, or exited."""
 
 
-def _child(factory: Callable[[], Scorer], conn: Any, beat: Any, beat_s: float) -> None:
+def _child(factory: Callable[[], Scorer], conn: Any, beat: Any, lost: Any, beat_s: float) -> None:
+    built: list[Scorer] = []
+
     def pulse() -> None:
         while True:
             beat.value = time.monotonic()
+            if built and not lost.value and not _engine_alive(built[0]):
+                lost.value = 1  # e.g. its vLLM died while idle: the parent restarts this child
             time.sleep(beat_s)
 
     threading.Thread(target=pulse, name="worldpm-heartbeat", daemon=True).start()
@@ -62,6 +68,7 @@ def _child(factory: Callable[[], Scorer], conn: Any, beat: Any, beat_s: float) -
     except BaseException as exc:  # reported to the parent, which raises it
         conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         return
+    built.append(scorer)
     conn.send(("ready", type(scorer).__name__))
     try:
         while True:
@@ -76,7 +83,7 @@ def _child(factory: Callable[[], Scorer], conn: Any, beat: Any, beat_s: float) -
             except Exception as exc:  # the batch failed as a whole; the parent raises it
                 conn.send(("error", f"{type(exc).__name__}: {exc}"))
                 continue
-            if getattr(scorer, "alive", True):
+            if _engine_alive(scorer):
                 conn.send(("ok", results))
             else:  # e.g. its vLLM died: answer, then exit so that the parent starts a fresh one
                 conn.send(("ok, restart me", results))
@@ -85,6 +92,15 @@ def _child(factory: Callable[[], Scorer], conn: Any, beat: Any, beat_s: float) -
         close = getattr(scorer, "close", None)
         if close is not None:  # e.g. stop a launched vLLM
             close()
+
+
+def _engine_alive(scorer: Scorer) -> bool:
+    """The scorer's own ``alive`` (False once a launched vLLM has exited); True if it has none."""
+    try:
+        return bool(getattr(scorer, "alive", True))
+    except Exception:  # a check that fails says nothing about the engine
+        logger.exception("the scorer's alive check failed")
+        return True
 
 
 def _first_line(text: str, limit: int = 300) -> str:
@@ -128,6 +144,7 @@ class ProcessScorer:
         self._proc: Any = None
         self._conn: Any = None
         self._beat: Any = None
+        self._lost: Any = None
         self._closed = threading.Event()
         self._restarting: threading.Thread | None = None
         self.reason: str | None = None  # why no child is ready (None: one is)
@@ -138,13 +155,17 @@ class ProcessScorer:
         self._watchdog.start()
 
     # -- starting a child ----------------------------------------------------------------
-    def _spawn(self) -> tuple[Any, Any, Any]:
+    def _spawn(self) -> tuple[Any, Any, Any, Any]:
         """Start a child and wait until its scorer is loaded; raises ScorerProcessError."""
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         beat = ctx.RawValue("d", 0.0)  # 0: not started yet (importing takes a while)
+        lost = ctx.RawValue("b", 0)  # 1: the child's scorer lost its engine (set by the child)
         proc = ctx.Process(
-            target=_child, args=(self.factory, child, beat, self.heartbeat_s), name=self.name, daemon=True
+            target=_child,
+            args=(self.factory, child, beat, lost, self.heartbeat_s),
+            name=self.name,
+            daemon=True,
         )
         proc.start()
         child.close()
@@ -161,11 +182,11 @@ class ProcessScorer:
             parent.close()
             raise ScorerProcessError(f"loading the scorer failed in its process: {payload}")
         logger.info("scorer %s running in process %d", payload, proc.pid)
-        return proc, parent, beat
+        return proc, parent, beat, lost
 
-    def _install(self, proc: Any, conn: Any, beat: Any) -> None:
+    def _install(self, proc: Any, conn: Any, beat: Any, lost: Any) -> None:
         with self._lock:
-            self._proc, self._conn, self._beat = proc, conn, beat
+            self._proc, self._conn, self._beat, self._lost = proc, conn, beat, lost
             self.reason = None
 
     def _reply(self, conn: Any, proc: Any, beat: Any, deadline: float | None, doing: str) -> Any:
@@ -228,7 +249,7 @@ class ProcessScorer:
             self.restarts += 1
             logger.warning("starting a new scorer process (restart %d)", self.restarts)
             try:
-                proc, conn, beat = self._spawn()
+                proc, conn, beat, lost = self._spawn()
             except ScorerProcessError as exc:
                 self.reason = f"restarting the scorer process failed (retrying in {delay:.0f} s): " + (
                     _first_line(str(exc))
@@ -241,7 +262,7 @@ class ProcessScorer:
             if self._closed.is_set():
                 self._kill(proc)
                 return
-            self._install(proc, conn, beat)
+            self._install(proc, conn, beat, lost)
             return
 
     def _watch(self) -> None:
@@ -255,6 +276,10 @@ class ProcessScorer:
                     continue
                 if not proc.is_alive():
                     self._lose_child(f"it exited (exit code {proc.exitcode})")
+                elif self._lost.value:  # idle, so stop it cleanly: its scorer closes its engine
+                    with contextlib.suppress(OSError):
+                        self._conn.send(None)
+                    self._lose_child("its engine died", wait_exit_s=60.0)
                 elif time.monotonic() - self._beat.value > self.heartbeat_timeout_s:
                     self._lose_child(
                         f"it stopped answering (no heartbeat for {self.heartbeat_timeout_s:g} s)"
@@ -265,11 +290,12 @@ class ProcessScorer:
     # -- the scorer seam -----------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        """A child is ready and beating (what ``/health`` reports)."""
-        proc, beat = self._proc, self._beat
+        """A child is ready and beating, and its scorer has its engine (what ``/health`` reports)."""
+        proc, beat, lost = self._proc, self._beat, self._lost
         return (
             proc is not None
             and proc.is_alive()
+            and not lost.value
             and time.monotonic() - beat.value <= self.heartbeat_timeout_s
             and not self._closed.is_set()
         )
