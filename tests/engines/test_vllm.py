@@ -161,6 +161,34 @@ def test_wrong_head_is_refused_before_vllm_sees_the_checkpoint(tmp_path: Path) -
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dynamic", "longrope"])
+def test_rope_that_scales_with_length_is_refused_past_the_trained_context(tmp_path: Path, kind: str) -> None:
+    """vLLM computes dynamic NTK RoPE once for all lengths (transformers rescales per call past
+    the trained context) and picks LongRoPE's factors per batch: samples past the trained
+    positions would score differently from the reference. Within them both are plain RoPE."""
+    if kind == "dynamic":  # InternLM2's own scaling (POLAR)
+        path = write_tiny_polar(tmp_path / "polar", **DIMS)
+        rope: dict[str, Any] = {"type": "dynamic", "factor": 2.0}
+        positions = 64
+    else:  # a long-context WorldPM fine-tune
+        path = write_tiny_worldpm(tmp_path / "worldpm", **DIMS)
+        half = DIMS["hidden_size"] // DIMS["num_attention_heads"] // 2
+        rope = {"rope_type": "longrope", "original_max_position_embeddings": 64}
+        rope |= {"short_factor": [1.0] * half, "long_factor": [2.0] * half, "rope_theta": 10000.0}
+        positions = 256
+    config = json.loads((path / "config.json").read_text())
+    config |= {"max_position_embeddings": positions, "rope_scaling": rope}
+    (path / "config.json").write_text(json.dumps(config))
+    missing = str(tmp_path / "no-python")
+    with pytest.raises(
+        ConfigError, match=rf"{kind} RoPE, and max_length=128 passes its trained 64 positions"
+    ):
+        RewardModel.from_pretrained(path, engine="vllm", vllm_python=missing, max_length=128)
+    with pytest.raises(ConfigError, match="vllm_python"):  # within them: accepted (launching fails next)
+        RewardModel.from_pretrained(path, engine="vllm", vllm_python=missing, max_length=64)
+
+
+@pytest.mark.slow
 def test_vllm_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="only used with engine='vllm'"):
         RewardModel.from_pretrained(tmp_path, vllm_url="http://127.0.0.1:1")

@@ -289,6 +289,26 @@ def serve_command(
     ]
 
 
+def _refuse_length_scaled_rope(config_dict: dict[str, Any], max_length: int, where: str) -> None:
+    """vLLM computes ``dynamic`` (NTK) RoPE once, for every length, and picks LongRoPE's factors
+    by the longest sequence in its batch, while transformers (the model's own code) rescales by
+    each forward call's length once it passes the trained context. Within the trained context
+    both are plain RoPE; past it the scores would differ from the reference, silently."""
+    rope = config_dict.get("rope_scaling") or config_dict.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        return
+    kind = str(rope.get("rope_type", rope.get("type")) or "")
+    trained = int(
+        rope.get("original_max_position_embeddings") or config_dict.get("max_position_embeddings") or 0
+    )
+    if kind in ("dynamic", "longrope") and trained and max_length > trained:
+        raise ConfigError(
+            f"engine='vllm': {where} uses {kind} RoPE, and max_length={max_length} passes its trained "
+            f"{trained} positions; past them vLLM rotates positions differently from transformers, so "
+            f"long samples would score differently. Pass max_length={trained} or use engine='transformers'"
+        )
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -546,6 +566,7 @@ class VLLMEngine:
             str(name_or_path), trust_remote_code=cfg.trust_remote_code, **hub
         )
         encoder = family.encoder(tokenizer, hf_config, cfg)  # its max_length is vLLM's max_model_len
+        _refuse_length_scaled_rope(view_config, encoder.max_length, where)
         vllm_dtype(cfg.dtype, on_gpu=False)  # a bad dtype is refused before anything starts
         backend: PoolingBackend
         if cfg.vllm_url is not None:
