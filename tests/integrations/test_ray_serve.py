@@ -275,7 +275,8 @@ def test_the_example_serve_config_file_deploys_with_serve_run(
         assert all(r is not None for r in rewards), (rewards, retried)  # no sample lost its reward
         per_query = {}
         for q, r in zip(queries, rewards):
-            per_query.setdefault(q, set()).add(round(float(r), 5))  # type: ignore[arg-type]
-        assert all(len(v) == 1 for v in per_query.values())  # every replica gives the same reward
+            per_query.setdefault(q, []).append(float(r))  # type: ignore[arg-type]
+        # every replica, in whatever batch, gives the same reward (within batch-shape float noise)
+        assert all(max(v) - min(v) <= 1e-5 for v in per_query.values()), per_query
     finally:
         serve.delete("worldpm-config")

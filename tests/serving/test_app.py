@@ -340,7 +340,7 @@ def test_remote_scorer_async_and_pickle(live: str, direct: RewardModel) -> None:
     convs = real_conversations(30)
     client = pickle.loads(pickle.dumps(RemoteScorer(f"{live}/get_reward", max_chunk=7)))
     got = asyncio.run(client.ascore_detailed(convs))
-    assert [round(r.score, 4) for r in got] == [round(s, 4) for s in direct.score(convs)]
+    assert max(abs(r.score - s) for r, s in zip(got, direct.score(convs), strict=True)) <= 1e-5  # type: ignore[operator]
     assert (
         json.dumps([r.error for r in client.score_detailed([{"prompt": "a", "response": ""}])]).count(
             "sample 0"
@@ -590,12 +590,23 @@ def test_abandoned_requests_are_dropped_before_scoring(direct: RewardModel) -> N
     app = create_app(slow, ServerConfig(max_batch_samples=1, max_wait_ms=1))
     sample = {"samples": [{"prompt": "hi", "response": "hello"}]}
     with server_thread(app) as url:
+        entered, release = threading.Event(), threading.Event()
+        first_call = slow.score_detailed
+
+        def held(samples: Any) -> Any:  # the first call holds the scorer until the test says so
+            entered.set()
+            release.wait(30)
+            slow.score_detailed = first_call
+            return first_call(samples)
+
+        slow.score_detailed = held
         first = threading.Thread(target=lambda: httpx.post(f"{url}/v1/score", json=sample, timeout=30))
-        first.start()  # holds the scorer for 2 s
-        time.sleep(0.2)
+        first.start()
+        assert entered.wait(30)
         for _ in range(5):  # clients that give up while queued behind it
             with pytest.raises(httpx.TimeoutException):
                 httpx.post(f"{url}/v1/score", json=sample, timeout=0.2)
+        release.set()
         first.join()
         start = time.perf_counter()
         last = httpx.post(f"{url}/v1/score", json=sample, timeout=30)
@@ -640,7 +651,9 @@ def test_sigterm_drain_finishes_every_accepted_request(
         ]
         for t in threads:
             t.start()
-        time.sleep(0.5)  # all accepted, most still queued (8 x 0.4 s of scoring)
+        deadline = time.monotonic() + 10  # all accepted, most still queued (8 x 0.4 s of scoring)
+        while slow.calls + app.state.batcher.queued_samples < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
         app.state.uvicorn_server.should_exit = True  # what SIGTERM does
         for t in threads:
             t.join(60)

@@ -112,6 +112,8 @@ def test_1_an_engine_that_dies_between_calls_is_replaced_before_the_next_call(tm
         assert first is not None and scorer.alive
         Path(f"{marker}.{first}").touch()  # its engine dies; no call is in flight
         assert _wait(lambda: not scorer.alive, 5)
+        with pytest.raises(ScorerProcessError, match="engine died"):  # 503 + reason, not a spent call
+            scorer.score_detailed([conv("abc")])
         assert _wait(lambda: scorer.alive and scorer.pid != first, 60), scorer.reason
         assert Path(f"{marker}.closed.{first}").exists()  # stopped through its scorer's close()
         assert scorer.kills == 0 and scorer.restarts == 1
@@ -383,7 +385,7 @@ def test_5_a_held_state_lock_never_blocks_the_server(tmp_path: Path) -> None:
     gets every sample exactly once."""
     state = tmp_path / "stats.json"
     shaping = ShapingConfig(
-        normalize="running", state_file=str(state), state_sync_s=0, state_lock_timeout_s=1.5
+        normalize="running", state_file=str(state), state_sync_s=0, state_lock_timeout_s=5.0
     )
     app = create_app(FaultyScorer(), ServerConfig(), shaping)
     shaper = app.state.service.reward.shaper
@@ -394,11 +396,11 @@ def test_5_a_held_state_lock_never_blocks_the_server(tmp_path: Path) -> None:
             for i in range(3):
                 start = time.monotonic()
                 r = httpx.post(f"{url}/v1/score", json={"samples": [conv("x" * (i + 1))]}, timeout=30)
-                assert r.status_code == 200 and time.monotonic() - start < 1.0
+                assert r.status_code == 200 and time.monotonic() - start < 2.5  # not the 5 s lock wait
                 start = time.monotonic()
-                assert httpx.get(f"{url}/health/live", timeout=5).status_code == 200
-                assert time.monotonic() - start < 0.5
-            assert _wait(lambda: shaper.sync_failures >= 1, 10)
+                assert httpx.get(f"{url}/health/live", timeout=10).status_code == 200
+                assert time.monotonic() - start < 2.5
+            assert _wait(lambda: shaper.sync_failures >= 1, 20)
             metrics = httpx.get(f"{url}/metrics", timeout=5).text
             assert "worldpm_reward_state_file_failures" in metrics
         finally:
@@ -458,7 +460,7 @@ def test_2_a_replica_that_hangs_behind_a_healthy_health_check_costs_at_most_a_he
             timeout_s=30,
             hedge=0.2,
             health_interval_s=0.2,
-            health_timeout_s=0.5,
+            health_timeout_s=2.0,  # one slow /health of the good replica must not take it out
             cooldown_s=0.5,
         )
         try:

@@ -61,7 +61,7 @@ def test_a_hung_replica_costs_a_request_at_most_the_hedge_delay(
         server_process(tiny_worldpm, log=tmp_path / "b.log") as (url_b, _),
     ):
         client = RemoteScorer(
-            [url_a, url_b], timeout_s=30, max_chunk=2, health_interval_s=0.5, health_timeout_s=0.5
+            [url_a, url_b], timeout_s=30, max_chunk=2, health_interval_s=0.5, health_timeout_s=2.0
         )
         warm = client.score_detailed(convs[:16])  # both healthy: latencies observed
         hedge_delay = client.hedge_delay()
@@ -81,7 +81,7 @@ def test_a_hung_replica_costs_a_request_at_most_the_hedge_delay(
             with ThreadPoolExecutor(4) as pool:
                 got = [r for rs in pool.map(one, range(24)) for r in rs]
             got += asyncio.run(client.ascore_detailed(convs[64:]))  # async driver, same policy
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 10
             while not client.stats["probes_failed"] and time.monotonic() < deadline:
                 time.sleep(0.1)  # the background probe finds the hung replica
             stats = dict(client.stats)
@@ -193,16 +193,19 @@ def test_a_huge_request_does_not_starve_another_client() -> None:
         batcher = DynamicBatcher(FnScorer(score), max_batch_samples=100, max_wait_s=0.001)
         big = asyncio.ensure_future(batcher.submit([("big", i) for i in range(4000)], client="big"))
         await asyncio.sleep(0.03)  # the big request is being scored
+        started = len(batches)
         small = await batcher.submit([("small", -1)], client="small")
-        batches_when_small_done = len(batches)
         big_results = await big
         await batcher.stop()
-        return big_results, small, batches_when_small_done
+        return big_results, small, started
 
-    big, small, when = asyncio.run(go())
+    big, small, started = asyncio.run(go())
     assert [r.score for r in big] == [float(i) for i in range(4000)]  # every piece, in order
     assert small[0].score == -1.0
-    assert when <= 6, f"the one-sample request waited for {when} of the 40 batches"
+    (where,) = [k for k, b in enumerate(batches) if ("small", -1) in b]
+    # at most the batch in progress and the next of the big request's pieces go first (without
+    # round-robin it would wait for all 40 batches)
+    assert where <= started + 3, f"the one-sample request waited behind {where - started} batches"
     assert all(len(b) <= 100 for b in batches)
 
 

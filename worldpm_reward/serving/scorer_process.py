@@ -318,6 +318,11 @@ class ProcessScorer:
                 raise ScorerProcessError("the scorer process is shut down")
             if self._proc is None:
                 raise ScorerProcessError(self.reason or "the scorer process is restarting")
+            if self._lost.value:  # known before the watchdog's tick: restart now, spend no call
+                with contextlib.suppress(OSError):
+                    self._conn.send(None)
+                self._lose_child("its engine died", wait_exit_s=60.0)
+                raise ScorerProcessError(self.reason or "the scorer process is restarting")
             try:
                 self._conn.send(samples)
                 kind, payload = self._reply(self._conn, self._proc, self._beat, deadline, "scoring")
