@@ -327,3 +327,17 @@ def test_server_down_from_the_start_is_loud_and_low_never_a_quiet_zero(
         assert asyncio.run(three()) == [-5.0, -5.0, -5.0]
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("ALL" in e and "reachable" in e for e in errors), errors
+
+
+def test_a_changed_environment_gets_its_own_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings from the environment are part of what a backend is cached by: a worker whose
+    WORLDPM_REWARD_URL (or model) changes does not keep scoring with the first one."""
+    from worldpm_reward.integrations import verl
+
+    monkeypatch.setenv("WORLDPM_REWARD_URL", "http://127.0.0.1:9")
+    first = verl._backend({})
+    assert verl._backend({}) is first  # cached
+    monkeypatch.setenv("WORLDPM_REWARD_URL", "http://127.0.0.1:11")
+    second = verl._backend({})
+    assert second is not first
+    assert [u.rsplit(":", 1)[1].rstrip("/") for u in second.reward.scorer.urls] == ["11"]

@@ -302,9 +302,14 @@ _lock = threading.Lock()
 _backends: dict[str, _Backend] = {}
 
 
+#: environment variables a backend reads (the token's is left out of the key: it is not a setting)
+_ENV = tuple(f"WORLDPM_REWARD_{name}" for name in ("URL", "MODEL", "SHAPING", "FALLBACK", "DEVICE"))
+
+
 def _backend(kwargs: Mapping[str, Any]) -> _Backend:
     settings = {k: kwargs[k] for k in _SETTINGS if k in kwargs}
-    key = json.dumps(settings, sort_keys=True, default=str)
+    env = {k: os.environ.get(k) for k in _ENV}  # the same kwargs under another environment: another backend
+    key = json.dumps({"settings": settings, "env": env}, sort_keys=True, default=str)
     with _lock:
         backend = _backends.get(key)
         if backend is None:

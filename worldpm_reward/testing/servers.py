@@ -77,8 +77,12 @@ def server_thread(app: Any, **uvicorn_options: Any) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
+    if not server.started:  # e.g. the port was taken meanwhile: say so, not a ConnectError later
+        server.should_exit = True
+        thread.join(30)
+        raise RuntimeError(f"the test server on port {port} did not start (see the log above)")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
