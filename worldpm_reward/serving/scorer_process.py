@@ -243,6 +243,13 @@ class ProcessScorer:
             )
             self._restarting.start()
 
+    def _retire_engineless_child(self) -> None:
+        """The idle child's scorer lost its engine: ask it to stop, so that its scorer closes the
+        engine (a launched vLLM's process group), then restart. Call with the lock held."""
+        with contextlib.suppress(OSError):
+            self._conn.send(None)
+        self._lose_child("its engine died", wait_exit_s=60.0)
+
     def _restart_loop(self) -> None:
         delay = 1.0
         while not self._closed.is_set():
@@ -276,10 +283,8 @@ class ProcessScorer:
                     continue
                 if not proc.is_alive():
                     self._lose_child(f"it exited (exit code {proc.exitcode})")
-                elif self._lost.value:  # idle, so stop it cleanly: its scorer closes its engine
-                    with contextlib.suppress(OSError):
-                        self._conn.send(None)
-                    self._lose_child("its engine died", wait_exit_s=60.0)
+                elif self._lost.value:
+                    self._retire_engineless_child()
                 elif time.monotonic() - self._beat.value > self.heartbeat_timeout_s:
                     self._lose_child(
                         f"it stopped answering (no heartbeat for {self.heartbeat_timeout_s:g} s)"
@@ -319,9 +324,7 @@ class ProcessScorer:
             if self._proc is None:
                 raise ScorerProcessError(self.reason or "the scorer process is restarting")
             if self._lost.value:  # known before the watchdog's tick: restart now, spend no call
-                with contextlib.suppress(OSError):
-                    self._conn.send(None)
-                self._lose_child("its engine died", wait_exit_s=60.0)
+                self._retire_engineless_child()
                 raise ScorerProcessError(self.reason or "the scorer process is restarting")
             try:
                 self._conn.send(samples)
