@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the wpr_* helpers
-from wpr_sharded import calls_for, marker_ids
+from wpr_sharded import calls_for, leave_distributed_job, marker_ids
 
 from worldpm_reward import CheckpointError, RewardModel
 
@@ -95,4 +95,4 @@ for samples in calls_for(rank, world):
 report["dummy_calls"] = rm.engine.dummy_calls
 report["memory_after_calls"] = rm.engine.memory().resident  # everything resharded between calls
 (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
-dist.destroy_process_group()
+leave_distributed_job()

@@ -16,6 +16,7 @@ from typing import ClassVar
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 from wpr_policy import gsm8k_questions, tiny_policy
+from wpr_sharded import leave_distributed_job
 
 from worldpm_reward.integrations.trl import WorldPMReward
 
@@ -61,3 +62,4 @@ report = {
     "log_history": trainer.state.log_history,
 }
 (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
+leave_distributed_job()
