@@ -158,6 +158,54 @@ def test_sharded_scores_equal_the_unsharded_model(tmp_path: Path, tiny_worldpm: 
         )
 
 
+def _conversation(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_rope_scaled_by_length_scores_each_sample_alone_on_every_rank(tmp_path: Path) -> None:
+    """Dynamic NTK RoPE past the trained context: transformers rescales by the longest position
+    of a forward call (and keeps the scale), so each sample must run in a call of its own, as
+    on the transformers engine; the ranks then run different numbers of calls in step."""
+    rope = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}
+    ckpt = write_tiny_worldpm(tmp_path / "dynamic", seed=3, max_position_embeddings=32, rope_parameters=rope)
+    long_answer = " ".join(f"word{i}" for i in range(60))
+    per_rank = [
+        [
+            _conversation("2+2?", "4"),
+            _conversation("Tell me a story.", long_answer),
+            _conversation("Name a colour.", "Blue, like the sky."),
+            _conversation("Capital of France?", "Paris."),
+        ],
+        [_conversation("Say hi.", "Hi!"), _conversation("Count to forty.", " ".join(map(str, range(1, 41))))],
+    ]
+    (tmp_path / "samples.json").write_text(json.dumps(per_rank))
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), str(HERE)]),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = [str(ckpt), str(tmp_path / "samples.json"), "512", str(out)]
+    proc = subprocess.run(
+        [*cmd, str(HERE / "rope_sharded_job.py"), *args], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # the reference: the unsharded model, each sample alone in a freshly loaded model
+    for rank, samples in enumerate(per_rank):
+        report = json.loads((out / f"rank{rank}.json").read_text())
+        assert report["one_at_a_time"] and "dynamic RoPE" in report["one_at_a_time"]
+        assert min(report["lengths"]) < 32 < max(report["lengths"])  # both sides in one call
+        assert report["batches"] == len(samples)
+        for k, sample in enumerate(samples):
+            alone = RewardModel.from_pretrained(ckpt, device="cpu", max_length=512).score([sample])[0]
+            for key in ("scores", "reversed", "forward_ids"):
+                assert abs(report[key][k] - alone) <= TOLERANCE, (rank, k, key, report[key][k], alone)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.framework

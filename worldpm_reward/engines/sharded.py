@@ -34,6 +34,11 @@ in halves, down to single samples that carry the error. The only unbounded wait 
 rank that never calls the scorer at all (it crashed): that is bounded by the process
 group's timeout (``init_process_group(timeout=...)``, 30 min by default).
 
+**RoPE that scales with length** (dynamic NTK, LongRoPE) where ``max_length`` passes the
+trained context: transformers scales a forward call by its longest position, so each rank
+runs its samples one per call (its rotary frequencies reset before each), as the
+transformers engine does; a score then depends neither on its batch nor on earlier calls.
+
 **Offload** (``fsdp_offload=True``, GPU only): between reward calls this rank's shard lives
 in CPU memory, moved to the GPU for each call (``offload_seconds`` / ``onload_seconds``
 accumulate what the moves cost).
@@ -67,7 +72,7 @@ from worldpm_reward.checkpoints import (
 from worldpm_reward.config import ModelConfig
 from worldpm_reward.encoder import Encoded
 from worldpm_reward.engines.base import BatchStats, Engine, EngineClass, LoadedEngine, Progress
-from worldpm_reward.engines.transformers import default_pad_id, right_padded
+from worldpm_reward.engines.transformers import default_pad_id, length_scaled_rope, reset_rope, right_padded
 from worldpm_reward.errors import CheckpointError, ConfigError, EngineError
 from worldpm_reward.families import RewardFamily, detect_family, get_family
 from worldpm_reward.samples import ScoreResult
@@ -306,6 +311,7 @@ class ShardedEngine:
         config: ModelConfig,
         device: torch.device,
         pad_token_id: int,
+        max_length: int = 0,
         elements_read: int = 0,
     ) -> None:
         self.model: Any = model
@@ -322,6 +328,11 @@ class ShardedEngine:
             else (0.3 if on_gpu else 0.05)
         )
         self.pad_token_id = pad_token_id
+        # dynamic NTK / LongRoPE past the trained context: each sample in a call of its own, as
+        # the transformers engine runs them (the rotary modules are each rank's own, unsharded)
+        self.one_at_a_time, self._dynamic_rope = length_scaled_rope(model, max_length)
+        if self.one_at_a_time is not None:
+            self.max_batch_size = 1
         self.global_stats = BatchStats()
         self.dummy_calls = 0  # forward calls this rank made only to keep the others company
         self.offloaded = False
@@ -351,6 +362,7 @@ class ShardedEngine:
             config=cfg,
             device=device,
             pad_token_id=default_pad_id(tokenizer, encoder),
+            max_length=encoder.max_length,
             elements_read=read,
         )
         mem = out.memory()
@@ -429,11 +441,27 @@ class ShardedEngine:
 
     def forward_ids(self, batch_ids: Sequence[Sequence[int]]) -> list[float]:
         """Raw scores of already-encoded sequences, as one collective forward call (every rank
-        calls it; an empty list takes part without scoring anything)."""
-        out = self._collective_forward(batch_ids or None)
-        if isinstance(out, str):
-            raise EngineError(f"the sharded forward failed on rank {self.rank}: {out}")
-        return out[: len(batch_ids)]
+        calls it; an empty list takes part without scoring anything). Where each sequence must
+        run alone (``one_at_a_time``) the ranks run their sequences one per forward call, in step."""
+        if self.one_at_a_time is None:
+            out = self._collective_forward(batch_ids or None)
+            if isinstance(out, str):
+                raise EngineError(f"the sharded forward failed on rank {self.rank}: {out}")
+            return out[: len(batch_ids)]
+        queue = collections.deque(batch_ids)
+        scores: list[float] = []
+        failure = ""
+        while self._any_rank(len(queue)):  # no raising inside: the others wait for this rank's calls
+            one = [queue.popleft()] if queue else None
+            got = self._collective_forward(one)
+            if one is not None:
+                if isinstance(got, str):
+                    failure = failure or got
+                else:
+                    scores.append(got[0])
+        if failure:
+            raise EngineError(f"the sharded forward failed on rank {self.rank}: {failure}")
+        return scores
 
     def score_encoded(
         self,
@@ -505,6 +533,8 @@ class ShardedEngine:
                 unit.completed = False
         failure = ""
         try:
+            if self._dynamic_rope:
+                reset_rope(self._dynamic_rope, self._device)  # local: no collective
             with torch.no_grad():
                 scores = self.model(input_ids=ids.to(self._device), attention_mask=mask.to(self._device))
             self.model.reshard()  # FSDP2 keeps the root's own parameters gathered after a forward
