@@ -177,6 +177,27 @@ def test_missing_and_misshaped_weights_are_refused(tmp_path: Path) -> None:
     assert "v_head.weight" in str(info.value) and "model.layers.1.attention.wqkv.weight" in str(info.value)
 
 
+def test_rope_scaling_only_as_internlm2_knows_it(polar: Path, tmp_path: Path) -> None:
+    """InternLM2's modeling code scales RoPE as 'dynamic' or 'linear' only; another type is
+    refused naming the field (it was a KeyError from transformers' RoPE validation)."""
+    import shutil
+
+    for kind, ok in (("yarn", False), ("longrope", False), ("linear", True)):
+        path = tmp_path / kind
+        shutil.copytree(polar, path)
+        config = json.loads((path / "config.json").read_text())
+        config["rope_scaling"] = {"type": kind, "factor": 2.0}
+        (path / "config.json").write_text(json.dumps(config))
+        if ok:
+            assert (
+                RewardModel.from_pretrained(path, device="cpu").model.config.rope_parameters["rope_type"]
+                == kind
+            )
+        else:
+            with pytest.raises(CheckpointError, match=rf"rope_scaling type '{kind}' is not one InternLM2"):
+                RewardModel.from_pretrained(path, device="cpu")
+
+
 @pytest.mark.slow
 def test_family_override_and_errors(polar: Path, tiny_worldpm: Path) -> None:
     with pytest.raises(CheckpointError):

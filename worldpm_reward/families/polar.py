@@ -59,11 +59,13 @@ def llama_config_from_internlm2(cfg: dict[str, Any]) -> LlamaConfig:
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 10000.0))}
     scaling = cfg.get("rope_scaling")
     if scaling:  # InternLM2 uses {"type": "dynamic", "factor": f}: dynamic NTK, as transformers' "dynamic"
-        rope = {
-            **rope,
-            "rope_type": scaling.get("rope_type", scaling.get("type")),
-            "factor": scaling.get("factor", 1.0),
-        }
+        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, Mapping) else None
+        if kind not in ("dynamic", "linear"):  # InternLM2's own modeling code knows only these two
+            raise CheckpointError(
+                f"config.json: rope_scaling type {kind!r} is not one InternLM2 (POLAR) knows; its modeling "
+                "code scales RoPE only as 'dynamic' (NTK) or 'linear'"
+            )
+        rope = {**rope, "rope_type": kind, "factor": scaling.get("factor", 1.0)}
     config = LlamaConfig(
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
