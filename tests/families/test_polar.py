@@ -280,6 +280,9 @@ def test_same_scores_through_every_surface(
     assert verl.compute_score_batch(["x"], ["a"], ["b"], [{}]) == [min(verl.FALLBACK_FLOOR, min(got) - 1.0)]
     with pytest.raises(ValueError, match="extra_info"):
         verl.compute_score_batch(["x"], ["a"], ["b"], [{}], fallback="raise")
+    # a number as ground_truth is not taken as a reference, and the error says so
+    with pytest.raises(ValueError, match="not as a number"):
+        verl.compute_score_batch(["x"], ["a"], [72], [{"prompt": "q"}], fallback="raise")
 
     # server: native API 'reference' and OpenRLHF 'labels'
     with server_process(polar, log=tmp_path / "srv.log") as (url, _):

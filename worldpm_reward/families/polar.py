@@ -272,7 +272,10 @@ class PolarEncoder(Encoder):
         """The model's input text, tokens cut, and whether the output itself was cut."""
         if sample.reference is None:
             raise SampleError(
-                "POLAR scores a response against a reference answer; this sample has none", field="reference"
+                "POLAR scores a response against a reference answer; this sample has none (OpenRLHF "
+                "labels and veRL ground_truth count as one only as non-blank text or a message list, "
+                "not as a number)",
+                field="reference",
             )
         tok = self.tokenizer
         sample = plain_turns(sample)  # tool calls and results: their own turns, as text
