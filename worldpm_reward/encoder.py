@@ -87,6 +87,12 @@ class Encoder:
     max_length: int
     final_token_id: int | None
 
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens one encoded sample can have: ``max_length`` unless the encoding's own
+        arithmetic can pass it (POLAR's), which engines size their limits by."""
+        return self.max_length
+
     def encode_batch(
         self, samples: Sequence[Sample], indices: Sequence[int | None] | None = None
     ) -> list[Encoded | SampleError]:

@@ -180,12 +180,17 @@ def test_rope_that_scales_with_length_is_refused_past_the_trained_context(tmp_pa
     config |= {"max_position_embeddings": positions, "rope_scaling": rope}
     (path / "config.json").write_text(json.dumps(config))
     missing = str(tmp_path / "no-python")
+    # POLAR's encodings can pass max_length by up to 8 tokens (PolarEncoder.OVERSHOOT)
+    longest, within = (" \\(samples of up to 136 tokens\\)", 56) if kind == "dynamic" else ("", 64)
     with pytest.raises(
-        ConfigError, match=rf"{kind} RoPE, and max_length=128 passes its trained 64 positions"
+        ConfigError, match=rf"{kind} RoPE, and max_length=128{longest} passes its trained 64 positions"
     ):
         RewardModel.from_pretrained(path, engine="vllm", vllm_python=missing, max_length=128)
+    if kind == "dynamic":  # max_length=64 may give 72 tokens: refused, naming the length that fits
+        with pytest.raises(ConfigError, match="Pass max_length=56"):
+            RewardModel.from_pretrained(path, engine="vllm", vllm_python=missing, max_length=64)
     with pytest.raises(ConfigError, match="vllm_python"):  # within them: accepted (launching fails next)
-        RewardModel.from_pretrained(path, engine="vllm", vllm_python=missing, max_length=64)
+        RewardModel.from_pretrained(path, engine="vllm", vllm_python=missing, max_length=within)
 
 
 @pytest.mark.slow
@@ -318,9 +323,24 @@ def test_worldpm_matches_the_transformers_engine(worldpm_vllm: RewardModel, worl
     assert all(abs(a - ours[i].score) <= 1e-5 for a, i in zip(alone, short))  # type: ignore[operator]
 
 
+def _past_the_caps(n: int) -> list[dict[str, Any]]:
+    """POLAR samples whose prompt, reference and answer are all cut at POLAR_MAX: the reference
+    client's arithmetic then gives one token more than max_length (its budget counts a BOS in
+    each piece, and the cuts drop them). Distinct words, so that no join of the cut pieces
+    re-tokenizes into fewer tokens (real text often does, and then fits)."""
+
+    def words(k: int, tag: int) -> str:
+        return " ".join(f"word{tag}x{i}" for i in range(k))
+
+    return [
+        {"prompt": words(400, t), "reference": words(300, t + 1), "response": words(301, t + 2)}
+        for t in range(n)
+    ]
+
+
 @pytest.mark.slow
 def test_polar_matches_the_transformers_engine(polar_dir: Path, vllm_python: str) -> None:
-    samples = _polar_samples()
+    samples = _polar_samples() + _past_the_caps(2)
     samples.insert(3, {"prompt": "q", "response": "no reference"})
     # default calls again (no dtype), on an fp16 checkpoint: both engines compute in fp32 on CPU
     ref = RewardModel.from_pretrained(polar_dir, max_length=POLAR_MAX)
@@ -333,6 +353,7 @@ def test_polar_matches_the_transformers_engine(polar_dir: Path, vllm_python: str
     ours = model.score_detailed(samples)
     _assert_same(theirs, ours)
     assert ours[3].error and "reference" in ours[3].error
+    assert [r.num_tokens for r in ours[-2:]] == [POLAR_MAX + 1] * 2  # past max_length, scored on both
     assert sum(r.truncated for r in ours) >= 2
     assert len({round(r.score, 3) for r in ours if r.score is not None}) > 10  # not a constant
 

@@ -167,6 +167,28 @@ def test_a_small_max_length_shrinks_the_answer_caps_to_fit_it(polar: Path) -> No
     assert any(r.response_truncated for r in results)
 
 
+def test_an_encoding_may_pass_max_length_only_by_the_overshoot(polar: Path) -> None:
+    """The reference client's budget counts a BOS in each piece; when every piece is cut the
+    input is one token past max_length. Engines size their limits by ``max_tokens``; an
+    encoding past it is that sample's error (on every engine: it happens in the encoder)."""
+
+    def words(k: int, tag: int) -> str:
+        return " ".join(f"word{tag}x{i}" for i in range(k))
+
+    cut = [
+        {"prompt": words(400, t), "reference": words(300, t + 1), "response": words(301, t + 2)}
+        for t in (0, 3)
+    ]
+    rm = RewardModel.from_pretrained(polar, device="cpu", max_length=128)
+    assert rm.encoder.max_tokens == 128 + rm.encoder.OVERSHOOT == rm.engine.max_length
+    results = rm.score_detailed([*cut, real_polar_samples(2)[0]])
+    assert [r.num_tokens for r in results[:2]] == [129, 129] and all(r.error is None for r in results)
+    rm.encoder.OVERSHOOT = 0  # type: ignore[misc]
+    strict = rm.score_detailed([*cut, real_polar_samples(2)[0]])
+    assert all(r.error and "encoded to 129 tokens, past max_length=128" in r.error for r in strict[:2])
+    assert strict[2].error is None and abs(strict[2].score - results[2].score) <= 1e-6
+
+
 @pytest.mark.slow
 def test_missing_and_misshaped_weights_are_refused(tmp_path: Path) -> None:
     path = write_tiny_polar(

@@ -362,7 +362,7 @@ class ShardedEngine:
             config=cfg,
             device=device,
             pad_token_id=default_pad_id(tokenizer, encoder),
-            max_length=encoder.max_length,
+            max_length=encoder.max_tokens,
             elements_read=read,
         )
         mem = out.memory()

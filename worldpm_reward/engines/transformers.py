@@ -312,7 +312,7 @@ class TransformersEngine:
             model,
             family,
             config,
-            max_length=encoder.max_length,
+            max_length=encoder.max_tokens,
             pad_token_id=default_pad_id(tokenizer, encoder),
             owns_model=owns_model,
         )

@@ -12,7 +12,9 @@ What stays in this package, whichever way vLLM runs:
    sees it. A stock single-Linear head is refused with the transformers engine's message.
 2. **The input.** The family's encoder renders and tokenizes (vLLM gets token ids and runs
    with ``skip_tokenizer_init``). Truncation and its flags are ours, and vLLM's
-   ``max_model_len`` is set to the encoder's ``max_length``, so vLLM never cuts anything.
+   ``max_model_len`` is set to the longest encoding (``encoder.max_tokens``: ``max_length``,
+   a few tokens more for POLAR, whose reference client's arithmetic can pass it), so vLLM
+   never cuts anything.
 3. **No remote code.** vLLM reads a *view* of the checkpoint: a directory of links to its
    files, with config.json rewritten by the family. The auto_map is dropped, and POLAR's
    InternLM2 config is read as transformers' LlamaConfig (its fields are Llama's plus
@@ -64,7 +66,7 @@ from worldpm_reward.checkpoints import (
     tensor_shapes,
 )
 from worldpm_reward.config import ModelConfig
-from worldpm_reward.encoder import Encoded
+from worldpm_reward.encoder import Encoded, Encoder
 from worldpm_reward.engines.base import BatchStats, Engine, EngineClass, LoadedEngine, Progress
 from worldpm_reward.errors import CheckpointError, ConfigError, EngineError
 from worldpm_reward.families import detect_family, get_family
@@ -289,7 +291,17 @@ def serve_command(
     ]
 
 
-def _refuse_length_scaled_rope(config_dict: dict[str, Any], max_length: int, where: str) -> None:
+def _model_len(config_dict: dict[str, Any], encoder: Encoder) -> int:
+    """vLLM's ``max_model_len``: the longest encoding (``encoder.max_tokens``; POLAR's can pass
+    ``max_length`` by a few tokens), but no more than the model's positions where ``max_length``
+    is within them (vLLM refuses a longer one; such a sample then gets vLLM's length error)."""
+    positions = int(config_dict.get("max_position_embeddings") or 0)
+    if positions and encoder.max_length <= positions < encoder.max_tokens:
+        return positions
+    return encoder.max_tokens
+
+
+def _refuse_length_scaled_rope(config_dict: dict[str, Any], encoder: Encoder, where: str) -> None:
     """vLLM computes ``dynamic`` (NTK) RoPE once, for every length, and picks LongRoPE's factors
     by the longest sequence in its batch, while transformers (the model's own code) rescales by
     each forward call's length once it passes the trained context. Within the trained context
@@ -301,11 +313,14 @@ def _refuse_length_scaled_rope(config_dict: dict[str, Any], max_length: int, whe
     trained = int(
         rope.get("original_max_position_embeddings") or config_dict.get("max_position_embeddings") or 0
     )
-    if kind in ("dynamic", "longrope") and trained and max_length > trained:
+    if kind in ("dynamic", "longrope") and trained and encoder.max_tokens > trained:
+        over = encoder.max_tokens - encoder.max_length  # how far the encoding may pass max_length
+        longest = "" if not over else f" (samples of up to {encoder.max_tokens} tokens)"
         raise ConfigError(
-            f"engine='vllm': {where} uses {kind} RoPE, and max_length={max_length} passes its trained "
-            f"{trained} positions; past them vLLM rotates positions differently from transformers, so "
-            f"long samples would score differently. Pass max_length={trained} or use engine='transformers'"
+            f"engine='vllm': {where} uses {kind} RoPE, and max_length={encoder.max_length}{longest} "
+            f"passes its trained {trained} positions; past them vLLM rotates positions differently "
+            "from transformers, so long samples would score differently. Pass "
+            f"max_length={trained - over} or use engine='transformers'"
         )
 
 
@@ -565,8 +580,9 @@ class VLLMEngine:
         tokenizer = AutoTokenizer.from_pretrained(
             str(name_or_path), trust_remote_code=cfg.trust_remote_code, **hub
         )
-        encoder = family.encoder(tokenizer, hf_config, cfg)  # its max_length is vLLM's max_model_len
-        _refuse_length_scaled_rope(view_config, encoder.max_length, where)
+        encoder = family.encoder(tokenizer, hf_config, cfg)
+        _refuse_length_scaled_rope(view_config, encoder, where)
+        model_len = _model_len(view_config, encoder)
         vllm_dtype(cfg.dtype, on_gpu=False)  # a bad dtype is refused before anything starts
         backend: PoolingBackend
         if cfg.vllm_url is not None:
@@ -580,8 +596,18 @@ class VLLMEngine:
                 endpoint.close()
                 raise ConfigError(
                     f"vllm_url: the server's max_model_len is {served} but samples are encoded up to "
-                    f"max_length={encoder.max_length}; start vLLM with --max-model-len {encoder.max_length} "
+                    f"max_length={encoder.max_length}; start vLLM with --max-model-len {model_len} "
                     f"or pass max_length={served}"
+                )
+            if served is not None and int(served) < model_len:
+                logger.warning(
+                    "vllm_url: the server's max_model_len is %s and this family's encodings reach %d "
+                    "tokens; a sample past %s gets vLLM's length error (start vLLM with "
+                    "--max-model-len %d)",
+                    served,
+                    model_len,
+                    served,
+                    model_len,
                 )
             backend = endpoint
         else:
@@ -593,7 +619,7 @@ class VLLMEngine:
                     python,
                     view,
                     dtype=vllm_dtype(cfg.dtype, on_gpu=python_sees_gpu(python)),
-                    max_model_len=encoder.max_length,
+                    max_model_len=model_len,
                     flags=cfg.vllm_args,
                     startup_timeout_s=cfg.vllm_startup_timeout,
                 )
@@ -610,7 +636,7 @@ class VLLMEngine:
                 backend = InProcessVLLM(
                     view,
                     dtype=vllm_dtype(cfg.dtype, on_gpu=torch.cuda.is_available()),
-                    max_model_len=encoder.max_length,
+                    max_model_len=model_len,
                     flags=cfg.vllm_args,
                 )
         return LoadedEngine(cls(backend), tokenizer, family, encoder)

@@ -265,6 +265,17 @@ class PolarEncoder(Encoder):
             raise CheckpointError(f"the tokenizer has no {REWARD_SEPARATOR!r} token")
         self.final_token_id = int(tid)
 
+    #: How far past ``max_length`` an encoding may go. The reference client's budget counts a
+    #: BOS in each of its pieces, so a sample whose pieces are all cut (their BOS with them)
+    #: comes out one token longer; re-tokenizing the joined text can add a token at a join.
+    #: Faithful to the client; the engines size their limits by :attr:`max_tokens`, and a
+    #: sample past it is that sample's error on every engine.
+    OVERSHOOT = 8
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_length + self.OVERSHOOT
+
     def _cap(self, ids: list[int], limit: int) -> tuple[list[int], int]:
         return (ids[-limit:], len(ids) - limit) if len(ids) > limit else (ids, 0)
 
@@ -312,6 +323,16 @@ class PolarEncoder(Encoder):
                 continue
             except Exception as exc:  # a text the tokenizer refuses is this sample's error only
                 out.append(SampleError(f"tokenizer failed: {exc}", index=idx, field="messages"))
+                continue
+            if len(ids) > self.max_tokens:
+                out.append(
+                    SampleError(
+                        f"encoded to {len(ids)} tokens, past max_length={self.max_length} by more than "
+                        f"the {self.OVERSHOOT} tokens POLAR's truncation can leave over",
+                        index=idx,
+                        field="messages",
+                    )
+                )
                 continue
             if not ids or ids[-1] != self.final_token_id:
                 out.append(
