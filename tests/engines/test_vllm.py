@@ -160,6 +160,26 @@ def test_wrong_head_is_refused_before_vllm_sees_the_checkpoint(tmp_path: Path) -
         RewardModel.from_pretrained(good, engine="vllm", vllm_python=str(tmp_path / "no-python"))
 
 
+def test_max_model_len_holds_the_longest_encoding_within_what_vllm_accepts() -> None:
+    """vLLM's max_model_len is the longest encoding (POLAR's passes max_length); for a model
+    without RoPE scaling whose positions hold max_length but not the margin, its positions
+    (vLLM refuses more there; with scaling it allows positions x factor)."""
+    from types import SimpleNamespace
+
+    from worldpm_reward.engines.vllm import _model_len
+
+    plain = SimpleNamespace(max_length=100, max_tokens=100)
+    polar = SimpleNamespace(max_length=100, max_tokens=132)
+    assert _model_len({"max_position_embeddings": 4096}, plain) == 100  # type: ignore[arg-type]
+    assert _model_len({"max_position_embeddings": 4096}, polar) == 132  # type: ignore[arg-type]
+    assert _model_len({"max_position_embeddings": 120}, polar) == 120  # type: ignore[arg-type]
+    assert _model_len({"max_position_embeddings": 100}, polar) == 100  # type: ignore[arg-type]
+    scaled = {"max_position_embeddings": 120, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    assert _model_len(scaled, polar) == 132  # type: ignore[arg-type]
+    # past the positions already: vLLM's own refusal names it, as before
+    assert _model_len({"max_position_embeddings": 64}, polar) == 132  # type: ignore[arg-type]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dynamic", "longrope"])
 def test_rope_that_scales_with_length_is_refused_past_the_trained_context(tmp_path: Path, kind: str) -> None:
@@ -180,14 +200,14 @@ def test_rope_that_scales_with_length_is_refused_past_the_trained_context(tmp_pa
     config |= {"max_position_embeddings": positions, "rope_scaling": rope}
     (path / "config.json").write_text(json.dumps(config))
     missing = str(tmp_path / "no-python")
-    # POLAR's encodings can pass max_length by up to 8 tokens (PolarEncoder.OVERSHOOT)
-    longest, within = (" \\(samples of up to 136 tokens\\)", 56) if kind == "dynamic" else ("", 64)
+    # POLAR's encodings can pass max_length by up to 32 tokens (PolarEncoder.OVERSHOOT)
+    longest, within = (" \\(samples of up to 160 tokens\\)", 32) if kind == "dynamic" else ("", 64)
     with pytest.raises(
         ConfigError, match=rf"{kind} RoPE, and max_length=128{longest} passes its trained 64 positions"
     ):
         RewardModel.from_pretrained(path, engine="vllm", vllm_python=missing, max_length=128)
-    if kind == "dynamic":  # max_length=64 may give 72 tokens: refused, naming the length that fits
-        with pytest.raises(ConfigError, match="Pass max_length=56"):
+    if kind == "dynamic":  # max_length=64 may give 96 tokens: refused, naming the length that fits
+        with pytest.raises(ConfigError, match="Pass max_length=32"):
             RewardModel.from_pretrained(path, engine="vllm", vllm_python=missing, max_length=64)
     with pytest.raises(ConfigError, match="vllm_python"):  # within them: accepted (launching fails next)
         RewardModel.from_pretrained(path, engine="vllm", vllm_python=missing, max_length=within)

@@ -442,7 +442,16 @@ class ShardedEngine:
     def forward_ids(self, batch_ids: Sequence[Sequence[int]]) -> list[float]:
         """Raw scores of already-encoded sequences, as one collective forward call (every rank
         calls it; an empty list takes part without scoring anything). Where each sequence must
-        run alone (``one_at_a_time``) the ranks run their sequences one per forward call, in step."""
+        run alone (``one_at_a_time``) the ranks run their sequences one per forward call, in step.
+        The shard is onloaded for the call where ``fsdp_offload`` is set, as for scoring."""
+        self.onload()
+        try:
+            return self._forward_ids(batch_ids)
+        finally:
+            if self.config.fsdp_offload:
+                self.offload()
+
+    def _forward_ids(self, batch_ids: Sequence[Sequence[int]]) -> list[float]:
         if self.one_at_a_time is None:
             out = self._collective_forward(batch_ids or None)
             if isinstance(out, str):
@@ -453,6 +462,7 @@ class ShardedEngine:
         failure = ""
         while self._any_rank(len(queue)):  # no raising inside: the others wait for this rank's calls
             one = [queue.popleft()] if queue else None
+            self.dummy_calls += one is None
             got = self._collective_forward(one)
             if one is not None:
                 if isinstance(got, str):

@@ -293,9 +293,16 @@ def serve_command(
 
 def _model_len(config_dict: dict[str, Any], encoder: Encoder) -> int:
     """vLLM's ``max_model_len``: the longest encoding (``encoder.max_tokens``; POLAR's can pass
-    ``max_length`` by a few tokens), but no more than the model's positions where ``max_length``
-    is within them (vLLM refuses a longer one; such a sample then gets vLLM's length error)."""
+    ``max_length`` by a few tokens). For a model without RoPE scaling whose positions hold
+    ``max_length`` but not that margin, its positions: vLLM refuses a longer one there (with
+    scaling it allows positions x factor), and such a sample then gets vLLM's length error."""
     positions = int(config_dict.get("max_position_embeddings") or 0)
+    scaled = config_dict.get("rope_scaling") or {}
+    if (
+        isinstance(scaled, dict)
+        and str(scaled.get("rope_type", scaled.get("type")) or "default") != "default"
+    ):
+        return encoder.max_tokens
     if positions and encoder.max_length <= positions < encoder.max_tokens:
         return positions
     return encoder.max_tokens
@@ -597,7 +604,7 @@ class VLLMEngine:
                 raise ConfigError(
                     f"vllm_url: the server's max_model_len is {served} but samples are encoded up to "
                     f"max_length={encoder.max_length}; start vLLM with --max-model-len {model_len} "
-                    f"or pass max_length={served}"
+                    f"or pass max_length={int(served) - (encoder.max_tokens - encoder.max_length)}"
                 )
             if served is not None and int(served) < model_len:
                 logger.warning(
