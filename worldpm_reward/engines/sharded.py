@@ -34,8 +34,8 @@ in halves, down to single samples that carry the error. The only unbounded wait 
 rank that never calls the scorer at all (it crashed): that is bounded by the process
 group's timeout (``init_process_group(timeout=...)``, 30 min by default).
 
-**RoPE that scales with length** (dynamic NTK, LongRoPE) where ``max_length`` passes the
-trained context: transformers scales a forward call by its longest position, so each rank
+**RoPE that scales with length** (dynamic NTK, LongRoPE) where the longest encoding
+(``encoder.max_tokens``) passes the trained context: transformers scales a forward call by its longest position, so each rank
 runs its samples one per call (its rotary frequencies reset before each), as the
 transformers engine does; a score then depends neither on its batch nor on earlier calls.
 
