@@ -100,6 +100,58 @@ def test_1_a_stopped_scorer_child_is_detected_killed_and_replaced() -> None:
 
 
 @pytest.mark.slow
+def test_1_a_stopped_child_that_cannot_take_a_large_batch_fails_the_call_within_a_bound() -> None:
+    """A child SIGSTOPped while idle, then a batch larger than the pipe's buffer: the write
+    blocked for good under the call's lock (the watchdog could not step in), hanging this
+    request and every later one. The call now fails within the heartbeat timeout."""
+    scorer = _process_scorer(heartbeat_timeout_s=1.0)
+    try:
+        first = scorer.pid
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)
+        big = [conv("x" * 4_000_000)]  # far past a socketpair's buffer (a few hundred KB)
+        outcome: list[Any] = []
+
+        def call() -> None:
+            try:
+                outcome.append(scorer.score_detailed(big))
+            except Exception as exc:
+                outcome.append(exc)
+
+        start = time.monotonic()
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(20)
+        assert not caller.is_alive(), "the call is still blocked writing to the stopped child"
+        assert time.monotonic() - start < 10.0
+        (err,) = outcome
+        assert isinstance(err, ScorerProcessError) and "stopped answering" in str(err), err
+        assert _wait(lambda: scorer.alive and scorer.pid != first, 60), scorer.reason
+        assert scorer.score_detailed([conv("abcd")])[0].score == expected_score("abcd")
+    finally:
+        scorer.close(timeout_s=5)
+
+
+@pytest.mark.slow
+def test_1_a_sample_that_cannot_be_pickled_fails_alone() -> None:
+    """A sample nested past the recursion limit (valid JSON: tool-call arguments 500 deep)
+    could not be pickled to the child, and the whole batch failed (a 500 for every request
+    sharing it). Now only that sample gets an error, numbered as the caller's."""
+    scorer = _process_scorer()
+    try:
+        deep: Any = "leaf"
+        for _ in range(2000):
+            deep = {"k": deep}
+        bad = {"messages": conv("abc"), "extra": deep}
+        got = scorer.score_detailed([conv("abc"), bad, conv("abcdef")])
+        assert [r.score for r in got] == [expected_score("abc"), None, expected_score("abcdef")]
+        assert got[1].error and got[1].error.startswith("sample 1: cannot be passed to the scorer process")
+        assert scorer.kills == 0 and scorer.alive
+    finally:
+        scorer.close(timeout_s=5)
+
+
+@pytest.mark.slow
 def test_1_an_engine_that_dies_between_calls_is_replaced_before_the_next_call(tmp_path: Path) -> None:
     """A launched vLLM killed while the server is idle: ``alive`` (/health) turns False within
     a few beats, without a call; the child is stopped cleanly (its scorer closes the engine),

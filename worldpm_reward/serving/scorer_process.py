@@ -35,10 +35,12 @@ import multiprocessing as mp
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from worldpm_reward.errors import ScorerUnavailableError
+from worldpm_reward.rewards import renumbered
 from worldpm_reward.samples import Scorer, ScoreResult, estimate_tokens, finite_or_error
 
 logger = logging.getLogger(__name__)
@@ -315,8 +317,47 @@ class ProcessScorer:
         tokens = sum(estimate_tokens(s) for s in samples)
         return self.call_timeout_s + self.call_timeout_per_ktoken_s * tokens / 1000
 
+    @contextlib.contextmanager
+    def _bounded(self, proc: Any, beat: Any, deadline: float) -> Iterator[list[str]]:
+        """Kill ``proc`` if the block outlives ``deadline`` (plus a beat) or the child stops
+        beating. A pipe write to a child that stopped reading (SIGSTOPped with the pipe full)
+        or a read of a reply cut short would block for good otherwise, and the watchdog
+        cannot step in while the call holds the lock; killing the child breaks the pipe.
+        Yields the list that holds why it fired."""
+        done = threading.Event()
+        fired: list[str] = []
+
+        def guard() -> None:
+            while not done.wait(self.heartbeat_s):
+                now = time.monotonic()
+                if beat.value and now - beat.value > self.heartbeat_timeout_s:
+                    fired.append(
+                        f"it stopped answering while scoring (no heartbeat for {now - beat.value:.0f} s; "
+                        f"heartbeat_timeout_s={self.heartbeat_timeout_s:g})"
+                    )
+                elif now >= deadline + self.heartbeat_s:
+                    fired.append("it did not finish scoring within its deadline")
+                else:
+                    continue
+                if proc.is_alive():
+                    self.kills += 1
+                self._kill(proc)
+                return
+
+        thread = threading.Thread(target=guard, name="worldpm-scorer-call-guard", daemon=True)
+        thread.start()
+        try:
+            yield fired
+        finally:
+            done.set()
+            thread.join()
+
     def score_detailed(self, samples: Sequence[Any]) -> list[ScoreResult]:
         samples = list(samples)
+        try:
+            data = bytes(ForkingPickler.dumps(samples))
+        except Exception:  # e.g. a sample nested past the recursion limit: only it fails
+            return self._score_picklable(samples)
         deadline = time.monotonic() + self.deadline_s(samples)
         with self._lock:
             if self._closed.is_set():
@@ -327,9 +368,13 @@ class ProcessScorer:
                 self._retire_engineless_child()
                 raise ScorerProcessError(self.reason or "the scorer process is restarting")
             try:
-                self._conn.send(samples)
-                kind, payload = self._reply(self._conn, self._proc, self._beat, deadline, "scoring")
-            except (_Stuck, OSError) as exc:
+                with self._bounded(self._proc, self._beat, deadline) as fired:
+                    try:
+                        self._conn.send_bytes(data)
+                        kind, payload = self._reply(self._conn, self._proc, self._beat, deadline, "scoring")
+                    except (_Stuck, OSError, EOFError) as exc:
+                        raise _Stuck(fired[0] if fired else str(exc)) from None
+            except _Stuck as exc:
                 why = str(exc)
                 self._lose_child(why)
                 raise ScorerProcessError(
@@ -342,6 +387,29 @@ class ProcessScorer:
         if kind not in ("ok", "ok, restart me"):
             raise ScorerProcessError(f"scoring failed in the scorer process: {payload}")
         return finite_or_error(payload, None)
+
+    def _score_picklable(self, samples: list[Any]) -> list[ScoreResult]:
+        """Score the samples that can be sent to the child; each one that cannot (pickling
+        fails: nested past the recursion limit) gets its own error, numbered as the caller's."""
+        results: list[ScoreResult | None] = [None] * len(samples)
+        sendable: list[int] = []
+        for i, sample in enumerate(samples):
+            try:
+                ForkingPickler.dumps(sample)
+                sendable.append(i)
+            except Exception as exc:
+                results[i] = ScoreResult(
+                    score=None,
+                    error=f"sample {i}: cannot be passed to the scorer process ({type(exc).__name__}: "
+                    f"{_first_line(str(exc))}); is it nested too deeply?",
+                )
+        if sendable:
+            got = self.score_detailed([samples[i] for i in sendable])
+            for i, r in zip(sendable, got):
+                if r.error is not None:
+                    r.error = renumbered(r.error, i)
+                results[i] = r
+        return [r for r in results if r is not None]
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop the child after the call in progress, if any; returns within about
