@@ -538,6 +538,55 @@ def test_openrlhf_fallback_reward_and_scores_for_dynamic_filtering(
         assert r.status_code == 422 and "1" in r.text
 
 
+def test_every_failed_sample_and_refused_request_shows_in_the_metrics(direct: RewardModel) -> None:
+    """A failed sample counted as scored, a fallback item counted nowhere, and a request refused
+    before the handler (401, 400, 413, a body of the wrong shape) missing from requests_total:
+    a run whose rewards fail must see it in the metrics. Also: a query item that is not a
+    string is that item's error (in fallback mode the fallback reward), not the whole request's."""
+    cfg = ServerConfig(token="s3cret", max_body_bytes=8192, fallback_reward=-10.0)
+    auth = {"Authorization": "Bearer s3cret"}
+    good = {"prompt": "Tips for better sleep?", "response": "Keep a schedule."}
+    query = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>"
+    with server_thread(create_app(direct, cfg)) as url:
+        r = httpx.post(f"{url}/v1/score", json={"samples": [good, {"prompt": "q"}, good, 5]}, headers=auth)
+        assert r.status_code == 200 and [x["error"] is None for x in r.json()["results"]] == [True, False] * 2
+        g = httpx.post(f"{url}/get_reward", json={"query": [query, None, 7], "prompts": None}, headers=auth)
+        assert g.status_code == 200, g.text
+        body = g.json()
+        assert body["rewards"][1:] == [-10.0, -10.0] and body["rewards"][0] != -10.0
+        assert [(e["index"], e["field"]) for e in body["errors"]] == [(1, "query"), (2, "query")]
+        assert "must be a string, got NoneType" in body["errors"][0]["error"]
+        p = httpx.post(f"{url}/get_reward", json={"query": [query], "prompts": [3]}, headers=auth).json()
+        assert p["rewards"] == [-10.0] and p["errors"][0]["field"] == "prompts"
+        assert httpx.post(f"{url}/v1/score", json={"samples": [good]}).status_code == 401
+        bad_utf8 = {**auth, "Content-Type": "application/json"}
+        assert (
+            httpx.post(f"{url}/v1/score", content=b'{"samples": ["\xff"]}', headers=bad_utf8).status_code
+            == 400
+        )
+        assert httpx.post(f"{url}/v1/score", json={"samples": "x"}, headers=auth).status_code == 422
+        big = {"samples": [{"prompt": "x" * 9000, "response": "y"}]}
+        assert httpx.post(f"{url}/v1/score", json=big, headers=auth).status_code == 413
+        text = httpx.get(f"{url}/metrics", headers=auth).text
+    assert _metric(text, "worldpm_reward_samples_total") == 3.0  # the scored ones only
+    assert _metric(text, "worldpm_reward_failed_samples_total") == 5.0  # 2 + 2 fallback items + 1
+    for endpoint, status, n in [
+        ("score", 200, 1),
+        ("get_reward", 200, 2),
+        ("score", 401, 1),
+        ("score", 400, 1),
+    ]:
+        assert re.search(
+            rf'^worldpm_reward_requests_total\{{endpoint="{endpoint}",status="{status}"\}} {n}\.0$',
+            text,
+            re.M,
+        ), (endpoint, status)
+    for status in (413, 422):
+        assert re.search(
+            rf'^worldpm_reward_requests_total\{{endpoint="score",status="{status}"\}} 1\.0$', text, re.M
+        ), status
+
+
 def test_hostile_bodies_and_headers_get_clear_4xx_never_5xx(direct: RewardModel) -> None:
     """Table of inputs that used to give 500s or unclear 400s; each gets the status that says
     what is wrong, the server keeps scoring, and nothing is logged as a server error."""

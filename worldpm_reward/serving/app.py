@@ -129,10 +129,12 @@ def create_app(
         timeout_s=cfg.body_timeout_s,
         retry_after_s=cfg.retry_after_s,
     )
+    app.add_middleware(metrics.count_responses)  # outermost: counts what BodySizeLimit refuses too
 
     class GetRewardRequest(pydantic.BaseModel):  # type: ignore[name-defined,misc]
-        query: list[str]
-        prompts: list[str] | None = None
+        # items checked one by one (RewardService.get_reward): a bad one is that item's error
+        query: list[Any]
+        prompts: list[Any] | None = None
         labels: list[Any] | None = None
 
     class ScoreRequest(pydantic.BaseModel):  # type: ignore[name-defined,misc]
@@ -221,8 +223,7 @@ def create_app(
                 {"detail": f"internal error ({type(exc).__name__}: {str(exc)[:200]}); see the server log"},
                 status_code=500,
             )
-        finally:
-            metrics.requests.labels(endpoint, str(status)).inc()
+        finally:  # the response is counted by status in metrics.count_responses
             metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
             metrics.queue.set(queued())
 

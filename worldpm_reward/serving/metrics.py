@@ -6,9 +6,15 @@ prometheus-client (extra ``serve``) is imported when the metrics are created.
 
 from __future__ import annotations
 
+from typing import Any
+
 from worldpm_reward.batcher import BatchReport
 from worldpm_reward.errors import require_extra
 from worldpm_reward.samples import ScoreResult
+
+#: The scoring endpoints whose responses are counted by status, by the end of their path (a
+#: Ray Serve route prefix may come before it).
+_ENDPOINTS = (("/get_reward", "get_reward"), ("/v1/score", "score"))
 
 
 class ServerMetrics:
@@ -54,6 +60,12 @@ class ServerMetrics:
             registry=registry,
         )
         self.samples = prom.Counter("worldpm_reward_samples", "samples scored", registry=registry)
+        self.failed = prom.Counter(
+            "worldpm_reward_failed_samples",
+            "samples answered with an error instead of a score (bad input, a failed forward, a "
+            "non-finite score; on /get_reward in fallback mode, those given the fallback reward)",
+            registry=registry,
+        )
         self.truncated = prom.Counter(
             "worldpm_reward_truncated", "samples cut to max_length", registry=registry
         )
@@ -79,10 +91,13 @@ class ServerMetrics:
         )
 
     def count_results(self, results: list[ScoreResult]) -> None:
-        """One request's per-sample results (tokens, truncation, non-finite scores)."""
+        """One request's per-sample results (scored and failed, tokens, truncation, non-finite
+        scores)."""
+        failed = sum(r.error is not None for r in results)
         self.nonfinite.inc(sum("non-finite score" in (r.error or "") for r in results))
         self.tokens.inc(sum(r.num_tokens for r in results))
-        self.samples.inc(len(results))
+        self.samples.inc(len(results) - failed)
+        self.failed.inc(failed)
         self.truncated.inc(sum(r.truncated for r in results))
 
     def observe_batch(self, report: BatchReport) -> None:
@@ -90,6 +105,32 @@ class ServerMetrics:
         self.batch.observe(report.samples)
         self.batch_seconds.observe(report.seconds)
         self.model_tokens.inc(report.tokens)
+
+    def count_responses(self, app: Any) -> Any:
+        """ASGI middleware around ``app``: every response of the scoring endpoints counted in
+        ``worldpm_reward_requests_total`` by status, the ones refused before the handler runs
+        (401, a malformed or oversized body, a slow upload) included."""
+        requests = self.requests
+
+        async def counted(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            path = str(scope.get("path", "")) if scope.get("type") == "http" else ""
+            endpoint = next((name for end, name in _ENDPOINTS if path.endswith(end)), None)
+            if endpoint is None:
+                return await app(scope, receive, send)
+            status: int | None = None
+
+            async def sending(message: dict[str, Any]) -> None:
+                nonlocal status
+                if message.get("type") == "http.response.start" and status is None:
+                    status = int(message["status"])
+                await send(message)
+
+            try:
+                await app(scope, receive, sending)
+            finally:  # no response started: the app raised, and the error middleware answers 500
+                requests.labels(endpoint, str(status if status is not None else 500)).inc()
+
+        return counted
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

@@ -120,7 +120,7 @@ class RewardService:
                 )
 
     async def get_reward(
-        self, query: list[str], prompts: list[str] | None, labels: list[Any] | None
+        self, query: list[Any], prompts: list[Any] | None, labels: list[Any] | None
     ) -> dict[str, Any]:
         """OpenRLHF's remote reward protocol."""
         self._check_count(query)
@@ -136,7 +136,14 @@ class RewardService:
         unknown = 0
         for i, q in enumerate(query):
             try:
-                parsed = parse_rendered(q, prompts[i] if prompts else None, self.chat_format, index=i)
+                if not isinstance(q, str):
+                    raise SampleError(f"must be a string, got {type(q).__name__}", index=i, field="query")
+                prompt = prompts[i] if prompts else None
+                if prompt is not None and not isinstance(prompt, str):
+                    raise SampleError(
+                        f"must be a string, got {type(prompt).__name__}", index=i, field="prompts"
+                    )
+                parsed = parse_rendered(q, prompt, self.chat_format, index=i)
                 sample: dict[str, Any] = {"messages": parsed.messages}
                 label = labels[i] if labels is not None else None
                 if is_reference(label) or (label is not None and self.reward.shaping.needs_reference):
@@ -155,7 +162,7 @@ class RewardService:
         if bad and self.fallback_reward is None:
             raise RequestError(422, bad)
         batch = await self.reward.acall(samples)
-        self._report(batch.results)
+        self._report([*batch.results, *(ScoreResult(error=b["error"]) for b in bad)])
         # each error names the request's item (the scorer numbered only the parsed ones)
         errors = [(kept[i], renumbered(e, kept[i])) for i, e in batch.errors]
         if errors and self.fallback_reward is None:
