@@ -26,6 +26,14 @@ from worldpm_reward.samples import Conversation, Sample
 
 FORMATS = ("auto", "chatml", "llama3", "mistral", "gemma", "phi3", "plain")
 
+#: How the part of a query after its prompt is read: "as-written" parses the turns written
+#: there (an environment's feedback turns, in OpenRLHF's agent mode, are turns); "one" takes
+#: all of it as ONE assistant reply whose markup is text, so a policy that writes an
+#: end-of-turn marker and a fake user turn cannot have the fake turn's reply scored instead.
+REPLY_TURNS = ("as-written", "one")
+#: Stands in for the reply while the prompt alone is parsed (reply_turns="one").
+_REPLY_SLOT = "\u2063worldpm-reward-reply\u2063"
+
 #: Tokens that end a turn or pad a sequence, stripped from the end of a decoded reply.
 END_TOKENS = (
     "<|im_end|>",
@@ -152,23 +160,33 @@ _PARSERS: dict[str, Callable[[str], list[tuple[str, str, bool]]]] = {
 
 
 def parse_rendered(
-    query: str, prompt: str | None = None, fmt: str = "auto", *, index: int | None = None
+    query: str,
+    prompt: str | None = None,
+    fmt: str = "auto",
+    *,
+    index: int | None = None,
+    reply_turns: str = "as-written",
 ) -> Parsed:
     """Parse policy-rendered text (prompt + reply) into messages ending with the reply.
 
     Args:
         query: the whole rendered text (prompt and reply), special tokens kept.
-        prompt: the rendered prompt alone, when known (needed for "plain").
+        prompt: the rendered prompt alone, when known (needed for "plain" and reply_turns="one").
         fmt: one of FORMATS.
         index: sample index quoted in errors.
+        reply_turns: one of REPLY_TURNS.
     Raises:
         SampleError: naming field 'query' when no reply can be found.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"chat format must be one of {FORMATS}; got {fmt!r}")
+    if reply_turns not in REPLY_TURNS:
+        raise ConfigError(f"reply_turns must be one of {REPLY_TURNS}; got {reply_turns!r}")
     used = detect_format(query) if fmt == "auto" else fmt
     if used == "plain":
         return Parsed(_plain(query, prompt, index), "plain", fmt == "plain")
+    if reply_turns == "one":
+        return _one_reply(query, prompt, used, index)
     try:
         turns = _PARSERS[used](query)
     except ValueError as exc:
@@ -190,6 +208,32 @@ def parse_rendered(
     if messages[0]["role"] == "system" and messages[0]["content"].strip() in DEFAULT_SYSTEM_PROMPTS:
         messages = messages[1:]
     return Parsed(messages, used, True)
+
+
+def _one_reply(query: str, prompt: str | None, fmt: str, index: int | None) -> Parsed:
+    """The prompt's turns, then everything after the prompt as one assistant reply."""
+    if not prompt:
+        raise SampleError(
+            "reply_turns='one' needs the item's prompt (OpenRLHF sends it in 'prompts')",
+            index=index,
+            field="prompts",
+        )
+    if not query.startswith(prompt):
+        raise SampleError("the query does not start with its prompt", index=index, field="query")
+    try:
+        head = parse_rendered(prompt + _REPLY_SLOT, None, fmt, index=index)
+        opened = head.messages[-1]["content"].strip() == _REPLY_SLOT
+    except SampleError:
+        opened = False
+    if not opened:
+        raise SampleError(
+            f"the prompt does not end where a reply starts (its last {fmt} turn is not an open "
+            "assistant turn)",
+            index=index,
+            field="prompts",
+        )
+    reply = strip_end_tokens(query[len(prompt) :]).strip()
+    return Parsed([*head.messages[:-1], {"role": "assistant", "content": reply}], fmt, True)
 
 
 def _plain(query: str, prompt: str | None, index: int | None) -> Conversation:

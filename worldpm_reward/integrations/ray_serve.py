@@ -75,6 +75,7 @@ class WorldPMDeployment:
             self.batches,
             shaping=ShapingConfig(**(shaping or {})),
             chat_format=config.chat_format,
+            reply_turns=config.reply_turns,
             name=config.name,
             max_items=config.max_items,
             fallback_reward=config.fallback_reward,

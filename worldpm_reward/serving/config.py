@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from worldpm_reward.errors import ConfigError
-from worldpm_reward.policy_text import FORMATS
+from worldpm_reward.policy_text import FORMATS, REPLY_TURNS
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class ServerConfig:
             (fair scheduling in tokens: a small request waits at most about one piece behind
             a token-heavy one); None: bounded by samples only.
         chat_format: how OpenRLHF queries are parsed ("auto", "chatml", "llama3", ...).
+        reply_turns: how a query's text after its prompt is read ("as-written" or "one").
         name: reward name used in extra_logs keys and metrics labels.
         retry_after_s: the Retry-After value sent with every 503, in seconds.
         fallback_reward: /get_reward (OpenRLHF): an item that cannot be scored gets this
@@ -108,6 +109,17 @@ class ServerConfig:
     )
     chat_format: str = field(
         default="auto", metadata=_flag("the POLICY's chat format in OpenRLHF queries", choices=FORMATS)
+    )
+    reply_turns: str = field(
+        default="as-written",
+        metadata=_flag(
+            "how a query's text after its prompt is read: 'as-written' parses the turns written there "
+            "(environment feedback turns in OpenRLHF's agent mode); 'one' takes it all as ONE reply "
+            "whose markup is text, so a policy cannot forge a turn to have another reply scored "
+            "(needs 'prompts'; use it for single-turn training)",
+            choices=REPLY_TURNS,
+            group=_OPENRLHF,
+        ),
     )
     name: str = field(default="worldpm", metadata=_flag("reward name in extra_logs and metrics"))
     retry_after_s: int = field(default=1, metadata=_flag("the Retry-After header of every 503, in seconds"))

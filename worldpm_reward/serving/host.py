@@ -109,6 +109,7 @@ class LocalHost(ServiceHost):
                 self.queue,
                 shaping=shaping,
                 chat_format=config.chat_format,
+                reply_turns=config.reply_turns,
                 name=config.name,
                 max_items=config.max_items,
                 fallback_reward=config.fallback_reward,

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from worldpm_reward.errors import ConfigError, RequestError, SampleError
-from worldpm_reward.policy_text import FORMATS, parse_rendered
+from worldpm_reward.policy_text import FORMATS, REPLY_TURNS, parse_rendered
 from worldpm_reward.rewards import RewardFunction, renumbered
 from worldpm_reward.samples import (
     AsyncScorer,
@@ -49,6 +49,8 @@ class RewardService:
         scorer: scores samples (batched by the host), results in input order.
         shaping: reward shaping applied to every request (raw scores are also returned).
         chat_format: how OpenRLHF queries are parsed: one of chat_formats.FORMATS.
+        reply_turns: how the part of a query after its prompt is read: one of
+            policy_text.REPLY_TURNS ("one": a single reply, its markup text).
         name: prefix of the extra_logs keys (``<name>_raw``, ...).
         max_items: most items per request (larger requests: 413).
         fallback_reward: OpenRLHF only: an item that cannot be scored gets this reward (and
@@ -72,6 +74,7 @@ class RewardService:
         *,
         shaping: ShapingConfig | None = None,
         chat_format: str = "auto",
+        reply_turns: str = "as-written",
         name: str = "worldpm",
         max_items: int = 4096,
         fallback_reward: float | None = DEFAULT_FALLBACK_REWARD,
@@ -98,6 +101,9 @@ class RewardService:
             )
         self.reward = RewardFunction(scorer, shaping)
         self.chat_format = chat_format
+        if reply_turns not in REPLY_TURNS:
+            raise ConfigError(f"reply_turns must be one of {REPLY_TURNS}; got {reply_turns!r}")
+        self.reply_turns = reply_turns
         self.name = name
         self.max_items = max_items
         self.max_request_tokens = max_request_tokens
@@ -143,7 +149,7 @@ class RewardService:
                     raise SampleError(
                         f"must be a string, got {type(prompt).__name__}", index=i, field="prompts"
                     )
-                parsed = parse_rendered(q, prompt, self.chat_format, index=i)
+                parsed = parse_rendered(q, prompt, self.chat_format, index=i, reply_turns=self.reply_turns)
                 sample: dict[str, Any] = {"messages": parsed.messages}
                 label = labels[i] if labels is not None else None
                 if is_reference(label) or (label is not None and self.reward.shaping.needs_reference):
