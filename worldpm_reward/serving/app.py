@@ -186,7 +186,6 @@ def create_app(
 
     async def run(endpoint: str, coro_fn: Callable[[], Any], request: Any) -> Any:
         start = time.perf_counter()
-        status = 200
         try:
             check_ready()
             metrics.queue.set(queued())
@@ -201,23 +200,18 @@ def create_app(
                 metrics.duplicates.inc()
             return result
         except RequestError as exc:
-            status = exc.status
-            if status == 422:
+            if exc.status == 422:
                 metrics.item_errors.inc(len(exc.detail) if isinstance(exc.detail, list) else 1)
-            return JSONResponse({"detail": exc.detail}, status_code=status)
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status)
         except QueueFullError as exc:
-            status = 503
             return JSONResponse({"detail": str(exc)}, status_code=503, headers=retry_after)
         except (ServerClosingError, ScorerUnavailableError) as exc:
-            status = 503
             if isinstance(exc, ScorerUnavailableError):
                 metrics.unavailable.inc()
             return JSONResponse({"detail": str(exc)}, status_code=503, headers=retry_after)
-        except fastapi.HTTPException as exc:
-            status = exc.status_code
-            raise
-        except Exception as exc:  # a bug or a scorer failure: never a bare 500
-            status = 500
+        except Exception as exc:  # a bug or a scorer failure: never a bare 500 (HTTPExceptions pass)
+            if isinstance(exc, fastapi.HTTPException):
+                raise
             logger.exception("%s failed", endpoint)
             return JSONResponse(
                 {"detail": f"internal error ({type(exc).__name__}: {str(exc)[:200]}); see the server log"},
